@@ -1,0 +1,109 @@
+"""The one place that knows about running megatron-core on CPU with gloo (and optional apex/TE).
+
+megatron-core 0.16.1 is written for CUDA. ``apply(seed)`` makes it run on CPU with a handful of
+explicit, documented shims and does nothing but the stock seeding when CUDA is available, so GPU
+code paths stay the stock ones. Every line below names the megatron-core call site (0.16.1,
+under ``megatron/core/``) that needs it; see ../shared/notes/megatron-core-on-cpu.md for the
+measurements.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+_applied = False
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+
+
+def backend() -> str:
+    """torch.distributed backend: NCCL on GPU, gloo on CPU."""
+    return "nccl" if on_gpu() else "gloo"
+
+
+def have_apex() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def apply(seed: int = 1234) -> None:
+    """Seed megatron-core's RNG tracker; on CPU, also install the CPU shims. Idempotent."""
+    global _applied
+    from megatron.core import tensor_parallel
+
+    if on_gpu():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    if not _applied:
+        # ~47 call sites allocate on torch.cuda.current_device() (rotary_pos_embedding.py:162
+        # inv_freq, utils.py:631 GlobalMemoryBuffer used by attention and SP gathers,
+        # attention.py:430 KV cache, mappings.py:91/141/181 gathers); "cpu" is a valid device.
+        torch.cuda.current_device = lambda: "cpu"
+        # The static inference path and checkpointing synchronise streams; nothing to wait for.
+        torch.cuda.synchronize = lambda *a, **k: None
+        # transformer/utils.py:35 get_default_causal_mask hard-codes device="cuda"; it is used by
+        # fused_softmax.py:327 when no mask is passed (our forwards pass explicit masks, but the
+        # KV-cache prefill path of megatron's inference code may not).
+        from megatron.core.fusions import fused_softmax
+
+        fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+        # tensor_parallel/random.py:55 _get/_set_cuda_rng_state inside CheckpointFunction
+        # (activation recompute); the CPU RNG is the only generator here.
+        from megatron.core.tensor_parallel import random as mc_random
+
+        mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+        mc_random._set_cuda_rng_state = lambda *a, **k: None
+        _applied = True
+    # random.py:423 model_parallel_cuda_manual_seed calls torch.cuda.get_rng_state(); the
+    # inference-mode tracker makes add()/fork() no-ops (dot_product_attention.py:217 forks on
+    # every forward). Consequence: no per-TP-rank dropout stream, so keep dropout 0 on CPU.
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    torch.manual_seed(seed)
+
+
+def _cpu_default_causal_mask(sq: int, sk: int | None = None) -> torch.Tensor:
+    sk = sq if sk is None else sk
+    return torch.triu(torch.ones(sq, sk, dtype=torch.bool), diagonal=1)
+
+
+class TorchNorm:
+    """RMSNorm/LayerNorm from torch.nn that works with sequence parallelism.
+
+    megatron's ``WrappedTorchNorm`` (used when apex/TE are absent) asserts on sequence parallel
+    (transformer/torch_norm.py:32). Norms are per token, so the plain torch norm is correct on a
+    sequence shard; its weight gradient is then partial per rank, which we mark with
+    ``sequence_parallel`` exactly like megatron's fused norms so the TP gradient sum finds it.
+    Used in specs only when sequence parallel is on and no apex/TE norm is available.
+    """
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW on plain parameters.
+
+    megatron's ``get_megatron_optimizer`` hard-codes ``device='cuda'`` (optimizer/optimizer.py:907,
+    clip_grads.py:90), so on CPU we use ``torch.optim.AdamW``; its per-rank state is TP-sharded
+    exactly like the parameters.
+    """
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)

@@ -1,0 +1,128 @@
+"""Model architecture description, independent of parallelism.
+
+One small dataclass is the single source of truth for a model's shape: converters produce it,
+checkpoints store it (as JSON), and ``transformer_config`` turns it into megatron-core's
+``TransformerConfig`` for a given TP degree. Keeping it separate from ``TransformerConfig`` lets a
+checkpoint written at TP=3 be described without any TP degree at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer of the LLaMA family (or the biased LayerNorm/GeLU OPT style)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_seq_length: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    normalization: str = "RMSNorm"          # RMSNorm | LayerNorm
+    activation: str = "swiglu"              # swiglu | gelu
+    add_bias_linear: bool = False
+    tie_word_embeddings: bool = False
+    position_embedding_type: str = "rope"   # rope | learned_absolute
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_query_groups {self.num_query_groups}")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
+        if self.activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation must be swiglu or gelu, got {self.activation!r}")
+        if self.position_embedding_type not in ("rope", "learned_absolute"):
+            raise ValueError("position_embedding_type must be rope or learned_absolute, "
+                             f"got {self.position_embedding_type!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the full (unsharded) model."""
+        h, f, hd = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        qkv = (self.num_attention_heads + 2 * self.num_query_groups) * hd * h
+        proj = self.num_attention_heads * hd * h
+        fc1 = (2 if self.gated else 1) * f * h
+        fc2 = f * h
+        norms = 2 * h * (2 if self.normalization == "LayerNorm" else 1)
+        biases = 0
+        if self.add_bias_linear:
+            biases = (self.num_attention_heads + 2 * self.num_query_groups) * hd + h \
+                + (2 if self.gated else 1) * f + h
+        per_layer = qkv + proj + fc1 + fc2 + norms + biases
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        pos = self.max_seq_length * h if self.position_embedding_type == "learned_absolute" else 0
+        final = h * (2 if self.normalization == "LayerNorm" else 1)
+        return self.num_layers * per_layer + emb + pos + final
+
+    def transformer_config(self, tp: int = 1, *, sequence_parallel: bool = False,
+                           params_dtype: torch.dtype = torch.float32, **overrides: Any):
+        """megatron-core ``TransformerConfig`` for this model at TP degree ``tp``.
+
+        Dropout is 0 (inference, distillation and the exactness tests need determinism; fine-tuning
+        can override). ``use_cpu_initialization`` builds the full master weight on CPU and slices
+        it, so every TP degree gets the same random weights for the same seed.
+        """
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            ffn_hidden_size=self.ffn_hidden_size,
+            kv_channels=self.head_dim,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=self.gated,
+            activation_func=F.silu if self.gated else F.gelu,
+            add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.add_bias_linear,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=tp,
+            sequence_parallel=sequence_parallel and tp > 1,
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)

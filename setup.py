@@ -1,0 +1,36 @@
+"""megatron-spd: Sync-Point Drop for tensor-parallel LLMs on megatron-core.
+
+Install torch first, pinned (``pip install torch==2.13.0``: the CPU wheel on our machines; GPU users
+install the CUDA build of torch 2.13.0 for their driver first), then this package. megatron-core is
+pinned exactly because the plugin overrides internal signatures (``_forward_impl``, the kwargs
+``TransformerBlock`` passes to layers); 0.17+ need Python >= 3.12 and triton.
+Never install megatron-core's own extras: they pull Transformer Engine.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-spd",
+    version="0.1.0",
+    description="Sync-Point Drop (SPD) for tensor-parallel LLMs on NVIDIA megatron-core",
+    packages=find_packages(include=["megatron_spd", "megatron_spd.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "psutil",          # dist_checkpointing saves hang without it (its forked writer needs it)
+        "sentencepiece",
+        "datasets",
+        "gguf",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "matplotlib",
+        "numpy",
+    ],
+    extras_require={
+        # test-only: an independent reference model (HF transformers) for the conversion tests
+        "test": ["pytest", "transformers"],
+        # optional GPU accelerations; megatron_spd imports them only when present
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
