@@ -7,10 +7,14 @@ attributes are patched too). Only collectives on the tensor-parallel group are s
 
 - ``CollectiveCounter``: counts calls and bytes by kind, e.g. to check that an SPD block issues
   one all-reduce where a dense block issues two, and measures the time spent inside them.
-- ``LinkSimulator``: makes each TP collective take at least ``alpha + wire_bytes / beta`` for a
+- ``simulate_link``: makes each TP collective take at least ``alpha + wire_bytes / beta`` for a
   named link profile, so high/low-bandwidth and multi-node settings can be reproduced on CPU.
   Wire bytes follow the ring algorithm: all-reduce 2(T-1)/T x payload, all-gather and
-  reduce-scatter (T-1)/T x the full (gathered) tensor.
+  reduce-scatter (T-1)/T x the full (gathered) tensor. The clock starts when this rank enters
+  the collective, so time spent waiting for a slower rank counts towards the target (a real link
+  cannot start before every rank has arrived either; the simulated time is a lower bound). The
+  remainder is slept, not spun, except for the last ``_SPIN_S``: on an oversubscribed CPU a
+  spinning rank would steal the core a slower rank needs to reach the collective.
 """
 from __future__ import annotations
 
@@ -35,8 +39,30 @@ class LinkProfile:
     alpha_s: float
     beta_Bps: float
 
+    def __post_init__(self) -> None:
+        if not (self.alpha_s >= 0 and self.beta_Bps > 0):
+            raise ValueError(f"link profile {self.name!r}: need alpha >= 0 and bandwidth > 0, "
+                             f"got alpha={self.alpha_s} s, beta={self.beta_Bps} B/s")
+
     def collective_time(self, kind: str, payload_bytes: int, world: int) -> float:
+        """Seconds one ring collective on ``payload_bytes`` takes over this link."""
         return self.alpha_s + wire_bytes(kind, payload_bytes, world) / self.beta_Bps
+
+    def scaled(self, factor: float) -> "LinkProfile":
+        """The link ``factor`` times slower (alpha x factor, bandwidth / factor).
+
+        Time dilation: a CPU computes ~``factor`` times slower than the accelerator a profile
+        describes, so dilating the link by the same factor keeps communication's share of a step
+        what it would be on that accelerator.
+        """
+        if factor <= 0:
+            raise ValueError(f"link scale must be > 0, got {factor}")
+        if factor == 1:
+            return self
+        return LinkProfile(f"{self.name}x{factor:g}", self.alpha_s * factor, self.beta_Bps / factor)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "alpha_us": self.alpha_s * 1e6, "GBps": self.beta_Bps / 1e9}
 
 
 PROFILES = {
@@ -55,6 +81,8 @@ def link_profile(spec: str) -> LinkProfile:
     except ValueError:
         raise ValueError(f"unknown link profile {spec!r}; use one of {sorted(PROFILES)} or "
                          "a custom 'alpha_us:GBps' such as '15:25'") from None
+    if alpha_us < 0 or gbps <= 0:
+        raise ValueError(f"link profile {spec!r}: alpha_us must be >= 0 and GBps > 0")
     return LinkProfile(spec, alpha_us * 1e-6, gbps * 1e9)
 
 
@@ -71,6 +99,17 @@ Callback = Callable[[str, int, float], None]  # (kind, payload bytes, seconds sp
 _callbacks: list[Callback] = []
 _delays: list[Callable[[str, int], float]] = []
 _originals: dict = {}
+_SPIN_S = 200e-6  # below this the remaining delay is spun: sleep() may overshoot by ~50-100 us
+# Per wrapped function: (position, keyword) of the tensor whose size is the payload (all-reduce:
+# the tensor; all-gather: the gathered output; reduce-scatter: the full input) and the position
+# of the process group; async_op follows the group.
+_ARGS = {"all_reduce": ((0, "tensor"), 2),
+         "all_gather": ((0, "output_tensor"), 2),
+         "reduce_scatter": ((1, "input"), 3)}
+
+
+def _arg(args: tuple, kwargs: dict, pos: int, name: str, default=None):
+    return kwargs[name] if name in kwargs else args[pos] if len(args) > pos else default
 
 
 def _patch_targets():
@@ -85,24 +124,31 @@ def _patch_targets():
             *[(mod, "dist_reduce_scatter_func", "reduce_scatter") for mod in (mc_mappings, mc_layers, mc_utils)]]
 
 
+def _wait_until(deadline: float) -> None:
+    """Sleep, then spin the last ``_SPIN_S``: accurate to a few us without hogging a core."""
+    remaining = deadline - time.perf_counter()
+    if remaining > _SPIN_S:
+        time.sleep(remaining - _SPIN_S)
+    while time.perf_counter() < deadline:
+        pass
+
+
 def _wrap(fn, kind: str):
+    (t_pos, t_name), g_pos = _ARGS[kind]
+
     def wrapped(*args, **kwargs):
-        group = kwargs.get("group", args[2] if len(args) > 2 else None)
+        group = _arg(args, kwargs, g_pos, "group")
         tp = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
         if not _callbacks and not _delays or group is None or group is not tp:
             return fn(*args, **kwargs)
-        tensor = args[0]  # all-reduce: the tensor; all-gather: the output; reduce-scatter: the input
-        if kind == "reduce_scatter":
-            tensor = args[1] if len(args) > 1 else kwargs["input"]
+        tensor = _arg(args, kwargs, t_pos, t_name)
         nbytes = tensor.numel() * tensor.element_size()
         start = time.perf_counter()
         result = fn(*args, **kwargs)
-        if kwargs.get("async_op"):
+        if _arg(args, kwargs, g_pos + 1, "async_op", False):
             result.wait()
         if _delays:
-            target = max(d(kind, nbytes) for d in _delays)
-            while time.perf_counter() - start < target:  # sleep granularity is too coarse
-                pass
+            _wait_until(start + max(d(kind, nbytes) for d in _delays))
         spent = time.perf_counter() - start
         for cb in _callbacks:
             cb(kind, nbytes, spent)
@@ -191,7 +237,8 @@ class CollectiveCounter:
 
 @contextlib.contextmanager
 def simulate_link(profile: LinkProfile | str) -> Iterator[LinkProfile]:
-    """Every TP collective inside takes at least ``profile.collective_time`` (busy-wait)."""
+    """Every TP collective inside takes at least ``profile.collective_time`` from the moment
+    this rank enters it (the real collective runs first; the rest of the time is waited)."""
     profile = link_profile(profile) if isinstance(profile, str) else profile
     world = parallel_state.get_tensor_model_parallel_world_size()
     with _hooked(delay=lambda kind, nbytes: profile.collective_time(kind, nbytes, world)):

@@ -49,7 +49,9 @@ def init(tp: Optional[int] = None, *, seed: int = 1234,
         if parallel_state.get_tensor_model_parallel_world_size() != tp:
             raise RuntimeError("parallel state already initialised with another TP degree")
     else:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        # megatron's TP/DP groups get their own timeout (default 30 min), not the world's
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 distributed_timeout_minutes=timeout_s / 60)
     compat.apply(seed)
 
 

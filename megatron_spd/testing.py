@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,10 @@ def _worker(rank: int, world: int, port: int, tp: int | None, threads: int, fn: 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
+    # deprecation chatter from megatron/torch internals drowns real output in every rank
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
     try:
         distributed.init(tp, timeout_s=kwargs.pop("_timeout_s", 120))
         result = fn(*args, **kwargs)

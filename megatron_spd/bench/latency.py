@@ -1,0 +1,335 @@
+"""Latency benchmark: time to first token and time per output token against the SPD ratio.
+
+Run on every rank of a TP group (``torchrun --nproc-per-node T tools/benchmark.py measure`` or
+``testing.run_ranks``). One run builds, with the same weights, the model for every SPD ratio plus
+a *stock* megatron-core model (``get_gpt_layer_local_spec`` for all layers, no megatron_spd
+class), then times them interleaved: each repeat visits every model once, in an order rotated
+per repeat so that drift of a shared machine spreads over all of them. Per visit it times one
+prefill (``inference.prefill``) and ``new_tokens`` decode steps (``inference.decode_step``), and
+counts the TP collectives of each phase and the seconds spent inside them (``comm``).
+
+Across ranks a step lasts as long as its slowest rank, so step times are the max over ranks.
+Time inside collectives is reported as the min over ranks: a rank that arrives early also waits
+for the slowest one there, and that wait is load imbalance, not communication, and it does not
+go away when the collective is dropped.
+
+The bound (design.md 6): SPD saves at most the time of the all-reduces it drops, i.e. (dense
+all-reduces per step - plan all-reduces per step) x the dense run's time per all-reduce;
+``achieved / bound`` says how much of that the measurement realised.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+from .. import compat
+from ..comm import CollectiveCounter, LinkProfile, link_profile, simulate_link
+from ..config import ModelConfig
+from ..inference import decode_step, new_cache, prefill
+from ..model import FullStateDict, gather_full_state_dict, load_full_state_dict
+from ..plan import SPDPlan
+from ..spec import build_model
+from . import analytic
+
+FORMAT = "megatron-spd-latency/1"
+
+# Random-weight shapes (LLaMA architecture) for T = 2 and 4; heads and KV groups divide 4.
+PRESETS = {
+    "tiny": ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=4,
+                        ffn_hidden_size=128, vocab_size=256, max_seq_length=256),
+    "llama-s": ModelConfig(num_layers=8, hidden_size=512, num_attention_heads=8,
+                           num_query_groups=8, ffn_hidden_size=1408, vocab_size=8192,
+                           max_seq_length=1024),
+    "llama-m": ModelConfig(num_layers=16, hidden_size=1024, num_attention_heads=16,
+                           num_query_groups=8, ffn_hidden_size=2816, vocab_size=16000,
+                           max_seq_length=1024),
+}
+
+
+@dataclass
+class Workload:
+    """What one visit of a model times: a prefill of ``prompt`` tokens for ``batch`` rows, then
+    ``new_tokens`` decode steps; ``repeats`` visits per model after ``warmup`` untimed ones."""
+
+    batch: int = 1
+    prompt: int = 64
+    new_tokens: int = 16
+    repeats: int = 5
+    warmup: int = 1
+    ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    stock: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.ratios = tuple(float(r) for r in self.ratios)
+        if min(self.batch, self.prompt, self.new_tokens, self.repeats) < 1 or self.warmup < 0:
+            raise ValueError("batch, prompt, new_tokens and repeats must be >= 1 and warmup >= 0; "
+                             f"got {asdict(self)}")
+        if not self.ratios or any(not 0 <= r <= 1 for r in self.ratios):
+            raise ValueError(f"SPD ratios must lie in [0, 1], got {self.ratios}")
+        if 0.0 not in self.ratios:
+            raise ValueError("the SPD ratios must include 0 (the dense baseline every other ratio "
+                             "is compared with)")
+
+
+@dataclass
+class LinkSetting:
+    """The simulated link: a profile (None: the machine's own collectives) dilated by a factor per
+    phase; ``auto`` scale = this machine's compute time / the analytic model's compute time on
+    ``device`` for the same step, so communication keeps the share it would have there."""
+
+    profile: Optional[str] = None
+    scale: str = "1"  # a number, or "auto"
+    device: str = "a100"
+    factors: dict = field(default_factory=dict)  # phase -> factor, filled by calibration
+
+    def link(self, phase: str) -> Optional[LinkProfile]:
+        if self.profile is None:
+            return None
+        return link_profile(self.profile).scaled(self.factors.get(phase, 1.0))
+
+
+def spd_plan(num_layers: int, groups: int, ratio: float) -> SPDPlan:
+    """``round(ratio x L)`` SPD blocks, the last ones (where a sensitivity sweep starts).
+    Which blocks does not matter for speed: every SPD block saves one all-reduce."""
+    n = round(ratio * num_layers)
+    return SPDPlan.from_spd_blocks(num_layers, groups, range(num_layers - n, num_layers), "zs")
+
+
+def build_stock_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32) -> GPTModel:
+    """megatron-core's own local GPT model, nothing of megatron_spd in its modules: the baseline
+    the dense plan must not be slower than."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tcfg = cfg.transformer_config(tp, params_dtype=params_dtype)
+    model = GPTModel(config=tcfg,
+                     transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
+                     vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_seq_length,
+                     share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                     position_embedding_type=cfg.position_embedding_type,
+                     rotary_base=cfg.rope_theta, rotary_percent=1.0)
+    return model.to(compat.device())
+
+
+def _maybe_link(link: Optional[LinkProfile]):
+    return simulate_link(link) if link is not None else contextlib.nullcontext()
+
+
+def _visit(model, cache, tokens: torch.Tensor, wl: Workload, links: LinkSetting) -> dict:
+    """One timed prefill and ``new_tokens`` decode steps; this rank's times and collectives."""
+    cache.reset()
+    dist.barrier()
+    with _maybe_link(links.link("prefill")), CollectiveCounter() as cpre:
+        t0 = time.perf_counter()
+        logits = prefill(model, cache, tokens)
+        t_pre = time.perf_counter() - t0
+    nxt = logits.argmax(-1)
+    dist.barrier()
+    with _maybe_link(links.link("decode")), CollectiveCounter() as cdec:
+        t0 = time.perf_counter()
+        for _ in range(wl.new_tokens):
+            nxt = decode_step(model, cache, nxt).argmax(-1)
+        t_dec = (time.perf_counter() - t0) / wl.new_tokens
+    return {"prefill_s": t_pre, "decode_s": t_dec,
+            "prefill_coll": _per_step(cpre, 1), "decode_coll": _per_step(cdec, wl.new_tokens)}
+
+
+def _per_step(c: CollectiveCounter, steps: int) -> dict:
+    return {k: {"calls": c.calls[k] / steps, "bytes": c.bytes[k] / steps,
+                "seconds": c.seconds[k] / steps} for k in c.calls}
+
+
+def _stats(values: list[float]) -> dict:
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": q[0], "q3": q[2],
+            "n": len(v), "values": values}
+
+
+def _calibrate(model, cache, tokens, wl: Workload, cfg: ModelConfig, links: LinkSetting) -> None:
+    """Fill ``links.factors`` for ``scale=auto`` (same numbers on every rank)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if links.profile is None or links.scale != "auto":
+        f = 1.0 if links.scale == "auto" else float(links.scale)
+        links.factors = {"prefill": f, "decode": f}
+        return
+    v = _visit(model, cache, tokens, wl, LinkSetting())
+    local = torch.tensor([v[f"{ph}_s"] - sum(x["seconds"] for x in v[f"{ph}_coll"].values())
+                          for ph in ("prefill", "decode")], dtype=torch.float64)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)  # compute time of the slowest rank
+    dev = analytic.DEVICES[links.device]
+    link = link_profile(links.profile)
+    ctx = {"prefill": (wl.prompt, (wl.prompt + 1) / 2),
+           "decode": (1, wl.prompt + (wl.new_tokens + 1) / 2)}
+    for i, ph in enumerate(("prefill", "decode")):
+        tokens_, context = ctx[ph]
+        gpu = analytic.step_time(cfg, tp, 0, link, dev, wl.batch, tokens_, context).compute_s
+        links.factors[ph] = float(local[i]) / gpu
+
+
+def run_latency(cfg: ModelConfig, groups: int, wl: Workload, links: LinkSetting, *,
+                full: Optional[FullStateDict] = None, name: str = "model",
+                progress: bool = True) -> Optional[dict]:
+    """Measure every plan of ``wl.ratios`` (and the stock model); the report on global rank 0,
+    None elsewhere. ``full``: the weights (None: random, seeded, the same on every rank)."""
+    from tqdm import tqdm
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if full is None:
+        torch.manual_seed(wl.seed)
+        full = gather_full_state_dict(build_model(cfg))
+    names, models = [], []
+    for r in wl.ratios:
+        plan = spd_plan(cfg.num_layers, groups, r)
+        names.append(f"spd{round(100 * r)}")
+        models.append((plan, build_model(cfg, plan)))
+    if wl.stock:
+        names.append("stock")
+        models.append((None, build_stock_model(cfg)))
+    for _, m in models:
+        load_full_state_dict(m, full)
+        m.eval()
+    del full
+    g = torch.Generator().manual_seed(wl.seed + 1)
+    tokens = torch.randint(0, cfg.vocab_size, (wl.batch, wl.prompt), generator=g)
+    cache = new_cache(wl.batch, wl.prompt + wl.new_tokens + 1)
+    for _, m in models:
+        for _ in range(wl.warmup):
+            _visit(m, cache, tokens, wl, LinkSetting())
+    _calibrate(models[0][1], cache, tokens, wl, cfg, links)
+
+    rank0 = dist.get_rank() == 0
+    records: list[list[dict]] = [[] for _ in models]
+    bar = tqdm(total=wl.repeats * len(models), desc="latency", disable=not (progress and rank0))
+    for rep in range(wl.repeats):
+        for k in range(len(models)):
+            i = (k + rep) % len(models)  # rotate the visiting order every repeat
+            records[i].append(_visit(models[i][1], cache, tokens, wl, links))
+            bar.update()
+    bar.close()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    if not rank0:
+        return None
+    tp_ranks = gathered[:tp]  # data-parallel replicas (if any) measured the same thing
+    plans = [_summarise(names[i], models[i][0], [rk[i] for rk in tp_ranks], cfg)
+             for i in range(len(models))]
+    report = {"format": FORMAT, "host": host_info(tp), "tp": tp, "groups": groups,
+              "model": {"name": name, "parameters": cfg.num_parameters(), **cfg.to_dict()},
+              "workload": asdict(wl), "link": _link_info(links), "plans": plans}
+    _add_bounds(report)
+    report["analytic_validation"] = validate_analytic(report, cfg, links)
+    return report
+
+
+def host_info(tp: int) -> dict:
+    """Where the numbers come from: CPU model, cores, threads per rank, library versions."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import megatron.core
+
+    return {"device": "cuda" if compat.on_gpu() else "cpu", "cpu": cpu,
+            "cores": len(os.sched_getaffinity(0)), "ranks": dist.get_world_size(), "tp": tp,
+            "threads_per_rank": torch.get_num_threads(), "backend": compat.backend(),
+            "torch": torch.__version__, "megatron_core": megatron.core.__version__,
+            "load_avg_1min": os.getloadavg()[0]}
+
+
+def _link_info(links: LinkSetting) -> dict:
+    if links.profile is None:
+        return {"profile": None, "note": "no simulator: the machine's own collectives"}
+    return {"profile": link_profile(links.profile).to_dict(), "scale": links.scale,
+            "device": links.device, "factors": links.factors,
+            "simulated": {ph: links.link(ph).to_dict() for ph in ("prefill", "decode")}}
+
+
+def _summarise(name: str, plan: Optional[SPDPlan], per_rank: list[list[dict]],
+               cfg: ModelConfig) -> dict:
+    """Step time = max over ranks per visit; collective time = min over ranks (module doc)."""
+    visits = list(zip(*per_rank))  # per repeat: one record per rank
+    out = {"name": name, "spd_ratio": plan.spd_ratio if plan else 0.0,
+           "n_spd": len(plan.spd_blocks) if plan else 0, "stock": plan is None}
+    for ph in ("prefill", "decode"):
+        out[ph] = _stats([max(r[f"{ph}_s"] for r in v) for v in visits])
+        colls = per_rank[0][0][f"{ph}_coll"]
+        out[ph]["collectives"] = {k: {"calls": c["calls"], "bytes": c["bytes"]}
+                                  for k, c in colls.items()}
+        out[ph]["comm_s"] = _stats([min(sum(c["seconds"] for c in r[f"{ph}_coll"].values())
+                                        for r in v) for v in visits])
+        ar = [min(r[f"{ph}_coll"].get("all_reduce", {}).get("seconds", 0.0) for r in v)
+              for v in visits]
+        calls = colls.get("all_reduce", {}).get("calls", 0)
+        out[ph]["all_reduce_s_each"] = statistics.median(ar) / calls if calls else 0.0
+    return out
+
+
+def _add_bounds(report: dict) -> None:
+    """achieved / bound for every plan against the dense (spd0) plan, per phase; and the stock
+    model against the dense plan."""
+    plans = {p["name"]: p for p in report["plans"]}
+    dense = plans["spd0"]
+    for p in report["plans"]:
+        for ph in ("prefill", "decode"):
+            d, q = dense[ph], p[ph]
+            dropped = d["collectives"].get("all_reduce", {}).get("calls", 0)                 - q["collectives"].get("all_reduce", {}).get("calls", 0)
+            bound = dropped * d["all_reduce_s_each"]
+            achieved = d["median"] - q["median"]
+            q["dropped_all_reduces"] = dropped
+            q["bound_s"] = bound
+            q["achieved_s"] = achieved
+            q["achieved_over_bound"] = achieved / bound if bound > 0 else None
+            q["speedup"] = d["median"] / q["median"]
+    if "stock" in plans:
+        report["stock_vs_dense"] = {
+            ph: {"stock_median_s": plans["stock"][ph]["median"],
+                 "dense_plan_median_s": dense[ph]["median"],
+                 "dense_over_stock": dense[ph]["median"] / plans["stock"][ph]["median"]}
+            for ph in ("prefill", "decode")}
+
+
+def validate_analytic(report: dict, cfg: ModelConfig, links: LinkSetting) -> dict:
+    """Fit this machine's compute rate to the dense plan's measured step, predict every SPD plan
+    with the analytic model, and report the relative error per plan and phase.
+
+    The link is the simulated profile; without a simulator it is the dense run's measured time
+    per all-reduce (alpha only), so the prediction then checks only the counting.
+    """
+    wl = Workload(**report["workload"])
+    tp = report["tp"]
+    dense = next(p for p in report["plans"] if p["name"] == "spd0")
+    shape = {"prefill": (wl.prompt, (wl.prompt + 1) / 2),
+             "decode": (1, wl.prompt + (wl.new_tokens + 1) / 2)}
+    out = {}
+    for ph, (tokens, context) in shape.items():
+        link = links.link(ph) or LinkProfile("measured", dense[ph]["all_reduce_s_each"], 1e30)
+        try:
+            fitted = analytic.fit_rate(dense[ph]["median"], cfg, tp, link, wl.batch, tokens,
+                                       context, bytes_per_param=4)
+        except ValueError as e:
+            out[ph] = {"error": str(e)}
+            continue
+        rows = []
+        for p in report["plans"]:
+            if p["stock"]:
+                continue
+            pred = analytic.predict_measured(cfg, tp, p["n_spd"], link, fitted, wl.batch, tokens,
+                                             context)
+            rows.append({"name": p["name"], "measured_s": p[ph]["median"], "predicted_s": pred,
+                         "rel_error": pred / p[ph]["median"] - 1})
+        out[ph] = {"fitted_GFLOPs": fitted.flops / 1e9, "plans": rows,
+                   "max_abs_rel_error": max(abs(r["rel_error"]) for r in rows)}
+    return out

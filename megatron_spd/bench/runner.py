@@ -1,0 +1,99 @@
+"""What ``tools/benchmark.py`` does, behind its argparse: set threads, start the ranks' process
+groups, get the weights, run the latency sweep or the projection, write JSON and PNG.
+
+CPU hygiene: T ranks on C cores get ``max(1, C // local ranks)`` intra-op threads each, so ranks
+do not fight over cores (torchrun's own default, OMP_NUM_THREADS=1, wastes cores when T < C).
+With more ranks than cores (T=3 on 2 cores) that is 1 thread per rank and the machine is
+oversubscribed: ranks time-share cores, and the report says so (``host.threads_per_rank``,
+``host.cores``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import distributed
+from ..io import atomic_write_json
+from . import analytic, plots
+from .latency import PRESETS, LinkSetting, Workload, run_latency
+
+
+def threads_per_rank(cores: Optional[int] = None, local_ranks: Optional[int] = None) -> int:
+    """Intra-op threads for one rank: the cores this process may use, split over the ranks that
+    share this node (torchrun's LOCAL_WORLD_SIZE), at least one."""
+    cores = cores or len(os.sched_getaffinity(0))
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, cores // local_ranks)
+
+
+def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] = None,
+            groups: Optional[int] = None, threads: Optional[int] = None,
+            json_out: Optional[str] = None, png_out: Optional[str] = None,
+            timeout_s: float = 600.0) -> Optional[dict]:
+    """The latency sweep on this process's ranks; the report on rank 0 (None elsewhere).
+
+    ``model``: a preset name (random weights, ``PRESETS``), ``default`` (SmolLM2-135M) or a
+    checkpoint / HF directory / .gguf that ``checkpoint.open_model`` reads.
+    """
+    torch.set_num_threads(threads or threads_per_rank())
+    distributed.init(tp, timeout_s=timeout_s)
+    try:
+        if model in PRESETS:
+            cfg, full, name = PRESETS[model], None, model
+            groups = groups or distributed.tp_size()
+        else:
+            from ..checkpoint import open_model
+            from ..model import gather_full_state_dict
+
+            loaded = open_model(None if model == "default" else model)
+            cfg, name = loaded.cfg, "SmolLM2-135M-Instruct" if model == "default" else model
+            groups = groups or loaded.plan.groups
+            full = gather_full_state_dict(loaded.model)
+            del loaded
+        report = run_latency(cfg, groups, wl, links, full=full, name=name)
+        if report is not None:
+            if json_out:
+                atomic_write_json(json_out, report)
+            if png_out:
+                plots.plot_measured(report, png_out)
+        distributed.barrier()
+        return report
+    finally:
+        distributed.shutdown()
+
+
+def project(*, models: Optional[list[str]] = None, tps: tuple[int, ...] = (4, 8),
+            links: tuple[str, ...] = ("nvlink", "internode", "pcie"), device: str = "a100",
+            batches: tuple[int, ...] = (1, 16), prompt: int = 1024, new_tokens: int = 128,
+            ratios: tuple[float, ...] = (0, 0.25, 0.5, 0.7, 0.75, 1.0),
+            json_out: Optional[str] = None, png_out: Optional[str] = None) -> dict:
+    """The analytic projection for LLaMA-2 shapes (no ranks needed)."""
+    unknown = sorted(set(models or ()) - set(analytic.LLAMA2))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(analytic.LLAMA2)}")
+    cfgs = {m: analytic.LLAMA2[m] for m in (models or analytic.LLAMA2)}
+    if device not in analytic.DEVICES:
+        raise ValueError(f"unknown device {device!r}; known: {sorted(analytic.DEVICES)}")
+    rows = []
+    for b in batches:
+        for r in analytic.projection(cfgs, tps, links, device, ratios=ratios, batch=b,
+                                     prompt=prompt, new_tokens=new_tokens):
+            rows.append({"batch": b, **r})
+    out = {"format": "megatron-spd-projection/1",
+           "device": analytic.DEVICES[device].to_dict(),
+           "links": {ln: analytic.link_profile(ln).to_dict() for ln in links},
+           "workload": {"prompt": prompt, "new_tokens": new_tokens, "batches": list(batches)},
+           "rows": rows}
+    if json_out:
+        atomic_write_json(json_out, out)
+    if png_out:
+        plots.plot_projection(out, png_out)
+    return out
+
+
+def default_paths(json_out: Optional[str]) -> Optional[str]:
+    """The PNG next to a JSON output (same stem)."""
+    return str(Path(json_out).with_suffix(".png")) if json_out else None

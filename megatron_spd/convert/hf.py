@@ -1,0 +1,267 @@
+"""Hugging Face LLaMA-family checkpoints <-> the full (TP=1) megatron-core state dict.
+
+Hugging Face keeps q/k/v and gate/up as separate matrices; megatron-core fuses them: QKV rows
+grouped per KV group ``[q heads of group g | k_g | v_g]`` and SwiGLU fc1 as ``[gate; up]``
+(docs/dev-api.md). Both directions are pure re-layouts (concatenation and slicing, no
+arithmetic), so a round trip is bit-exact in any dtype. Only what megatron-core's GPTModel can
+express is accepted; anything else (rope scaling, a head_dim other than hidden/heads, partial
+biases, non-SiLU activations) is refused with a message instead of converted wrongly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..config import ModelConfig
+from ..io import atomic_write_json
+
+FullStateDict = dict[str, torch.Tensor]
+
+L = "decoder.layers.{i}."
+HF = "model.layers.{i}."
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted as given; the message names the problem and the fix."""
+
+
+# ----- config.json <-> ModelConfig ------------------------------------------------------------
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    types = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None}
+    for rope_type in types - {"default"}:
+        raise ConversionError(f"RoPE scaling {rope_type!r} is not supported (megatron_spd's "
+                              "ModelConfig has plain RoPE only); use a model without rope_scaling")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a LLaMA-family ``config.json`` dict (Llama, Mistral-without-SWA, SmolLM)."""
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if hf.get("model_type", "llama") not in ("llama", "mistral") and arch != "LlamaForCausalLM":
+        raise ConversionError(f"model_type {hf.get('model_type')!r} ({arch}) is not LLaMA-family;"
+                              " supported: llama, mistral")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {hf['hidden_act']!r} is not supported; LLaMA uses silu")
+    if hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True) \
+            and hf.get("model_type") == "mistral":
+        raise ConversionError("sliding-window attention is not supported; use a model without it")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, hidden // heads):
+        raise ConversionError(f"head_dim {hf['head_dim']} != hidden_size/heads {hidden // heads}; "
+                              "megatron_spd's ModelConfig derives head_dim from them")
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if attn_bias != mlp_bias:
+        raise ConversionError(f"attention_bias={attn_bias} but mlp_bias={mlp_bias}: megatron's "
+                              "add_bias_linear puts biases on all linears or none")
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        max_seq_length=hf.get("max_position_embeddings", 2048), rope_theta=_rope_theta(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), normalization="RMSNorm",
+        activation="swiglu", add_bias_linear=attn_bias,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def hf_config_from_model_config(cfg: ModelConfig, *, dtype: str = "float32",
+                                bos_id: Optional[int] = None,
+                                eos_id: Optional[int] = None) -> dict[str, Any]:
+    """A ``LlamaForCausalLM`` config.json dict for ``cfg`` (readable by HF transformers)."""
+    if cfg.normalization != "RMSNorm" or cfg.activation != "swiglu" \
+            or cfg.position_embedding_type != "rope":
+        raise ConversionError("only LLaMA-style models (RMSNorm, SwiGLU, RoPE) export to Hugging "
+                              f"Face format; this one has {cfg.normalization}, {cfg.activation}, "
+                              f"{cfg.position_embedding_type}")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_hidden_size, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_length, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "attention_bias": cfg.add_bias_linear, "mlp_bias": cfg.add_bias_linear,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": dtype,
+        "bos_token_id": bos_id, "eos_token_id": eos_id,
+    }
+
+
+# ----- tensors ----------------------------------------------------------------------------------
+
+def _take(sd: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+    if key not in sd:
+        raise ConversionError(f"{source}: tensor {key!r} is missing; the weights do not match "
+                              "config.json (wrong config, or a truncated/partial checkpoint)")
+    return sd.pop(key)
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], source: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ConversionError(f"{source}: {name} has shape {tuple(t.shape)} but config.json "
+                              f"implies {shape}; the config does not match the weights")
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """HF q/k/v (weights [out, in] or biases [out]) -> megatron rows [q_g | k_g | v_g] per group."""
+    ng, hd = cfg.num_query_groups, cfg.head_dim
+    per = cfg.num_attention_heads // ng
+    qs = q.reshape(ng, per * hd, *q.shape[1:])
+    ks = k.reshape(ng, hd, *k.shape[1:])
+    vs = v.reshape(ng, hd, *v.shape[1:])
+    return torch.cat([qs, ks, vs], dim=1).reshape(-1, *q.shape[1:])
+
+
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """Inverse of ``fuse_qkv``."""
+    ng, hd = cfg.num_query_groups, cfg.head_dim
+    per = cfg.num_attention_heads // ng
+    g = qkv.reshape(ng, (per + 2) * hd, *qkv.shape[1:])
+    q, k, v = g.split([per * hd, hd, hd], dim=1)
+    return (q.reshape(-1, *qkv.shape[1:]), k.reshape(-1, *qkv.shape[1:]),
+            v.reshape(-1, *qkv.shape[1:]))
+
+
+def _layer_map(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(megatron suffix, HF suffix) pairs that are copied one to one within a layer."""
+    pairs = [("input_layernorm.weight", "input_layernorm.weight"),
+             ("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
+             ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+             ("mlp.linear_fc2.weight", "mlp.down_proj.weight")]
+    if cfg.add_bias_linear:
+        pairs += [("self_attention.linear_proj.bias", "self_attn.o_proj.bias"),
+                  ("mlp.linear_fc2.bias", "mlp.down_proj.bias")]
+    return pairs
+
+
+def hf_to_full(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, *,
+               source: str = "checkpoint") -> FullStateDict:
+    """HF LLaMA tensors -> full megatron state dict (fp32). Every HF tensor must be used."""
+    sd = dict(hf_sd)
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # some exporters store the tied copy too
+    for k in [k for k in sd if k.endswith("rotary_emb.inv_freq")]:
+        sd.pop(k)  # a buffer older checkpoints carry; megatron recomputes it from rope_theta
+    h, hd = cfg.hidden_size, cfg.head_dim
+    out: FullStateDict = {}
+    out["embedding.word_embeddings.weight"] = _take(sd, "model.embed_tokens.weight", source)
+    _check_shape("model.embed_tokens.weight", out["embedding.word_embeddings.weight"],
+                 (cfg.vocab_size, h), source)
+    for i in range(cfg.num_layers):
+        m, p = L.format(i=i), HF.format(i=i)
+        for ms, hs in _layer_map(cfg):
+            out[m + ms] = _take(sd, p + hs, source)
+        suffixes = ["weight"] + (["bias"] if cfg.add_bias_linear else [])
+        for s in suffixes:
+            q, k, v = (_take(sd, f"{p}self_attn.{x}_proj.{s}", source) for x in "qkv")
+            _check_shape(f"{p}self_attn.q_proj.{s}", q,
+                         (cfg.num_attention_heads * hd,) + ((h,) if s == "weight" else ()), source)
+            _check_shape(f"{p}self_attn.k_proj.{s}", k,
+                         (cfg.num_query_groups * hd,) + ((h,) if s == "weight" else ()), source)
+            out[f"{m}self_attention.linear_qkv.{s}"] = fuse_qkv(q, k, v, cfg)
+            gate, up = (_take(sd, f"{p}mlp.{x}_proj.{s}", source) for x in ("gate", "up"))
+            _check_shape(f"{p}mlp.gate_proj.{s}", gate,
+                         (cfg.ffn_hidden_size,) + ((h,) if s == "weight" else ()), source)
+            out[f"{m}mlp.linear_fc1.{s}"] = torch.cat([gate, up], 0)
+    out["decoder.final_layernorm.weight"] = _take(sd, "model.norm.weight", source)
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = _take(sd, "lm_head.weight", source)
+    if sd:
+        extra = sorted(sd)
+        raise ConversionError(f"{source}: {len(extra)} tensors not used by a {cfg.num_layers}-layer "
+                              f"LLaMA model, e.g. {extra[:4]}; config.json does not match the "
+                              "weights (num_hidden_layers? tie_word_embeddings?)")
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def full_to_hf(full: FullStateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of ``hf_to_full`` (tied models get no lm_head.weight, as HF saves them)."""
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight":
+                                    full["embedding.word_embeddings.weight"]}
+    for i in range(cfg.num_layers):
+        m, p = L.format(i=i), HF.format(i=i)
+        for ms, hs in _layer_map(cfg):
+            out[p + hs] = full[m + ms]
+        for s in ["weight"] + (["bias"] if cfg.add_bias_linear else []):
+            q, k, v = split_qkv(full[f"{m}self_attention.linear_qkv.{s}"], cfg)
+            out[f"{p}self_attn.q_proj.{s}"], out[f"{p}self_attn.k_proj.{s}"], \
+                out[f"{p}self_attn.v_proj.{s}"] = q, k, v
+            gate, up = full[f"{m}mlp.linear_fc1.{s}"].chunk(2, 0)
+            out[f"{p}mlp.gate_proj.{s}"], out[f"{p}mlp.up_proj.{s}"] = gate, up
+    out["model.norm.weight"] = full["decoder.final_layernorm.weight"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = full["output_layer.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ----- directories ------------------------------------------------------------------------------
+
+def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or the shards listed in its index."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{directory}: no *.safetensors files; a Hugging Face model "
+                              "directory needs model.safetensors (convert .bin files first)")
+    sd: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise ConversionError(f"{path} is listed in the shard index but missing; the download"
+                                  " is incomplete")
+        try:
+            sd.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConversionError(f"{path} is corrupt or truncated ({e}); re-download or "
+                                  "re-convert it") from None
+    return sd
+
+
+def load_hf(directory: str | Path) -> tuple[ModelConfig, FullStateDict]:
+    """ModelConfig and full megatron state dict from a Hugging Face LLaMA directory."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ConversionError(f"{directory} has no config.json; pass a Hugging Face model "
+                              "directory (config.json + *.safetensors + tokenizer)")
+    cfg = model_config_from_hf(json.loads(cfg_path.read_text()))
+    return cfg, hf_to_full(read_safetensors_dir(directory), cfg, source=str(directory))
+
+
+def save_hf(directory: str | Path, cfg: ModelConfig, full: FullStateDict, tokenizer=None, *,
+            dtype: torch.dtype = torch.float32) -> None:
+    """Write config.json, model.safetensors and the tokenizer files into ``directory`` (which
+    the caller makes atomic by writing to a temporary directory first)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_sd = {k: v.to(dtype).contiguous() for k, v in full_to_hf(full, cfg).items()}
+    save_file(hf_sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    bos = eos = None
+    if tokenizer is not None:
+        bos, eos = tokenizer.bos_id, tokenizer.eos_id
+        tokenizer.save(directory)
+        atomic_write_json(directory / "tokenizer_config.json", _tokenizer_config(tokenizer))
+    atomic_write_json(directory / "config.json", hf_config_from_model_config(
+        cfg, dtype=str(dtype).removeprefix("torch."), bos_id=bos, eos_id=eos))
+
+
+def _tokenizer_config(tok) -> dict[str, Any]:
+    def content(i: Optional[int]) -> Optional[str]:
+        if i is None:
+            return None
+        return tok.tok.id_to_token(i) if hasattr(tok, "tok") else tok.sp.id_to_piece(i)
+    return {"add_bos_token": tok.add_bos, "add_eos_token": False,
+            "bos_token": content(tok.bos_id), "eos_token": content(tok.eos_id)}

@@ -1,0 +1,72 @@
+"""One conversion as the command-line tool runs it: any source -> megatron-spd checkpoint at the
+current TP degree (with a plan inside), or -> Hugging Face directory. Kept out of the tool so
+tests and other scripts call the same code.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import ModelConfig
+from ..plan import SPDPlan
+
+
+def summary(cfg: ModelConfig, plan: SPDPlan, **extra: Any) -> dict[str, Any]:
+    """What a user checks after a conversion: size, shape, G and the SPD blocks."""
+    return {"params": cfg.num_parameters(), "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_query_groups, "ffn": cfg.ffn_hidden_size,
+            "vocab": cfg.vocab_size, "tied_embeddings": cfg.tie_word_embeddings,
+            "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps, "G": plan.groups,
+            "spd_blocks": plan.spd_blocks, **extra}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    spd = s["spd_blocks"]
+    return (f"params {s['params'] / 1e6:.1f}M | layers {s['layers']} | hidden {s['hidden']} | "
+            f"heads {s['heads']} (KV {s['kv_heads']}) | ffn {s['ffn']} | vocab {s['vocab']} | "
+            f"G {s['G']} | SPD blocks {len(spd)}/{s['layers']} | "
+            + " | ".join(f"{k} {v}" for k, v in s.items() if k in ("tp", "to", "out", "seconds")))
+
+
+def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Path | None = None,
+             tokenizer: Optional[str] = None) -> dict[str, Any]:
+    """Convert at the current TP (every rank calls it); returns the summary."""
+    from ..checkpoint import open_model, save_checkpoint
+    from ..distributed import tp_size
+    from ..tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    lm = open_model(source, plan=plan)
+    if tokenizer is not None:
+        lm.tokenizer = load_tokenizer(tokenizer)
+    t_load = time.perf_counter() - t0
+    save_checkpoint(lm.model, out, config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer)
+    return summary(lm.config, lm.plan, to="mcore", tp=tp_size(), out=str(out),
+                   load_seconds=round(t_load, 2),
+                   seconds=round(time.perf_counter() - t0, 2))
+
+
+def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = None,
+          dtype: str = "float32") -> dict[str, Any]:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) atomically."""
+    import torch
+
+    from ..checkpoint import load_weights
+    from ..io import replace_dir
+    from ..tokenizer import load_tokenizer
+    from .hf import save_hf
+
+    t0 = time.perf_counter()
+    cfg, full, tok, plan = load_weights(source)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    out = Path(out).absolute()
+    tmp = out.with_name(f".{out.name}.saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(tmp, cfg, full, tok, dtype=getattr(torch, dtype))
+    replace_dir(tmp, out)
+    return summary(cfg, plan, to="hf", tp=1, out=str(out),
+                   seconds=round(time.perf_counter() - t0, 2))

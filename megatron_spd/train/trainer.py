@@ -1,0 +1,129 @@
+"""One fine-tuning step through megatron-core's training machinery, at any TP x DP.
+
+The student is wrapped in megatron-core's ``DistributedDataParallel`` (gradients accumulate in
+``main_grad`` buffers); a step is: zero the buffers, forward/backward each micro-batch, then
+``finalize_model_grads`` (DP all-reduce; sequence-parallel norm grads over TP), then
+``grads.reduce_tp_partial_grads`` for the gradients that SPD blocks leave partial per TP rank
+(megatron knows nothing of those; design.md 3), then the optimizer (optim.py) clips and steps.
+
+Loss per micro-batch: ``(1 - distill) * LM + distill * KD`` (losses.py), divided by the number of
+micro-batches; DDP averages over DP, so DP=d x micro-batch b gives the update of DP=1 x d*b.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+from .. import compat
+from ..grads import reduce_tp_partial_grads
+from ..model import causal_mask
+from .batches import SampleOrder
+from .losses import kd_loss, lm_loss
+from .optim import OptimConfig, Optimizer
+
+
+@dataclass
+class StepConfig:
+    micro_batch: int = 4        # sequences per DP rank per micro-step
+    grad_accum: int = 1         # micro-steps per optimizer step
+    distill: float = 0.0        # weight of the logit-distillation loss (0 = LM loss only)
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ValueError("micro_batch and grad_accum must be >= 1")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill weight must be in [0, 1], got {self.distill}")
+
+
+def dp_rank_size() -> tuple[int, int]:
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def _dp_mean(values: torch.Tensor) -> torch.Tensor:
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(values, group=group)
+        values /= dist.get_world_size(group)
+    return values
+
+
+class Trainer:
+    """Owns the DDP-wrapped student, the frozen teacher (if distilling) and the optimizer."""
+
+    def __init__(self, model, step_cfg: StepConfig, optim_cfg: OptimConfig, total_steps: int,
+                 teacher=None):
+        if step_cfg.distill > 0 and teacher is None:
+            raise ValueError("distill > 0 needs a teacher model (the dense plan of the checkpoint)")
+        self.cfg = step_cfg
+        self.model = model
+        self.ddp = DistributedDataParallel(
+            config=model.config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                     overlap_grad_reduce=False,
+                                                     use_distributed_optimizer=False),
+            module=model)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.optimizer = Optimizer(self.ddp, optim_cfg, total_steps)
+
+    def _forward(self, module, tokens: torch.Tensor) -> torch.Tensor:
+        dev = compat.device()
+        b, s = tokens.shape
+        pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
+        return module(tokens.to(dev), pos, causal_mask(s, dev))  # [b, s, V/T]
+
+    def train_step(self, order: SampleOrder, step: int) -> dict[str, float]:
+        """One optimizer step on the global batch of ``step``; returns DP-averaged metrics."""
+        cfg = self.cfg
+        dp_rank, dp_size = dp_rank_size()
+        self.ddp.train()
+        self.optimizer.zero_grad()
+        sums = torch.zeros(3, dtype=torch.float64, device=compat.device())  # loss, lm, kd
+        for micro in range(cfg.grad_accum):
+            tokens, labels = order.micro_batch(step, micro, micro_batch=cfg.micro_batch,
+                                               grad_accum=cfg.grad_accum, dp_rank=dp_rank,
+                                               dp_size=dp_size)
+            logits = self._forward(self.ddp, tokens)
+            lm = lm_loss(logits, labels.to(logits.device))
+            kd = torch.zeros((), device=logits.device)
+            if cfg.distill > 0:
+                with torch.no_grad():
+                    t_logits = self._forward(self.teacher, tokens)
+                kd = kd_loss(logits, t_logits, cfg.temperature)
+            loss = (1.0 - cfg.distill) * lm + cfg.distill * kd
+            (loss / cfg.grad_accum).backward()
+            sums += torch.stack([loss.detach(), lm.detach(), kd.detach()]).double()
+        finalize_model_grads([self.ddp])
+        reduce_tp_partial_grads(self.ddp.module, include_sequence_parallel=False)
+        lr = self.optimizer.lr
+        norm = self.optimizer.step()
+        loss, lm, kd = (_dp_mean(sums / cfg.grad_accum)).tolist()
+        return {"loss": loss, "lm_loss": lm, "kd_loss": kd, "grad_norm": norm, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self, samples: torch.Tensor, batch: Optional[int] = None) -> float:
+        """Mean LM loss (nats/token) on ``samples`` [N, seq_len + 1], split over DP ranks."""
+        dp_rank, dp_size = dp_rank_size()
+        batch = batch or self.cfg.micro_batch
+        self.ddp.eval()
+        mine = samples[dp_rank::dp_size]
+        total = torch.zeros(2, dtype=torch.float64, device=compat.device())
+        for i in range(0, mine.shape[0], batch):
+            block = mine[i:i + batch]
+            logits = self._forward(self.ddp.module, block[:, :-1])
+            total[0] += lm_loss(logits, block[:, 1:].to(logits.device)).double() * block.shape[0]
+            total[1] += block.shape[0]
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
+        return float(total[0] / total[1])
