@@ -102,7 +102,7 @@ def _load_gguf_cached(path: Path, progress: bool) -> tuple[ModelConfig, FullStat
     by the file's path, size and mtime (a changed file is converted again)."""
     from safetensors.torch import load_file, save_file
 
-    from .convert.gguf import load_gguf, num_tensors
+    from .convert.gguf import load_gguf, read_gguf
     from .tokenizer import gguf_tokenizer
 
     cached = _gguf_cache_path(path)
@@ -114,9 +114,10 @@ def _load_gguf_cached(path: Path, progress: bool) -> tuple[ModelConfig, FullStat
             return cfg, load_file(str(cached / "model.safetensors")), tok
         except Exception:  # a damaged cache is rebuilt, never trusted
             shutil.rmtree(cached, ignore_errors=True)
-    with _progress(num_tensors(path), f"dequantising {path.name}", progress) as bar:
-        cfg, full = load_gguf(path, progress=bar.update)
-    tok = gguf_tokenizer(path)
+    reader = read_gguf(path)
+    with _progress(len(reader.tensors), f"dequantising {path.name}", progress) as bar:
+        cfg, full = load_gguf(reader, progress=bar.update)
+    tok = gguf_tokenizer(reader)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -142,24 +143,27 @@ def _progress(total: int, desc: str, enabled: bool):
                 leave=False)
 
 
-def load_weights(source: str | Path | None = None, *, progress: bool = True
-                 ) -> tuple[ModelConfig, FullStateDict, Tokenizer, SPDPlan]:
+def load_weights(source: str | Path | None = None, *, tokenizer: str | Path | None = None,
+                 progress: bool = True) -> tuple[ModelConfig, FullStateDict, Tokenizer, SPDPlan]:
     """Config, full (TP=1, fp32) state dict, tokenizer and plan of ``source``: a Hugging Face
     directory, a .gguf file, a megatron-spd checkpoint, or None for SmolLM2-135M-Instruct (dense
-    plan, G=3). HF and GGUF sources get a dense plan (``default_plan_for``)."""
+    plan, G=3). HF and GGUF sources get a dense plan (``default_plan_for``). ``tokenizer``
+    (anything ``load_tokenizer`` takes) replaces the source's own."""
     kind = source_kind(source)
     if kind == "mcore":
-        return _load_mcore_full(Path(source))
-    if kind == "hf":
+        cfg, full, tok, plan = _load_mcore_full(Path(source), tokenizer is None)
+    elif kind == "hf":
         cfg, full = load_hf(source)
-        tok = hf_tokenizer_from_dir(source)
-        _check_vocab(cfg, tok, str(source))
-        return cfg, full, tok, default_plan_for(cfg)
-    path = default_gguf_path() if kind == "default" else Path(source)
-    cfg, full, tok = _load_gguf_cached(path, progress)
-    _check_vocab(cfg, tok, str(path))
-    plan = SPDPlan.dense(cfg.num_layers, DEFAULT_GROUPS) if kind == "default" \
-        else default_plan_for(cfg)
+        tok = hf_tokenizer_from_dir(source) if tokenizer is None else None
+        plan = default_plan_for(cfg)
+    else:
+        path = default_gguf_path() if kind == "default" else Path(source)
+        cfg, full, tok = _load_gguf_cached(path, progress)
+        plan = SPDPlan.dense(cfg.num_layers, DEFAULT_GROUPS) if kind == "default" \
+            else default_plan_for(cfg)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    _check_vocab(cfg, tok, str(source or "default model"))
     return cfg, full, tok, plan
 
 
@@ -172,7 +176,7 @@ def _check_vocab(cfg: ModelConfig, tok: Tokenizer, source: str) -> None:
 # ----- megatron-spd checkpoints -----------------------------------------------------------------
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint's JSON (format-checked) and a size check of every weight file."""
+    """The checkpoint's JSON (format-checked) after a size check of every weight file."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / META_FILE
     try:
@@ -187,6 +191,8 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     if meta.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {CKPT_FORMAT!r}")
     for rel, size in meta.get("files", {}).items():
+        if not rel.startswith(WEIGHTS_DIR + "/"):
+            continue  # tokenizer files: load_tokenizer reports them (and they can be overridden)
         f = ckpt_dir / rel
         if not f.is_file():
             raise CheckpointError(f"{ckpt_dir}: file {rel} is missing; the checkpoint is "
@@ -198,10 +204,11 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _meta_parts(ckpt_dir: Path, meta: dict[str, Any]) -> tuple[ModelConfig, SPDPlan, Tokenizer]:
+def _meta_parts(ckpt_dir: Path, meta: dict[str, Any], with_tokenizer: bool = True
+                ) -> tuple[ModelConfig, SPDPlan, Optional[Tokenizer]]:
     cfg = ModelConfig.from_dict(meta["model_config"])
     plan = SPDPlan.from_dict(meta["plan"], source=str(ckpt_dir / META_FILE))
-    tok = load_tokenizer(meta["tokenizer"], base_dir=ckpt_dir)
+    tok = load_tokenizer(meta["tokenizer"], base_dir=ckpt_dir) if with_tokenizer else None
     return cfg, plan, tok
 
 
@@ -260,12 +267,13 @@ def _dist_load(model, weights: Path, ckpt_dir: Path) -> None:
                               "re-save or re-convert the checkpoint") from e
 
 
-def _load_mcore_full(ckpt_dir: Path) -> tuple[ModelConfig, FullStateDict, Tokenizer, SPDPlan]:
+def _load_mcore_full(ckpt_dir: Path, with_tokenizer: bool = True
+                     ) -> tuple[ModelConfig, FullStateDict, Optional[Tokenizer], SPDPlan]:
     """Full state dict of a checkpoint without a process group: read the global tensors."""
     from .convert.mcore import mcore_plain_to_full
 
     meta = read_meta(ckpt_dir)
-    cfg, plan, tok = _meta_parts(ckpt_dir, meta)
+    cfg, plan, tok = _meta_parts(ckpt_dir, meta, with_tokenizer)
     try:
         full = mcore_plain_to_full(ckpt_dir / WEIGHTS_DIR, cfg)
     except ConversionError as e:
@@ -274,10 +282,12 @@ def _load_mcore_full(ckpt_dir: Path) -> tuple[ModelConfig, FullStateDict, Tokeni
 
 
 def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path | None = None,
-               sequence_parallel: bool = False) -> LoadedModel:
+               sequence_parallel: bool = False,
+               tokenizer: str | Path | None = None) -> LoadedModel:
     """Build the model at the current TP degree (``distributed.init(tp)`` first) with ``plan``
     (default: the source's own plan) and load its weights; megatron-spd checkpoints load through
-    dist_checkpointing and reshard to any TP the plan allows."""
+    dist_checkpointing and reshard to any TP the plan allows. ``tokenizer`` replaces the
+    source's own."""
     from .distributed import barrier, is_rank0
     from .model import load_full_state_dict
     from .spec import build_model
@@ -287,14 +297,16 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
     kind = source_kind(source)
     if kind == "mcore":
         ckpt_dir = Path(source)
-        cfg, ckpt_plan, tok = _meta_parts(ckpt_dir, read_meta(ckpt_dir))
+        cfg, ckpt_plan, tok = _meta_parts(ckpt_dir, read_meta(ckpt_dir), tokenizer is None)
+        tok = tok or load_tokenizer(tokenizer)
+        _check_vocab(cfg, tok, str(ckpt_dir))
         plan = plan or ckpt_plan
         model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
         _dist_load(model, ckpt_dir / WEIGHTS_DIR, ckpt_dir)
         return LoadedModel(model, cfg, plan, tok)
     if kind in ("default", "gguf") and not is_rank0():
         barrier()  # rank 0 fills the conversion cache first; the others then read it
-    cfg, full, tok, src_plan = load_weights(source)
+    cfg, full, tok, src_plan = load_weights(source, tokenizer=tokenizer)
     if kind in ("default", "gguf") and is_rank0():
         barrier()
     plan = plan or src_plan

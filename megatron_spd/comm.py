@@ -24,7 +24,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 

@@ -289,8 +289,8 @@ def _from_ref(ref: dict[str, Any], base_dir: str | Path | None) -> Tokenizer:
     if not path.is_file():
         raise TokenizerError(
             f"tokenizer file {path} is missing (the checkpoint's tokenizer reference points to "
-            "it); copy the source model's tokenizer there, or re-save the checkpoint with "
-            "tools/convert_checkpoint.py")
+            "it); copy the source model's tokenizer file there, or pass it explicitly "
+            "(--tokenizer PATH, or tokenizer=PATH to open_model/load_weights)")
     tok = gguf_tokenizer(path) if kind == "gguf" else (
         sentencepiece_tokenizer(path) if kind == "sentencepiece" else hf_json_tokenizer(path))
     for key in ("bos_id", "eos_id", "add_bos"):  # the ref records the source model's conventions

@@ -5,9 +5,9 @@ sit on the critical path of every block):
 
 - compute, per rank and per transformer block, is a roofline plus a fixed overhead:
   ``max(FLOPs / flop_rate, bytes / mem_rate) + block_overhead`` (kernel launches and the gaps
-  between them: what dominates a small model's decode step on a GPU), with FLOPs = 2 x (tokens) x (the rank's 1/T of the block's weights) plus
-  attention's 4 x tokens x context x hidden / T, and bytes = the rank's weights plus the KV cache
-  it reads. The LM head (only the last token's logits are materialised) is added once.
+  between them: what dominates a small model's decode step on a GPU), with FLOPs = 2 x tokens
+  x (the rank's 1/T of the block's weights) + attention's 4 x tokens x context x hidden / T,
+  and bytes = the rank's weights plus the KV cache it reads. The LM head (only the last token's logits are materialised) is added once.
 - communication per step is, for each TP collective, ``alpha + wire_bytes / beta`` of a
   ``comm.LinkProfile`` (ring model): the embedding's all-reduce, two all-reduces per dense block
   and one per SPD block, and the all-gather of the vocab-parallel logits.

@@ -6,7 +6,8 @@ a *stock* megatron-core model (``get_gpt_layer_local_spec`` for all layers, no m
 class), then times them interleaved: each repeat visits every model once, in an order rotated
 per repeat so that drift of a shared machine spreads over all of them. Per visit it times one
 prefill (``inference.prefill``) and ``new_tokens`` decode steps (``inference.decode_step``), and
-counts the TP collectives of each phase and the seconds spent inside them (``comm``).
+counts the TP collectives of each phase and the seconds spent inside them (``comm``). All the
+models point at one copy of the weights (``share_weights``), so a sweep costs one model's memory.
 
 Across ranks a step lasts as long as its slowest rank, so step times are the max over ranks.
 Time inside collectives is reported as the min over ranks: a rank that arrives early also waits
@@ -22,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,12 +39,13 @@ from .. import compat
 from ..comm import CollectiveCounter, LinkProfile, link_profile, simulate_link
 from ..config import ModelConfig
 from ..inference import decode_step, new_cache, prefill
-from ..model import FullStateDict, gather_full_state_dict, load_full_state_dict
+from ..model import FullStateDict, load_full_state_dict, model_params
 from ..plan import SPDPlan
 from ..spec import build_model
 from . import analytic
 
 FORMAT = "megatron-spd-latency/1"
+CALIBRATION_VISITS = 2  # dense visits without the simulator that set the auto link scale
 
 # Random-weight shapes (LLaMA architecture) for T = 2 and 4; heads and KV groups divide 4.
 PRESETS = {
@@ -93,6 +96,20 @@ class LinkSetting:
     scale: str = "1"  # a number, or "auto"
     device: str = "a100"
     factors: dict = field(default_factory=dict)  # phase -> factor, filled by calibration
+    calibration: dict = field(default_factory=dict)  # phase -> the two compute times behind it
+
+    def __post_init__(self) -> None:
+        if self.profile is not None:
+            link_profile(self.profile)  # a bad name fails here, before any model is built
+        if self.scale != "auto":
+            try:
+                ok = float(self.scale) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"link scale must be 'auto' or a number > 0, got {self.scale!r}")
+        if self.device not in analytic.DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; known: {sorted(analytic.DEVICES)}")
 
     def link(self, phase: str) -> Optional[LinkProfile]:
         if self.profile is None:
@@ -163,10 +180,14 @@ def _calibrate(model, cache, tokens, wl: Workload, cfg: ModelConfig, links: Link
         f = 1.0 if links.scale == "auto" else float(links.scale)
         links.factors = {"prefill": f, "decode": f}
         return
-    v = _visit(model, cache, tokens, wl, LinkSetting())
-    local = torch.tensor([v[f"{ph}_s"] - sum(x["seconds"] for x in v[f"{ph}_coll"].values())
+    per_visit = []
+    for _ in range(CALIBRATION_VISITS):
+        v = _visit(model, cache, tokens, wl, LinkSetting())
+        t = torch.tensor([v[f"{ph}_s"] - sum(x["seconds"] for x in v[f"{ph}_coll"].values())
                           for ph in ("prefill", "decode")], dtype=torch.float64)
-    dist.all_reduce(local, op=dist.ReduceOp.MAX)  # compute time of the slowest rank
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # compute time of the slowest rank
+        per_visit.append(t)
+    local = torch.stack(per_visit).min(0).values  # the least disturbed visit
     dev = analytic.DEVICES[links.device]
     link = link_profile(links.profile)
     ctx = {"prefill": (wl.prompt, (wl.prompt + 1) / 2),
@@ -175,38 +196,72 @@ def _calibrate(model, cache, tokens, wl: Workload, cfg: ModelConfig, links: Link
         tokens_, context = ctx[ph]
         gpu = analytic.step_time(cfg, tp, 0, link, dev, wl.batch, tokens_, context).compute_s
         links.factors[ph] = float(local[i]) / gpu
+        links.calibration[ph] = {"cpu_compute_s": float(local[i]), "device_compute_s": gpu}
 
 
-def run_latency(cfg: ModelConfig, groups: int, wl: Workload, links: LinkSetting, *,
-                full: Optional[FullStateDict] = None, name: str = "model",
+# () -> (config, SPD groups G, full state dict or None for random weights); called on each rank
+WeightSource = Callable[[], tuple[ModelConfig, int, Optional[FullStateDict]]]
+
+
+def preset_source(name: str, groups: int) -> WeightSource:
+    """Random weights (seeded in ``run_latency``) for a ``PRESETS`` shape."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return lambda: (PRESETS[name], groups, None)
+
+
+def _dense_model_in_turn(source: WeightSource, seed: int):
+    """Ranks take turns reading the weights into the dense model and dropping the full state
+    dict, so only one full copy exists at a time on a node (SmolLM2: 0.5 GB per copy)."""
+    for r in range(dist.get_world_size()):
+        if dist.get_rank() == r:
+            cfg, groups, full = source()
+            torch.manual_seed(seed)  # random weights: the same master weights on every rank
+            dense = build_model(cfg, spd_plan(cfg.num_layers, groups, 0.0))
+            if full is not None:
+                load_full_state_dict(dense, full)
+            del full
+        dist.barrier()
+    return cfg, groups, dense
+
+
+def share_weights(model, reference) -> None:
+    """Point every parameter and buffer of ``model`` at ``reference``'s storage: all plans run
+    the same weights, so the sweep holds one copy of them (inference only, nothing is updated)."""
+    ref = model_params(reference)
+    for name, p in model_params(model).items():
+        if name not in ref or ref[name].shape != p.shape:
+            raise ValueError(f"{name}: models of one sweep must have identical weight layouts")
+        p.data = ref[name].data
+
+
+def run_latency(source: WeightSource, wl: Workload, links: LinkSetting, *, name: str = "model",
                 progress: bool = True) -> Optional[dict]:
     """Measure every plan of ``wl.ratios`` (and the stock model); the report on global rank 0,
-    None elsewhere. ``full``: the weights (None: random, seeded, the same on every rank)."""
+    None elsewhere. ``source`` gives the config, G and weights on each rank."""
     from tqdm import tqdm
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    if full is None:
-        torch.manual_seed(wl.seed)
-        full = gather_full_state_dict(build_model(cfg))
+    cfg, groups, dense = _dense_model_in_turn(source, wl.seed)
+    if wl.prompt + wl.new_tokens > cfg.max_seq_length:
+        raise ValueError(f"prompt {wl.prompt} + new tokens {wl.new_tokens} exceed the model's "
+                         f"context of {cfg.max_seq_length}; use a shorter --prompt/--new-tokens")
     names, models = [], []
-    for r in wl.ratios:
-        plan = spd_plan(cfg.num_layers, groups, r)
-        names.append(f"spd{round(100 * r)}")
-        models.append((plan, build_model(cfg, plan)))
-    if wl.stock:
-        names.append("stock")
-        models.append((None, build_stock_model(cfg)))
-    for _, m in models:
-        load_full_state_dict(m, full)
+    for r in (*wl.ratios, "stock") if wl.stock else wl.ratios:
+        plan = None if r == "stock" else spd_plan(cfg.num_layers, groups, r)
+        m = dense if r == 0 else build_stock_model(cfg) if plan is None else build_model(cfg, plan)
+        if m is not dense:
+            share_weights(m, dense)  # one model's own random init is freed at a time
         m.eval()
-    del full
+        names.append("stock" if plan is None else f"spd{round(100 * r)}")
+        models.append((plan, m))
     g = torch.Generator().manual_seed(wl.seed + 1)
     tokens = torch.randint(0, cfg.vocab_size, (wl.batch, wl.prompt), generator=g)
     cache = new_cache(wl.batch, wl.prompt + wl.new_tokens + 1)
     for _, m in models:
         for _ in range(wl.warmup):
             _visit(m, cache, tokens, wl, LinkSetting())
-    _calibrate(models[0][1], cache, tokens, wl, cfg, links)
+    _calibrate(dense, cache, tokens, wl, cfg, links)
 
     rank0 = dist.get_rank() == 0
     records: list[list[dict]] = [[] for _ in models]
@@ -222,7 +277,7 @@ def run_latency(cfg: ModelConfig, groups: int, wl: Workload, links: LinkSetting,
     if not rank0:
         return None
     tp_ranks = gathered[:tp]  # data-parallel replicas (if any) measured the same thing
-    plans = [_summarise(names[i], models[i][0], [rk[i] for rk in tp_ranks], cfg)
+    plans = [_summarise(names[i], models[i][0], [rk[i] for rk in tp_ranks])
              for i in range(len(models))]
     report = {"format": FORMAT, "host": host_info(tp), "tp": tp, "groups": groups,
               "model": {"name": name, "parameters": cfg.num_parameters(), **cfg.to_dict()},
@@ -246,19 +301,19 @@ def host_info(tp: int) -> dict:
             "cores": len(os.sched_getaffinity(0)), "ranks": dist.get_world_size(), "tp": tp,
             "threads_per_rank": torch.get_num_threads(), "backend": compat.backend(),
             "torch": torch.__version__, "megatron_core": megatron.core.__version__,
-            "load_avg_1min": os.getloadavg()[0]}
+            "load_avg_1min": os.getloadavg()[0],
+            "rank0_max_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _link_info(links: LinkSetting) -> dict:
     if links.profile is None:
         return {"profile": None, "note": "no simulator: the machine's own collectives"}
     return {"profile": link_profile(links.profile).to_dict(), "scale": links.scale,
-            "device": links.device, "factors": links.factors,
+            "device": links.device, "factors": links.factors, "calibration": links.calibration,
             "simulated": {ph: links.link(ph).to_dict() for ph in ("prefill", "decode")}}
 
 
-def _summarise(name: str, plan: Optional[SPDPlan], per_rank: list[list[dict]],
-               cfg: ModelConfig) -> dict:
+def _summarise(name: str, plan: Optional[SPDPlan], per_rank: list[list[dict]]) -> dict:
     """Step time = max over ranks per visit; collective time = min over ranks (module doc)."""
     visits = list(zip(*per_rank))  # per repeat: one record per rank
     out = {"name": name, "spd_ratio": plan.spd_ratio if plan else 0.0,
@@ -285,7 +340,8 @@ def _add_bounds(report: dict) -> None:
     for p in report["plans"]:
         for ph in ("prefill", "decode"):
             d, q = dense[ph], p[ph]
-            dropped = d["collectives"].get("all_reduce", {}).get("calls", 0)                 - q["collectives"].get("all_reduce", {}).get("calls", 0)
+            dropped = (d["collectives"].get("all_reduce", {}).get("calls", 0)
+                       - q["collectives"].get("all_reduce", {}).get("calls", 0))
             bound = dropped * d["all_reduce_s_each"]
             achieved = d["median"] - q["median"]
             q["dropped_all_reduces"] = dropped
@@ -293,6 +349,13 @@ def _add_bounds(report: dict) -> None:
             q["achieved_s"] = achieved
             q["achieved_over_bound"] = achieved / bound if bound > 0 else None
             q["speedup"] = d["median"] / q["median"]
+    # all ratios at once: least-squares slope of achieved on bound through the origin
+    spd = [p for p in report["plans"] if not p["stock"] and p["n_spd"] > 0]
+    report["realised_fraction"] = {}
+    for ph in ("prefill", "decode"):
+        bb = sum(p[ph]["bound_s"] ** 2 for p in spd)
+        report["realised_fraction"][ph] = (sum(p[ph]["achieved_s"] * p[ph]["bound_s"] for p in spd)
+                                           / bb if bb > 0 else None)
     if "stock" in plans:
         report["stock_vs_dense"] = {
             ph: {"stock_median_s": plans["stock"][ph]["median"],

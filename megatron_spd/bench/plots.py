@@ -73,15 +73,22 @@ def plot_projection(projection: dict, path: str | Path) -> None:
     (TP, link, batch)."""
     plt = _pyplot()
     rows = projection["rows"]
-    models = sorted({r["model"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))  # in the projection's order
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    tps = sorted({r["tp"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        keys = sorted({(r["tp"], r["link"], r["batch"]) for r in rows if r["model"] == m})
-        for tp, link, b in keys:
-            pts = [r for r in rows if (r["model"], r["tp"], r["link"], r["batch"]) == (m, tp, link, b)]
-            ax.plot([100 * r["spd_ratio"] for r in pts],
-                    [100 * r["end_to_end_reduction"] for r in pts], marker=".",
-                    ls="-" if tp == 8 else "--", label=f"TP{tp} {link} b{b}")
+        for tp in tps:
+            for link in links:
+                for b in batches:
+                    pts = [r for r in rows
+                           if (r["model"], r["tp"], r["link"], r["batch"]) == (m, tp, link, b)]
+                    ax.plot([100 * r["spd_ratio"] for r in pts],
+                            [100 * r["end_to_end_reduction"] for r in pts],
+                            color=f"C{links.index(link)}", marker="os^v"[batches.index(b) % 4],
+                            ms=3, ls=("-", "--", ":")[tps.index(tp) % 3],
+                            label=f"TP{tp} {link} batch {b}")
         ax.axvline(70, color="grey", lw=0.5)
         ax.set_title(m)
         ax.set_xlabel("SPD blocks (%)")

@@ -65,6 +65,9 @@ def _header(rep: dict) -> str:
 def summary(rep: dict) -> str:
     """What ``tools/benchmark.py measure`` prints."""
     out = [_header(rep), measured_table(rep)]
+    rf = rep.get("realised_fraction", {})
+    out.append(f"realised share of the bound over all ratios: prefill {_pct(rf.get('prefill'))}, "
+               f"decode {_pct(rf.get('decode'))}")
     if "stock_vs_dense" in rep:
         s = rep["stock_vs_dense"]
         out.append("dense plan / stock megatron-core: prefill "
@@ -116,9 +119,14 @@ def write_markdown(measured: list[str], projection: str, out: str, *,
           "it). Raw numbers: the JSON files named below; figures: the PNG beside each JSON.\n",
           METHOD]
     for path, rep in zip(measured, reps):
-        md += [f"\n## {rep['model']['name']}, TP={rep['tp']}, link {rep['link'].get('profile', {}) and rep['link']['profile']['name'] or 'none'}\n",
+        link = (rep["link"].get("profile") or {}).get("name", "none (gloo as is)")
+        md += [f"\n## {rep['model']['name']}, TP={rep['tp']}, link {link}\n",
                f"`{path}` / `{Path(path).with_suffix('.png')}`\n", _header(rep) + ".\n",
                measured_table(rep), ""]
+        rf = rep.get("realised_fraction", {})
+        md.append(f"Share of the bound realised over all SPD ratios (least-squares slope of "
+                  f"achieved on bound): prefill {_pct(rf.get('prefill'))}, decode "
+                  f"{_pct(rf.get('decode'))}.\n")
         if "stock_vs_dense" in rep:
             s = rep["stock_vs_dense"]
             md.append(f"Stock megatron-core (local spec, no megatron_spd class) vs our dense plan "
@@ -162,7 +170,14 @@ def _targets(reps: list[dict], proj: dict) -> str:
                          f"{_link_name(rep)}: decode achieved/bound at "
                          f"{100 * best['spd_ratio']:.0f}% SPD = "
                          f"{_pct(best['decode']['achieved_over_bound'])} (target >= "
-                         f"{_pct(DECODE_TARGET)}: {'met' if ok else 'missed'}).")
+                         f"{_pct(DECODE_TARGET)}: {'met' if ok else 'missed'}); over all "
+                         f"ratios (least-squares slope of achieved on bound): decode "
+                         f"{_pct(rep['realised_fraction']['decode'])}, prefill "
+                         f"{_pct(rep['realised_fraction']['prefill'])}.")
+        for ph, v in rep.get("analytic_validation", {}).items():
+            if "plans" in v:
+                lines.append(f"  - analytic model vs this measurement ({ph}): max |error| "
+                             f"{100 * v['max_abs_rel_error']:.1f}% over the SPD ratios.")
     for r in _target_70b(proj):
         ok = r["end_to_end_reduction"] >= E2E_TARGET
         lines.append(f"- LLaMA2-70B, TP=8, pcie (10 GB/s), batch {r['batch']}, prompt "

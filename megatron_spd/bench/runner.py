@@ -18,7 +18,8 @@ import torch
 from .. import distributed
 from ..io import atomic_write_json
 from . import analytic, plots
-from .latency import PRESETS, LinkSetting, Workload, run_latency
+from .latency import (PRESETS, LinkSetting, WeightSource, Workload, preset_source,
+                      run_latency)
 
 
 def threads_per_rank(cores: Optional[int] = None, local_ranks: Optional[int] = None) -> int:
@@ -36,24 +37,18 @@ def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] =
     """The latency sweep on this process's ranks; the report on rank 0 (None elsewhere).
 
     ``model``: a preset name (random weights, ``PRESETS``), ``default`` (SmolLM2-135M) or a
-    checkpoint / HF directory / .gguf that ``checkpoint.open_model`` reads.
+    checkpoint / HF directory / .gguf that ``checkpoint.load_weights`` reads (ranks read in
+    turn, so one full copy of the weights is in memory at a time).
     """
     torch.set_num_threads(threads or threads_per_rank())
     distributed.init(tp, timeout_s=timeout_s)
     try:
         if model in PRESETS:
-            cfg, full, name = PRESETS[model], None, model
-            groups = groups or distributed.tp_size()
+            source, name = preset_source(model, groups or distributed.tp_size()), model
         else:
-            from ..checkpoint import open_model
-            from ..model import gather_full_state_dict
-
-            loaded = open_model(None if model == "default" else model)
-            cfg, name = loaded.cfg, "SmolLM2-135M-Instruct" if model == "default" else model
-            groups = groups or loaded.plan.groups
-            full = gather_full_state_dict(loaded.model)
-            del loaded
-        report = run_latency(cfg, groups, wl, links, full=full, name=name)
+            source = _checkpoint_source(None if model == "default" else model, groups)
+            name = "SmolLM2-135M-Instruct" if model == "default" else model
+        report = run_latency(source, wl, links, name=name)
         if report is not None:
             if json_out:
                 atomic_write_json(json_out, report)
@@ -63,6 +58,16 @@ def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] =
         return report
     finally:
         distributed.shutdown()
+
+
+def _checkpoint_source(path: Optional[str], groups: Optional[int]) -> WeightSource:
+    """Weights of a checkpoint, HF directory or .gguf (None: SmolLM2-135M) and its plan's G."""
+    def source():
+        from ..checkpoint import load_weights
+
+        cfg, full, _, plan = load_weights(path, progress=False)
+        return cfg, groups or plan.groups, full
+    return source
 
 
 def project(*, models: Optional[list[str]] = None, tps: tuple[int, ...] = (4, 8),

@@ -28,7 +28,8 @@ _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _reader(path: str | Path):
+def read_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` (memory-mapped; metadata parsed), or a clear error."""
     import gguf
 
     path = Path(path)
@@ -127,13 +128,10 @@ def gguf_to_hf(reader, cfg: ModelConfig,
     return out
 
 
-def load_gguf(path: str | Path, progress: Optional[Callable[[int], None]] = None
+def load_gguf(path_or_reader, progress: Optional[Callable[[int], None]] = None
               ) -> tuple[ModelConfig, FullStateDict]:
     """ModelConfig and full megatron state dict (fp32, dequantised) from a GGUF file."""
-    reader = _reader(path)
+    reader = path_or_reader if hasattr(path_or_reader, "tensors") else read_gguf(path_or_reader)
     cfg = model_config_from_gguf(reader)
-    return cfg, hf_to_full(gguf_to_hf(reader, cfg, progress), cfg, source=str(path))
-
-
-def num_tensors(path: str | Path) -> int:
-    return len(_reader(path).tensors)
+    source = getattr(reader.data, "filename", "GGUF file")
+    return cfg, hf_to_full(gguf_to_hf(reader, cfg, progress), cfg, source=str(source))

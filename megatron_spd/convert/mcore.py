@@ -84,7 +84,7 @@ def read_global_tensors(weights_dir: str | Path) -> dict[str, torch.Tensor]:
                  for k, v in meta.state_dict_metadata.items()
                  if isinstance(v, TensorStorageMetadata)}
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # no_dist's deprecation notice
+            warnings.filterwarnings("ignore", message=".*no_dist|.*single process")  # intended
             dcp.load(plain, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as e:
         raise ConversionError(f"{weights_dir} could not be read ({type(e).__name__}: "

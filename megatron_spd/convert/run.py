@@ -36,12 +36,9 @@ def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Pa
     """Convert at the current TP (every rank calls it); returns the summary."""
     from ..checkpoint import open_model, save_checkpoint
     from ..distributed import tp_size
-    from ..tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    lm = open_model(source, plan=plan)
-    if tokenizer is not None:
-        lm.tokenizer = load_tokenizer(tokenizer)
+    lm = open_model(source, plan=plan, tokenizer=tokenizer)
     t_load = time.perf_counter() - t0
     save_checkpoint(lm.model, out, config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer)
     return summary(lm.config, lm.plan, to="mcore", tp=tp_size(), out=str(out),
@@ -56,13 +53,10 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
 
     from ..checkpoint import load_weights
     from ..io import replace_dir
-    from ..tokenizer import load_tokenizer
     from .hf import save_hf
 
     t0 = time.perf_counter()
-    cfg, full, tok, plan = load_weights(source)
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
+    cfg, full, tok, plan = load_weights(source, tokenizer=tokenizer)
     out = Path(out).absolute()
     tmp = out.with_name(f".{out.name}.saving")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -26,8 +26,8 @@ def run_evaluation(model, tokenizer, *, tasks: Sequence[str] = (), limit: Option
     """Zero-shot ``tasks`` on their first ``limit`` items, then perplexity on the first
     ``ppl_tokens`` tokens of ``ppl_source`` (None = bundled Wikipedia paragraphs; ``ppl_tokens=0``
     skips it). Keys: tasks, average, limit, ppl, bpb, perplexity, seconds, tp, complete.
-    ``on_progress(report)`` is called after each task with the partial report (complete=False),
-    so a long run that is cut short still leaves its finished tasks behind."""
+    ``on_progress(report)`` is called after each task and once more with the 6-task average
+    (complete=False), so a long run that is cut short still leaves its finished tasks behind."""
     for name in tasks:
         get_task(name)
     t0 = time.perf_counter()
@@ -43,6 +43,8 @@ def run_evaluation(model, tokenizer, *, tasks: Sequence[str] = (), limit: Option
     if tasks:
         report.update(evaluate_tasks(model, tokenizer, tasks, limit, batch_tokens=batch_tokens,
                                      on_task=task_done))
+        if on_progress is not None:  # the average, saved before the perplexity pass
+            on_progress(report)
     if ppl_tokens != 0:
         texts = data.load_texts(ppl_source, split=ppl_split, text_field=ppl_text_field)
         p = perplexity(model, tokenizer, texts, ctx=ppl_ctx, n_tokens=ppl_tokens,

@@ -79,10 +79,14 @@ def new_cache(max_batch: int, max_seq_len: int) -> KVCache:
     return KVCache(max_batch, max_seq_len)
 
 
-def _check_eval(model) -> None:
+def _check_model(model) -> None:
     if model.training:
         raise GenerationError("the model is in training mode; call model.eval() before generating "
                               "(megatron only uses the KV cache in eval mode)")
+    if model.config.sequence_parallel:
+        raise GenerationError("generation needs a model built without sequence parallel (a "
+                              "one-token decode step cannot be split over the sequence); load it "
+                              "with sequence_parallel=False")
 
 
 def _last_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ def prefill(model, cache: KVCache, tokens: torch.Tensor,
     ``prompt_lengths`` (optional): each row's real length; rows are left-padded to ``s`` (the pad
     token values do not matter). Call on every TP rank with the same arguments.
     """
-    _check_eval(model)
+    _check_model(model)
     if cache.length:
         raise GenerationError("the KV cache already holds a batch; call cache.reset() first")
     if tokens.dim() != 2 or tokens.numel() == 0:
@@ -132,7 +136,7 @@ def prefill(model, cache: KVCache, tokens: torch.Tensor,
 @torch.no_grad()
 def decode_step(model, cache: KVCache, next_tokens: torch.Tensor) -> torch.Tensor:
     """Append one token per row (``next_tokens`` [b]) to the cache; logits of that position [b, V]."""
-    _check_eval(model)
+    _check_model(model)
     if not cache.length:
         raise GenerationError("decode_step before prefill: the KV cache is empty")
     if cache.length >= cache.max_seq_len:
@@ -227,7 +231,8 @@ def _check_prompts(prompt_ids: Sequence[Sequence[int]], context_len: int, vocab:
 def _peer_failure(exc: BaseException) -> bool:
     """A collective error in a multi-rank run: a peer died, hung past the timeout, or the
     connection broke."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if isinstance(exc, GenerationError) or not (dist.is_initialized()
+                                                and dist.get_world_size() > 1):
         return False
     if isinstance(exc, dist.DistBackendError):
         return True

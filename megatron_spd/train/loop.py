@@ -103,7 +103,8 @@ def _check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
               "decay_style", "steps", "distill", "temperature", "seed", "weight_decay", "clip_grad")
     diff = [f"{k}: saved {saved['config'][k]} vs now {now['config'][k]}" for k in fields
             if saved["config"][k] != now["config"][k]]
-    diff += [f"{k}: saved {saved[k]} vs now {now[k]}" for k in ("data", "dp") if saved[k] != now[k]]
+    diff += [f"{k}: saved {saved[k]} vs now {now[k]}" for k in ("data", "teacher", "dp")
+             if saved[k] != now[k]]
     if diff:
         raise state.ResumeError("the save directory holds a run with other settings ("
                                 + "; ".join(diff) + "); pass the same settings to resume, or "
@@ -121,6 +122,10 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
     ``stop_after`` ends the run after that many steps as if killed (after any checkpoint due);
     tests use it to check that a resume continues the same trajectory. Returns the report.
     """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if sequence_parallel and tp > 1 and cfg.seq_len % tp:
+        raise ValueError(f"sequence parallel needs --seq-len divisible by TP={tp}, got "
+                         f"{cfg.seq_len}")
     resume = state.latest(save_dir)
     settings = _settings(cfg, source, data_source,
                          (teacher_source or source) if cfg.distill > 0 else None)

@@ -17,7 +17,10 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; ``logits`` [b, s, V/T] (this rank's shard), ``labels`` [b, s]."""
+    """Mean next-token cross-entropy; ``logits`` [b, s, V/T] (this rank's shard), ``labels`` [b, s].
+
+    megatron's kernel subtracts the per-token max from fp32 logits in place: use them for
+    nothing else afterwards."""
     return vocab_parallel_cross_entropy(logits.float(), labels).mean()
 
 

@@ -11,7 +11,8 @@ Layout of a save directory (Megatron's habit: numbered checkpoints plus a pointe
 
 A step directory becomes visible to ``latest`` only after every file of it is written, so a run
 killed mid-save resumes from the previous checkpoint. Optimizer state is TP-sharded like the
-parameters, so a resume must use the same TP degree (the error says so); DP may change.
+parameters, so a resume must use the same TP degree (the error says so). These files would
+allow another DP degree, but the loop refuses one: the global batch defines the data order.
 """
 from __future__ import annotations
 

@@ -94,12 +94,12 @@ class Trainer:
                                                grad_accum=cfg.grad_accum, dp_rank=dp_rank,
                                                dp_size=dp_size)
             logits = self._forward(self.ddp, tokens)
-            lm = lm_loss(logits, labels.to(logits.device))
             kd = torch.zeros((), device=logits.device)
-            if cfg.distill > 0:
+            if cfg.distill > 0:  # before lm_loss, which shifts fp32 logits in place
                 with torch.no_grad():
                     t_logits = self._forward(self.teacher, tokens)
                 kd = kd_loss(logits, t_logits, cfg.temperature)
+            lm = lm_loss(logits, labels.to(logits.device))
             loss = (1.0 - cfg.distill) * lm + cfg.distill * kd
             (loss / cfg.grad_accum).backward()
             sums += torch.stack([loss.detach(), lm.detach(), kd.detach()]).double()

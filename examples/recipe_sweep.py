@@ -1,0 +1,291 @@
+"""SmolLM2-135M at G=3: accuracy and perplexity versus SPD ratio for ZS, ZS+B2B and ZS+B2B+HG.
+
+One script for the docs/recipe.md table and plot. Stages (each cached under --work, so a rerun
+resumes; results are written after every evaluated model, so a cut-off run still leaves a table):
+
+1. cumulative sensitivity sweep on calibration text (split ``calib``) -> plan order;
+2. B2B for every block (dense inputs: each block's result is independent of the others, so it is
+   computed once and composed into every plan, autoplan.compose), and HG + B2B for every block;
+3. for each SPD ratio and variant: the plan's weights, Wikipedia perplexity (split ``eval``, held
+   out from calibration) and the paper's zero-shot tasks on the first --limit items (the same
+   items for every model);
+4. docs/recipe_results.json, docs/recipe_results.md (table) and docs/recipe_accuracy.png.
+
+Variants: ``zs``: every SPD block zero-shot; ``b2b`` (ZS+B2B): every SPD block distilled;
+``hg`` (ZS+B2B+HG): every SPD block head-grouped, then distilled; ``auto`` (perplexity only):
+the classification rule of classify.py (zs / b2b / hg by sensitivity); ``b2b_spd`` (perplexity
+only, --inputs-compare ratios): B2B on the partially-SPD model's hidden states instead of the
+dense model's, to choose the default inputs.
+
+    .venv/bin/python examples/recipe_sweep.py            # defaults = the committed run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {"zs": "ZS", "b2b": "ZS+B2B", "hg": "ZS+B2B+HG", "auto": "auto (classified)",
+            "b2b_spd": "ZS+B2B, partially-SPD inputs"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--groups", type=int, default=3)
+    p.add_argument("--ratios", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--variants", default="zs,b2b,hg,auto")
+    p.add_argument("--calib-samples", type=int, default=4)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--sweep-samples", type=int, default=4,
+                   help="calibration samples used by the sensitivity sweep (first of them)")
+    p.add_argument("--b2b-epochs", type=int, default=3)
+    p.add_argument("--b2b-lr", type=float, default=1e-3)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--ppl-tokens", type=int, default=2048)
+    p.add_argument("--limit", type=int, default=20, help="items per task")
+    p.add_argument("--tasks", default="paper")
+    p.add_argument("--only-recover", choices=["b2b", "hg"], default=None,
+                   help="only compute stage 2 for this strategy (to run it in parallel), then exit")
+    p.add_argument("--inputs-compare", default="0.5",
+                   help="ratios at which B2B with partially-SPD inputs is also measured (ppl)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "recipe_sweep"))
+    p.add_argument("--docs", default=str(ROOT / "docs"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from megatron_spd import distributed
+    from megatron_spd.checkpoint import load_weights
+    from megatron_spd.data import calibration_batches, load_texts
+    from megatron_spd.evaluate import PAPER_TASKS, evaluate_tasks, perplexity
+    from megatron_spd.io import atomic_write_json
+    from megatron_spd.model import load_full_state_dict
+    from megatron_spd.plan import SPDPlan
+    from megatron_spd.recipe import autoplan, blocks, distill, sensitivity
+    from megatron_spd.spec import build_model
+
+    distributed.init(1)
+    work, docs = Path(args.work), Path(args.docs)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg, full, tok, _ = load_weights(None)
+    L, G = cfg.num_layers, args.groups
+    calib = calibration_batches(tok, args.calib_samples, args.calib_len)
+    eval_texts = load_texts(split="eval")
+    tasks = ([t for group in PAPER_TASKS.values() for t in group] if args.tasks == "paper"
+             else args.tasks.split(","))
+    ratios = [float(r) for r in args.ratios.split(",")]
+    variants = args.variants.split(",")
+    args.inputs_compare = [float(r) for r in args.inputs_compare.split(",") if r]
+    log = lambda *a: print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)  # noqa: E731
+
+    # 1. sensitivity ------------------------------------------------------------------------
+    sweeps = {}
+    for mode in ("cumulative", "local"):   # the cheap local variant for comparison
+        path = work / f"sensitivity_{mode}.json"
+        if not path.exists():
+            dense, spd = sensitivity.build_pair(cfg, full, G)
+            sensitivity.sweep(dense, spd, calib[:args.sweep_samples], mode=mode).save(path)
+            del dense, spd
+        sweeps[mode] = sensitivity.Sensitivity.load(path)
+    sens = sweeps["cumulative"]
+    sensitivity.plot(list(sweeps.values()), docs / "recipe_sensitivity.png",
+                     title=f"SmolLM2-135M, G={G}, {sens.n_samples}x{sens.seq_len} calibration tokens")
+    log("sensitivity", [round(s, 3) for s in sens.sensitivity], "baseline", sens.baseline_ppl)
+
+    # 2. per-block recovery, once for all plans (computed when a variant first needs it) -----
+    b2b_cfg = distill.B2BConfig(epochs=args.b2b_epochs, lr=args.b2b_lr, inputs="dense",
+                                micro_batch=args.micro_batch)
+    recovered, records = {}, {}
+
+    def recover(strategy: str) -> None:
+        if strategy in recovered:
+            return
+        path = work / f"all_{strategy}.pt"
+        if not path.exists():
+            t0 = time.time()
+            plan_all = SPDPlan(G, [strategy] * L)
+            model, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan_all, calib, b2b=b2b_cfg,
+                                                            micro_batch=args.micro_batch)
+            del model
+            torch.save({"full": rec_full, "plan": rec_plan.to_dict(),
+                        "seconds": time.time() - t0}, path)
+            log(f"recovered all blocks with {strategy} in {time.time() - t0:.0f}s")
+        saved = torch.load(path, weights_only=False)
+        recovered[strategy] = saved["full"]
+        records[strategy] = {k: saved["plan"].get(k) for k in ("b2b", "head_grouping")}
+        records[strategy]["seconds"] = saved["seconds"]
+
+    if args.only_recover:  # e.g. run the HG recovery in a second process next to the main one
+        recover(args.only_recover)
+        return
+
+    # 3. evaluate --------------------------------------------------------------------------
+    res_path = work / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {}
+
+    def plan_for(variant: str, ratio: float) -> SPDPlan:
+        n = autoplan.n_for_ratio(L, ratio)
+        strategy = {"auto": "auto", "b2b_spd": "b2b"}.get(variant, variant)
+        return autoplan.make_plan(sens, n_spd=n, strategy=strategy)
+
+    def distill_spd_inputs(plan: SPDPlan, key: str):
+        path = work / f"{key}.pt"
+        if not path.exists():
+            t0 = time.time()
+            cfg_spd = distill.B2BConfig(epochs=args.b2b_epochs, lr=args.b2b_lr, inputs="spd",
+                                        micro_batch=args.micro_batch)
+            _, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan, calib, b2b=cfg_spd,
+                                                        micro_batch=args.micro_batch)
+            torch.save({"full": rec_full, "plan": rec_plan.to_dict(),
+                        "seconds": time.time() - t0}, path)
+            log(f"{key}: B2B with partially-SPD inputs in {time.time() - t0:.0f}s")
+        saved = torch.load(path, weights_only=False)
+        records[key] = {"b2b": saved["plan"].get("b2b"), "seconds": saved["seconds"]}
+        return saved["full"]
+
+    def run(variant: str, ratio: float, with_tasks: bool) -> None:
+        key = f"{variant}@{ratio:g}"
+        entry = results.get(key, {})
+        if "ppl" in entry and (not with_tasks or "tasks" in entry):
+            return
+        plan = plan_for(variant, ratio)
+        if variant == "b2b_spd":  # B2B on the partially-SPD model's inputs: per plan
+            weights = distill_spd_inputs(plan, key)
+        else:
+            for strategy in set(plan.strategies) & {"b2b", "hg"}:
+                recover(strategy)
+            weights = autoplan.compose(full, recovered, plan)
+        model = build_model(cfg, plan)
+        load_full_state_dict(model, weights)
+        model.eval()
+        t0 = time.time()
+        with torch.no_grad():
+            if "ppl" not in entry:
+                entry["ppl"] = perplexity(model, tok, eval_texts, ctx=512,
+                                          n_tokens=args.ppl_tokens, desc=f"ppl {key}")["ppl"]
+            if with_tasks and "tasks" not in entry:
+                entry["tasks"] = evaluate_tasks(model, tok, tasks, args.limit)
+        entry.update(strategies=plan.strategies, n_spd=len(plan.spd_blocks))
+        results[key] = entry
+        atomic_write_json(res_path, results)
+        avg = entry.get("tasks", {}).get("average") or {}
+        log(f"{key}: ppl {entry['ppl']:.2f} avg {avg.get('value')} ({time.time() - t0:.0f}s)")
+        report(results)
+        del model
+
+    def report(results: dict) -> None:
+        write_report(results, sens, sweeps["local"].to_dict(), records, args, docs, tasks,
+                     ratios, variants)
+
+    order = sorted(ratios, key=lambda r: (r != 0, r != 0.5, r != 1.0, r))
+    for v in variants:                        # perplexity of everything first (cheap)
+        for ratio in order:
+            if not (ratio == 0 and v != "zs"):
+                run(v, ratio, with_tasks=False)
+    for ratio in args.inputs_compare:         # which B2B inputs: dense (above) or partially SPD
+        run("b2b_spd", ratio, with_tasks=False)
+    for ratio in order:                       # then the zero-shot tasks, most important first
+        for v in variants:
+            if v != "auto" and not (ratio == 0 and v != "zs"):
+                run(v, ratio, with_tasks=True)
+    log("done")
+
+
+def _avg(entry: dict):
+    avg = (entry.get("tasks") or {}).get("average")
+    return None if not avg else avg["value"]
+
+
+def _stderr(entry: dict):
+    """Standard error of the 6-task average (binomial per task, tasks independent)."""
+    t = (entry.get("tasks") or {}).get("tasks")
+    avg = (entry.get("tasks") or {}).get("average")
+    if not t or not avg:
+        return None
+    from megatron_spd.evaluate import PAPER_TASKS, TASKS
+
+    var = 0.0
+    for group in PAPER_TASKS.values():
+        gv = 0.0
+        for name in group:
+            acc = t[name][TASKS[name].primary_metric]
+            gv += acc * (1 - acc) / t[name]["n"]
+        var += gv / len(group) ** 2
+    return math.sqrt(var) / len(PAPER_TASKS)
+
+
+def write_report(results, sens, sens_local, records, args, docs: Path, tasks, ratios,
+                 variants) -> None:
+    from megatron_spd.io import atomic_write_json, atomic_write_text
+
+    dense = results.get("zs@0", {})
+    d_avg = _avg(dense)
+    rows = ["| variant | SPD ratio | SPD blocks | Wikipedia ppl | 6-task avg (%) | +/- s.e. | "
+            "change vs dense (points) |", "|---|---|---|---|---|---|---|"]
+    for v in [*variants, "b2b_spd"]:
+        for r in ratios:
+            e = results.get(f"{v}@{r:g}") if not (r == 0 and v != "zs") else None
+            if not e:
+                continue
+            a, se = _avg(e), _stderr(e)
+            rows.append(f"| {VARIANTS[v]} | {r:.0%} | {e.get('n_spd')} | {e['ppl']:.2f} | "
+                        f"{'' if a is None else f'{100 * a:.2f}'} | "
+                        f"{'' if se is None else f'{100 * se:.2f}'} | "
+                        f"{'' if a is None or d_avg is None else f'{100 * (a - d_avg):+.2f}'} |")
+    cmd = "examples/recipe_sweep.py " + " ".join(sys.argv[1:])
+    text = "\n".join([
+        f"Generated by `.venv/bin/python {cmd.strip()}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
+        f"Calibration: {args.calib_samples}x{args.calib_len} tokens (sweep: first "
+        f"{sens.n_samples}); perplexity: first {args.ppl_tokens} tokens of the held-out split, "
+        f"ctx 512; tasks: {', '.join(tasks)}, first {args.limit} items each (same items for every "
+        f"model); B2B: {args.b2b_epochs} epochs, lr {args.b2b_lr}, dense inputs.", "", *rows, ""])
+    atomic_write_text(docs / "recipe_results.md", text)
+    atomic_write_json(docs / "recipe_results.json", {"results": results, "records": records,
+                                                     "sensitivity": sens.to_dict(),
+                                                     "sensitivity_local": sens_local,
+                                                     "args": vars(args)})
+    plot(results, ratios, variants, docs / "recipe_accuracy.png")
+
+
+def plot(results, ratios, variants, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for v in variants:
+        pts = [(r, results.get(f"{'zs' if r == 0 else v}@{r:g}")) for r in ratios]
+        pp = [(100 * r, e["ppl"]) for r, e in pts if e and "ppl" in e]
+        if pp:
+            ax2.plot(*zip(*pp), marker="o", label=VARIANTS[v])
+        aa = [(100 * r, 100 * _avg(e)) for r, e in pts if e and _avg(e) is not None]
+        if aa and v != "auto":
+            ax1.plot(*zip(*aa), marker="o", label=VARIANTS[v])
+    ax1.set(xlabel="SPD ratio (%)", ylabel="6-task average accuracy (%)",
+            title="zero-shot accuracy")
+    ax2.set(xlabel="SPD ratio (%)", ylabel="Wikipedia perplexity (ctx 512)", yscale="log",
+            title="perplexity")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, SPD with G=3 groups")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

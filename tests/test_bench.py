@@ -1,0 +1,125 @@
+"""Latency benchmark (megatron_spd.bench): the analytic model's bookkeeping, thread hygiene, and
+``tools/benchmark.py measure`` end to end on a tiny random model under torchrun (2 ranks, 2
+repeats, a simulated link): valid JSON, collective counts per step that match each plan, a
+bounded simulator check, the PNG, and docs written from the JSON. No timing is asserted except
+the simulator's lower bound (every TP collective lasts at least the link's alpha).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_spd.bench import analytic
+from megatron_spd.bench.latency import PRESETS, LinkSetting, Workload, spd_plan
+from megatron_spd.bench.runner import threads_per_rank
+from megatron_spd.comm import link_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPHA_US = 2000  # simulated link alpha for the CLI run: 2 ms per collective
+
+
+def expected_all_reduces(num_layers: int, n_spd: int) -> int:
+    """Embedding (vocab-parallel) 1 + dense blocks 2 + SPD blocks 1."""
+    return 1 + 2 * (num_layers - n_spd) + n_spd
+
+
+def test_llama2_shapes_have_the_published_sizes():
+    sizes = {k: c.num_parameters() / 1e9 for k, c in analytic.LLAMA2.items()}
+    assert sizes["llama2-7b"] == pytest.approx(6.74, abs=0.01)
+    assert sizes["llama2-13b"] == pytest.approx(13.02, abs=0.01)
+    assert sizes["llama2-70b"] == pytest.approx(68.98, abs=0.01)
+
+
+def test_analytic_counts_curve_and_fit():
+    cfg = analytic.LLAMA2["llama2-70b"]
+    colls = analytic.step_collectives(cfg, 8, 56, 1, 1, 2)
+    assert sum(k == "all_reduce" for k, _ in colls) == expected_all_reduces(80, 56)
+    assert sum(k == "all_gather" for k, _ in colls) == 1
+    assert analytic.step_collectives(cfg, 1, 0, 1, 1, 2) == []
+    rows = analytic.speedup_curve(cfg, 8, link_profile("pcie"), analytic.DEVICES["a100"],
+                                  prompt=256, new_tokens=8)
+    red = [r["end_to_end_reduction"] for r in rows]
+    assert red[0] == 0 and all(b > a for a, b in zip(red, red[1:])) and red[-1] < 1
+    # compute is the same for every plan: the curve is dense minus the dropped link time
+    link = link_profile("1000:1")
+    fitted = analytic.fit_rate(0.5, cfg, 8, link, 1, 1, 100.0)
+    dense = analytic.predict_measured(cfg, 8, 0, link, fitted, 1, 1, 100.0)
+    spd = analytic.predict_measured(cfg, 8, 80, link, fitted, 1, 1, 100.0)
+    act = cfg.hidden_size * 4
+    assert dense == pytest.approx(0.5)
+    assert dense - spd == pytest.approx(80 * link.collective_time("all_reduce", act, 8))
+    with pytest.raises(ValueError, match="too slow"):
+        analytic.fit_rate(0.01, cfg, 8, link, 1, 1, 100.0)
+
+
+def test_threads_plans_and_workload_validation():
+    assert threads_per_rank(2, 3) == 1 and threads_per_rank(2, 2) == 1
+    assert threads_per_rank(16, 4) == 4 and threads_per_rank(8, 1) == 8
+    plan = spd_plan(8, 2, 0.25)
+    assert plan.spd_blocks == [6, 7] and spd_plan(8, 2, 0).spd_blocks == []
+    with pytest.raises(ValueError, match="include 0"):
+        Workload(ratios=(0.5, 1.0))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Workload(ratios=(0, 1.5))
+    with pytest.raises(ValueError, match="repeats"):
+        Workload(repeats=0)
+    with pytest.raises(ValueError, match="link profile"):
+        LinkSetting("fast")
+    with pytest.raises(ValueError, match="scale"):
+        LinkSetting("pcie", "-2")
+    assert LinkSetting("pcie", "auto").link("decode") == link_profile("pcie")
+
+
+def test_benchmark_cli_end_to_end(tmp_path):
+    out = tmp_path / "tiny.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), str(ROOT / "tools/benchmark.py"), "measure",
+           "--model", "tiny", "--repeats", "2", "--warmup", "0", "--prompt", "8",
+           "--new-tokens", "3", "--link", f"{ALPHA_US}:1", "--json", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "spd100" in proc.stdout
+    rep = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 1000
+    cfg = PRESETS["tiny"]
+    assert rep["format"] == "megatron-spd-latency/1" and rep["tp"] == 2
+    assert rep["host"]["threads_per_rank"] == threads_per_rank(local_ranks=2)
+    names = [p["name"] for p in rep["plans"]]
+    assert names == ["spd0", "spd25", "spd50", "spd75", "spd100", "stock"]
+    for p in rep["plans"]:
+        n_ar = expected_all_reduces(cfg.num_layers, p["n_spd"])
+        for ph in ("prefill", "decode"):
+            colls = p[ph]["collectives"]
+            assert colls == {"all_reduce": {"calls": n_ar, "bytes": colls["all_reduce"]["bytes"]},
+                             "all_gather": {"calls": 1, "bytes": colls["all_gather"]["bytes"]}}, \
+                (p["name"], ph, colls)
+            assert p[ph]["n"] == 2 and 0 < p[ph]["min"] <= p[ph]["median"] <= p[ph]["max"]
+            # simulator, bounded: every TP collective lasts at least alpha on every rank
+            assert p[ph]["comm_s"]["min"] >= (n_ar + 1) * ALPHA_US * 1e-6 * 0.999
+            if p["name"] != "spd0" and not p["stock"]:
+                assert p[ph]["dropped_all_reduces"] == p["n_spd"]
+                assert p[ph]["bound_s"] > 0 and p[ph]["achieved_over_bound"] is not None
+    assert set(rep["stock_vs_dense"]) == {"prefill", "decode"}
+    assert rep["analytic_validation"]["decode"]["plans"][0]["rel_error"] == pytest.approx(0, abs=1e-9)
+
+    from megatron_spd.bench import report, runner
+
+    proj = tmp_path / "projection.json"
+    runner.project(models=["llama2-70b"], tps=(8,), links=("pcie",), batches=(1,), prompt=128,
+                   new_tokens=4, json_out=str(proj))
+    md = tmp_path / "latency.md"
+    report.write_markdown([str(out)], str(proj), str(md))
+    text = md.read_text()
+    assert "| spd100 | 4/4 |" in text and "llama2-70b | 8 | pcie" in text and "## Targets" in text
+
+
+def _free_port() -> int:
+    from megatron_spd.distributed import free_port
+
+    return free_port()

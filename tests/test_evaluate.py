@@ -1,0 +1,211 @@
+"""megatron_spd.evaluate: zero-shot scoring and perplexity against direct computations.
+
+The tiny random model runs at TP=2 with a G=2 SPD plan (one spawned rank group); the direct
+log-likelihoods come from the independent plain-torch reference (tests/reference.py), computed
+here one sequence at a time with the tokenization rules written out again in this file.
+Tolerance: per-choice log-likelihoods and NLL sums atol 1e-3 on sums of up to ~250 fp32 log-probs
+(measured differences ~1e-5); ranks must agree exactly (they run identical batches).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_spd.config import ModelConfig
+from megatron_spd.evaluate import TASKS, TaskError, get_task, parse_task_list
+from megatron_spd.evaluate.perplexity import windows
+from megatron_spd.plan import SPDPlan
+from megatron_spd.testing import run_ranks
+
+from reference import random_full_state_dict, reference_logits
+from toy_tokenizer import ByteTokenizer
+
+CFG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                  ffn_hidden_size=128, vocab_size=260, max_seq_length=512, rope_theta=10000.0)
+PLAN = SPDPlan(2, ["zs", "dense"])
+ITEMS = 5
+PPL_TOKENS, PPL_CTX, PPL_STRIDE = 300, 64, 48
+TOL = dict(atol=1e-3, rtol=0)
+
+
+def _tp_worker(sd):
+    """At TP=2: every task on its first ITEMS items, and perplexity with and without overlap."""
+    from megatron_spd import data
+    from megatron_spd.evaluate import evaluate_task, perplexity
+    from megatron_spd.model import load_full_state_dict
+    from megatron_spd.spec import build_model
+
+    model = build_model(CFG, PLAN)
+    load_full_state_dict(model, sd)
+    tok = ByteTokenizer()
+    out = {name: evaluate_task(model, tok, name, ITEMS, return_scores=True, batch_tokens=400)
+           for name in TASKS}
+    texts = data.load_texts(split="eval")
+    out["ppl"] = perplexity(model, tok, texts, ctx=PPL_CTX, n_tokens=PPL_TOKENS, desc=None)
+    out["ppl_sliding"] = perplexity(model, tok, texts, ctx=PPL_CTX, n_tokens=PPL_TOKENS,
+                                    stride=PPL_STRIDE, batch_tokens=100, desc=None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return random_full_state_dict(CFG, seed=5)
+
+
+@pytest.fixture(scope="module")
+def tp_results(sd):
+    return run_ranks(_tp_worker, 2, sd)
+
+
+def _direct_loglik(sd, context: str, continuation: str) -> tuple[float, bool]:
+    tok = ByteTokenizer()
+    ctx_ids = tok.encode(context.rstrip(), add_bos=False)
+    cont_ids = tok.encode(context + continuation, add_bos=False)[len(ctx_ids):]
+    if not ctx_ids:
+        ctx_ids = [0]
+    seq = (ctx_ids + cont_ids)[-(CFG.max_seq_length + 1):]
+    logp = torch.log_softmax(reference_logits(CFG, sd, torch.tensor([seq[:-1]]), PLAN)[0], -1)
+    rows = logp[len(seq) - 1 - len(cont_ids):len(seq) - 1]
+    ll = sum(rows[k, t].item() for k, t in enumerate(cont_ids))
+    return ll, rows.argmax(-1).tolist() == cont_ids
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_zero_shot_equals_direct_loglik(tp_results, sd, name):
+    r0, r1 = tp_results
+    assert r0[name] == {**r1[name], "seconds": r0[name]["seconds"]}  # ranks agree exactly
+    items = get_task(name).load(ITEMS)
+    assert r0[name]["n"] == len(items) == ITEMS
+    hits = norm_hits = greedy_hits = 0
+    for item, got in zip(items, r0[name]["scores"]):
+        pairs = [_direct_loglik(sd, c, x) for c, x in zip(item.contexts, item.continuations)]
+        direct = [ll for ll, _ in pairs]
+        greedy_hits += pairs[0][1]
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                   torch.tensor(direct, dtype=torch.float64), **TOL)
+        hits += max(range(len(direct)), key=direct.__getitem__) == item.gold
+        norm = [ll / c for ll, c in zip(direct, item.choice_chars)]
+        norm_hits += max(range(len(norm)), key=norm.__getitem__) == item.gold
+    if get_task(name).greedy:
+        assert r0[name]["acc"] == greedy_hits / ITEMS
+    else:
+        assert r0[name]["acc"] == hits / ITEMS
+        assert r0[name].get("acc_norm") == (norm_hits / ITEMS if TASKS[name].has_norm else None)
+
+
+def _direct_nll(sd, stream: torch.Tensor, begin: int, end: int, first: int) -> float:
+    logp = torch.log_softmax(reference_logits(CFG, sd, stream[None, begin:end], PLAN)[0], -1)
+    return -sum(logp[t - 1 - begin, stream[t]].item() for t in range(first, end))
+
+
+@pytest.mark.parametrize("key,stride", [("ppl", PPL_CTX), ("ppl_sliding", PPL_STRIDE)])
+def test_perplexity_equals_direct_nll(tp_results, sd, key, stride):
+    from megatron_spd import data
+
+    r0, r1 = tp_results
+    assert r0[key]["ppl"] == r1[key]["ppl"]
+    tok = ByteTokenizer()
+    stream = data.token_stream(tok, data.load_texts(split="eval"), PPL_TOKENS)
+    nll, scored = 0.0, 0
+    for begin in range(0, PPL_TOKENS, stride):  # windows written out independently
+        end = min(begin + PPL_CTX, PPL_TOKENS)
+        first = 1 if begin == 0 else max(begin + PPL_CTX - stride, begin + 1)
+        nll += _direct_nll(sd, stream, begin, end, first)
+        scored += end - first
+        if end == PPL_TOKENS:
+            break
+    assert r0[key]["tokens"] == scored
+    assert math.isclose(r0[key]["nll"] * scored, nll, abs_tol=1e-3)
+    assert math.isclose(r0[key]["ppl"], math.exp(nll / scored), rel_tol=1e-5)
+    assert math.isclose(r0[key]["bpb"], nll / math.log(2) / r0[key]["bytes"], rel_tol=1e-5)
+
+
+def test_windows_score_each_token_at_most_once():
+    """Overlapping windows score every token but the first; non-overlapping ones skip each
+    window's first token (it has no context)."""
+    for n, ctx, stride in [(10, 4, 4), (10, 4, 1), (11, 4, 3), (4, 8, 8), (9, 4, 4)]:
+        scored = [t for _, end, first in windows(n, ctx, stride) for t in range(first, end)]
+        expect = [t for t in range(1, n) if stride < ctx or t % ctx]
+        assert scored == expect, (n, ctx, stride)
+        for begin, end, first in windows(n, ctx, stride):
+            assert end - begin <= ctx and begin < first
+    with pytest.raises(ValueError, match="stride"):
+        windows(10, 4, 5)
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(TaskError, match="unknown task 'hellaswagg'; known tasks: hellaswag"):
+        parse_task_list("piqa,hellaswagg")
+    from megatron_spd.evaluate import evaluate_tasks
+
+    with pytest.raises(TaskError, match="unknown task 'mmlu'"):
+        evaluate_tasks(None, ByteTokenizer(), ["piqa", "mmlu"], 1)  # fails before any scoring
+    from tools.evaluate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--tasks", "bogus"])
+    assert parse_task_list("all") == list(TASKS)
+    assert parse_args(["--tasks", "piqa, sciq"]).tasks == ["piqa", "sciq"]
+
+
+def test_items_follow_lm_eval_prompts():
+    hs = get_task("hellaswag").load(1)[0]
+    assert hs.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hs.continuations[3] == " starts pulling up roofing on a roof." and hs.gold == 3
+    assert hs.choice_chars[3] == len("starts pulling up roofing on a roof.")
+    wg = get_task("winogrande").load(1)[0]
+    assert wg.contexts == ("Sarah was a much better surgeon than Maria so Sarah",
+                           "Sarah was a much better surgeon than Maria so Maria")
+    assert wg.continuations == (" always got the easier cases.",) * 2 and wg.gold == 1
+    arc = get_task("arc_easy").load(1)[0]
+    assert arc.contexts[0] == "Question: Which technology was developed most recently?\nAnswer:"
+    assert arc.continuations[0] == " cellular telephone" and arc.gold == 0
+    sciq = get_task("sciq").load(1)[0]
+    assert sciq.contexts[0].endswith("\nQuestion: Who proposed the theory of evolution by "
+                                     "natural selection?\nAnswer:")
+    assert sciq.continuations[3] == " darwin" and sciq.gold == 3
+    lam = get_task("lambada").load(1)[0]
+    assert lam.continuations == (" signs",) and lam.contexts[0].endswith("I don't care about")
+    assert len(get_task("piqa").load(3)) == 3
+
+
+@pytest.mark.real_model
+def test_encode_pair_with_the_real_tokenizer():
+    from megatron_spd.defaults import default_gguf_path
+    from megatron_spd.evaluate import encode_pair
+    from megatron_spd.tokenizer import gguf_tokenizer
+
+    tok = gguf_tokenizer(default_gguf_path())
+    ctx, cont = encode_pair(tok, "The capital of France is ", "Paris")  # space moves right
+    assert ctx == tok.encode("The capital of France is") and cont == tok.encode(" Paris")
+    assert encode_pair(tok, "", "Hello") == ([0], tok.encode("Hello"))
+    whole = tok.encode("Question: 2+2?\nAnswer: 4")
+    ctx, cont = encode_pair(tok, "Question: 2+2?\nAnswer:", " 4")
+    assert ctx + cont == whole
+
+
+@pytest.mark.real_model
+def test_tool_on_smollm2_dense_and_spd_plan(tmp_path, monkeypatch):
+    """End to end through tools/evaluate.py: default model, then a plan override."""
+    from tools.evaluate import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # each main() picks a fresh single-process port
+    out = tmp_path / "dense.json"
+    main(["--tasks", "piqa", "--limit", "2", "--ppl-tokens", "512", "--json", str(out)])
+    dense = json.loads(out.read_text())
+    assert dense["complete"] and dense["plan"]["strategies"] == ["dense"] * 30
+    assert dense["tasks"]["piqa"]["n"] == 2 and 0 <= dense["tasks"]["piqa"]["acc"] <= 1
+    assert dense["perplexity"]["tokens"] == 511 and 5 < dense["ppl"] < 60  # measured 30.6
+    plan = tmp_path / "plan.json"
+    SPDPlan.from_spd_blocks(30, 3, range(30), "zs").save(plan)
+    out2 = tmp_path / "spd.json"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    main(["--tasks", "none", "--plan", str(plan), "--ppl-tokens", "512", "--json", str(out2)])
+    spd = json.loads(out2.read_text())
+    assert spd["plan"]["strategies"] == ["zs"] * 30 and spd["tasks"] == {}
+    assert spd["ppl"] > 2 * dense["ppl"]  # all-SPD SmolLM2 is far worse (design.md 5)
