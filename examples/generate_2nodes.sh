@@ -27,18 +27,19 @@
 #
 # This script runs such a pair of "nodes" on one machine through 127.0.0.1:
 #
-#   examples/generate_2nodes.sh [dp|cross] [extra tools/generate.py arguments]
+#   [TP=3] examples/generate_2nodes.sh [dp|cross] [tools/generate.py arguments]
 #
-#   dp     (default) 2 nodes x 3 ranks, TP=3, two data-parallel replicas
-#   cross  2 + 1 ranks, one TP=3 group spanning both nodes
+#   dp     (default) 2 nodes x TP ranks, two data-parallel replicas (TP=1 is the light version)
+#   cross  TP-1 + 1 ranks, one TP group spanning both nodes (TP >= 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 MODE=${1:-dp}
 [[ $# -gt 0 ]] && shift
+TP=${TP:-3}
 case "$MODE" in
-  dp)    NPROC=(3 3) ;;
-  cross) NPROC=(2 1) ;;
+  dp)    NPROC=("$TP" "$TP") ;;
+  cross) NPROC=($((TP - 1)) 1) ;;
   *) echo "usage: $0 [dp|cross] [tools/generate.py arguments]" >&2; exit 2 ;;
 esac
 PORT=${PORT:-$("$PY" -c 'from megatron_spd.distributed import free_port; print(free_port())')}
@@ -50,7 +51,7 @@ pids=()
 for node in 0 1; do
   "$PY" -m torch.distributed.run --nnodes 2 --node-rank "$node" --nproc-per-node "${NPROC[$node]}" \
       --rdzv-backend c10d --rdzv-endpoint "127.0.0.1:$PORT" --rdzv-id "spd-gen-$PORT" \
-      tools/generate.py --tp 3 "${ARGS[@]}" > >(sed "s/^/[node $node] /") 2>&1 &
+      tools/generate.py --tp "$TP" "${ARGS[@]}" > >(sed "s/^/[node $node] /") 2>&1 &
   pids+=($!)
 done
 status=0

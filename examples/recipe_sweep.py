@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--ppl-tokens", type=int, default=2048)
     p.add_argument("--limit", type=int, default=20, help="items per task")
     p.add_argument("--tasks", default="paper")
+    p.add_argument("--merge", nargs="*", default=[],
+                   help="results.json files of parallel runs to merge into this one")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table and plot from the results so far, compute nothing")
     p.add_argument("--only-recover", choices=["b2b", "hg"], default=None,
                    help="only compute stage 2 for this strategy (to run it in parallel), then exit")
     p.add_argument("--inputs-compare", default="0.5",
@@ -186,6 +190,17 @@ def main(argv=None) -> None:
         write_report(results, sens, sweeps["local"].to_dict(), records, args, docs, tasks,
                      ratios, variants)
 
+    for extra in args.merge:  # results of parallel runs (other --work dirs) of this script
+        for key, entry in json.loads(Path(extra).read_text()).items():
+            results.setdefault(key, {}).update(entry)
+    if args.merge or args.report_only:
+        atomic_write_json(res_path, results)
+        for strategy in ("b2b", "hg"):
+            if (work / f"all_{strategy}.pt").exists():
+                recover(strategy)
+        report(results)
+    if args.report_only:
+        return
     order = sorted(ratios, key=lambda r: (r != 0, r != 0.5, r != 1.0, r))
     for v in variants:                        # perplexity of everything first (cheap)
         for ratio in order:

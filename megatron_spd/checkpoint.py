@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from .config import ModelConfig
 from .convert.hf import ConversionError, FullStateDict, load_hf
 from .defaults import DEFAULT_GROUPS, default_gguf_path
 from .io import atomic_write_json, replace_dir
-from .plan import SPDPlan
+from .plan import PlanError, SPDPlan
 from .tokenizer import Tokenizer, TokenizerError, hf_tokenizer_from_dir, load_tokenizer
 
 CKPT_FORMAT = "megatron-spd-checkpoint/1"
@@ -301,7 +299,10 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
         tok = tok or load_tokenizer(tokenizer)
         _check_vocab(cfg, tok, str(ckpt_dir))
         plan = plan or ckpt_plan
-        model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
+        try:
+            model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
+        except PlanError as e:
+            raise PlanError(f"cannot open checkpoint {ckpt_dir}: {e}") from None
         _dist_load(model, ckpt_dir / WEIGHTS_DIR, ckpt_dir)
         return LoadedModel(model, cfg, plan, tok)
     if kind in ("default", "gguf") and not is_rank0():

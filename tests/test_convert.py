@@ -9,6 +9,9 @@ per-token NLL |d| <= 1e-4; perplexity relative difference <= 1e-4.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from megatron_spd.convert.hf import (ConversionError, full_to_hf, hf_to_full, lo
 from megatron_spd.testing import run_ranks
 
 ATOL, RTOL = 1e-5, 1e-5
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----- helpers -------------------------------------------------------------------------------
@@ -153,7 +157,15 @@ def test_hf_mcore_hf_round_trip_bit_exact_and_logits(tmp_path):
     for i, name in enumerate(variants):
         assert torch.equal(rank_logits[0][i], rank_logits[1][i])
         out = tmp_path / f"back_{name}"
-        to_hf(str(ckpts[i]), out)
+        if i == 0:  # once through the command-line tool, as a user runs it
+            summary = tmp_path / "summary.json"
+            subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"),
+                            "--mcore", str(ckpts[i]), "--to", "hf", "--out", str(out),
+                            "--json", str(summary)], check=True, cwd=ROOT)
+            s = json.loads(summary.read_text())
+            assert (s["layers"], s["heads"], s["kv_heads"], s["G"]) == (2, 4, 2, 2)
+        else:
+            to_hf(str(ckpts[i]), out)
         back = load_file(str(out / "model.safetensors"))
         assert set(back) == set(sds[i]), name
         assert all(torch.equal(back[k], sds[i][k]) for k in sds[i]), name
