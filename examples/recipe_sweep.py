@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--sweep-samples", type=int, default=4,
                    help="calibration samples used by the sensitivity sweep (first of them)")
-    p.add_argument("--b2b-epochs", type=int, default=3)
+    p.add_argument("--b2b-epochs", type=int, default=2)
     p.add_argument("--b2b-lr", type=float, default=1e-3)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--ppl-tokens", type=int, default=2048)
@@ -54,8 +54,10 @@ def parse_args(argv=None):
                    help="results.json files of parallel runs to merge into this one")
     p.add_argument("--report-only", action="store_true",
                    help="write the table and plot from the results so far, compute nothing")
-    p.add_argument("--only-recover", choices=["b2b", "hg"], default=None,
-                   help="only compute stage 2 for this strategy (to run it in parallel), then exit")
+    p.add_argument("--chunk", type=int, default=10, help="blocks per stage-2 recovery file")
+    p.add_argument("--only-recover", default=None, metavar="STRATEGY:FIRST_BLOCK",
+                   help="only compute one stage-2 chunk, e.g. hg:10 (to run chunks in parallel "
+                        "processes), then exit")
     p.add_argument("--inputs-compare", default="0.5",
                    help="ratios at which B2B with partially-SPD inputs is also measured (ppl)")
     p.add_argument("--work", default=str(ROOT / "runs" / "recipe_sweep"))
@@ -110,26 +112,46 @@ def main(argv=None) -> None:
                                 micro_batch=args.micro_batch)
     recovered, records = {}, {}
 
+    def recover_blocks(strategy: str, chunk: list[int], path: Path) -> None:
+        t0 = time.time()
+        plan_chunk = SPDPlan(G, [strategy if i in chunk else "dense" for i in range(L)])
+        model, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan_chunk, calib, b2b=b2b_cfg,
+                                                        micro_batch=args.micro_batch)
+        del model
+        torch.save({"full": {k: v for i in chunk for k in autoplan.block_keys(full, i)
+                             for v in [rec_full[k]]},
+                    "plan": rec_plan.to_dict(), "seconds": time.time() - t0}, path)
+        log(f"recovered blocks {chunk[0]}-{chunk[-1]} with {strategy} in {time.time() - t0:.0f}s")
+
     def recover(strategy: str) -> None:
+        """Every block recovered with ``strategy``: from chunk files of parallel --only-recover
+        runs where they exist, else computed here."""
         if strategy in recovered:
             return
-        path = work / f"all_{strategy}.pt"
-        if not path.exists():
-            t0 = time.time()
-            plan_all = SPDPlan(G, [strategy] * L)
-            model, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan_all, calib, b2b=b2b_cfg,
-                                                            micro_batch=args.micro_batch)
-            del model
-            torch.save({"full": rec_full, "plan": rec_plan.to_dict(),
-                        "seconds": time.time() - t0}, path)
-            log(f"recovered all blocks with {strategy} in {time.time() - t0:.0f}s")
-        saved = torch.load(path, weights_only=False)
-        recovered[strategy] = saved["full"]
-        records[strategy] = {k: saved["plan"].get(k) for k in ("b2b", "head_grouping")}
-        records[strategy]["seconds"] = saved["seconds"]
+        chunks = [list(range(a, min(L, a + args.chunk))) for a in range(0, L, args.chunk)]
+        rec_full, recs, seconds = dict(full), {}, 0.0
+        for chunk in chunks:
+            path = work / f"{strategy}_blocks{chunk[0]}-{chunk[-1]}.pt"
+            if not path.exists():
+                recover_blocks(strategy, chunk, path)
+            saved = torch.load(path, weights_only=False)
+            rec_full.update(saved["full"])
+            seconds += saved["seconds"]
+            for k in ("b2b", "head_grouping"):
+                part = saved["plan"].get(k) or {}
+                recs.setdefault(k, {}).update(part.get("blocks") or {})
+        recovered[strategy] = rec_full
+        records[strategy] = {**recs, "seconds (sum over chunks)": seconds,
+                             "b2b_config": {"epochs": args.b2b_epochs,
+                                                           "lr": args.b2b_lr,
+                                                           "micro_batch": args.micro_batch}}
 
-    if args.only_recover:  # e.g. run the HG recovery in a second process next to the main one
-        recover(args.only_recover)
+    if args.only_recover:  # run chunks of stage 2 in parallel processes next to the main one
+        strategy, _, first = args.only_recover.partition(":")
+        chunk = list(range(int(first), min(L, int(first) + args.chunk)))
+        path = work / f"{strategy}_blocks{chunk[0]}-{chunk[-1]}.pt"
+        if not path.exists():
+            recover_blocks(strategy, chunk, path)
         return
 
     # 3. evaluate --------------------------------------------------------------------------
@@ -196,7 +218,8 @@ def main(argv=None) -> None:
     if args.merge or args.report_only:
         atomic_write_json(res_path, results)
         for strategy in ("b2b", "hg"):
-            if (work / f"all_{strategy}.pt").exists():
+            if all((work / f"{strategy}_blocks{a}-{min(L, a + args.chunk) - 1}.pt").exists()
+                   for a in range(0, L, args.chunk)):
                 recover(strategy)
         report(results)
     if args.report_only:

@@ -6,7 +6,7 @@
     python tools/spd.py plan --sensitivity SENS.json (--ratio 0.5 | --max-ppl-increase 2.0)
         [--strategy auto|zs|b2b|hg] [--t1 X --t2 Y] --out PLAN.json
     python tools/spd.py headgroup [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--mlp units]
-    python tools/spd.py distill [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--epochs 2 --lr 1e-4
+    python tools/spd.py distill [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--epochs 3 --lr 1e-3
         --optimizer adamw --inputs dense|spd]
     torchrun --nproc-per-node 3 tools/spd.py sensitivity --tp 3 ...   (and distill, without hg)
 
@@ -68,8 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--mlp", default="units", choices=["units", "match", "none"],
                        help="HG on the MLP side (recipe/headgroup.py)")
         if name == "distill":
-            s.add_argument("--epochs", type=int, default=2)
-            s.add_argument("--lr", type=float, default=1e-4)
+            s.add_argument("--epochs", type=int, default=3)
+            s.add_argument("--lr", type=float, default=1e-3)
+            s.add_argument("--b2b-micro-batch", type=int, default=1,
+                           help="sequences per B2B optimizer step")
             s.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
             s.add_argument("--inputs", default="dense", choices=["dense", "spd"])
     return p.parse_args(argv)
@@ -129,7 +131,7 @@ def main(argv=None) -> dict:
             calib = _calibration(args, tok)
             b2b = None if args.cmd == "headgroup" else distill.B2BConfig(
                 epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, inputs=args.inputs,
-                micro_batch=args.micro_batch)
+                micro_batch=args.b2b_micro_batch)
             model, _, plan = autoplan.apply_plan(cfg, full, plan, calib, b2b=b2b, hg_mlp=args.mlp,
                                                  micro_batch=args.micro_batch)
             save_checkpoint(model, args.out, config=cfg, plan=plan, tokenizer=tok)

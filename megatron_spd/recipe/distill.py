@@ -33,10 +33,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 @dataclass
 class B2BConfig:
-    epochs: int = 4
-    lr: float = 1e-4
+    epochs: int = 3             # defaults measured on SmolLM2-135M (docs/recipe.md)
+    lr: float = 1e-3
     optimizer: str = "adamw"
-    micro_batch: int = 4
+    micro_batch: int = 1        # sequences per step: more, smaller steps on little data
     inputs: str = "dense"
 
     def __post_init__(self) -> None:
