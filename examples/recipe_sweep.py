@@ -225,8 +225,8 @@ def main(argv=None) -> None:
     if args.report_only:
         return
     order = sorted(ratios, key=lambda r: (r != 0, r != 0.5, r != 1.0, r))
-    for v in variants:                        # perplexity of everything first (cheap)
-        for ratio in order:
+    for ratio in order:                       # perplexity of everything first (cheap)
+        for v in variants:
             if not (ratio == 0 and v != "zs"):
                 run(v, ratio, with_tasks=False)
     for ratio in args.inputs_compare:         # which B2B inputs: dense (above) or partially SPD

@@ -1,7 +1,9 @@
 """Batched continuation log-likelihoods: the one primitive zero-shot scoring is built on.
 
-A request is (context ids, continuation ids). Requests are sorted longest first (as the
-lm-evaluation-harness does, so a batch wastes little padding), packed into batches of at most
+A request is (context ids, continuation ids). Requests whose model inputs are identical (the
+choices of one item that are a single token after a shared context) share one row, as in the
+lm-evaluation-harness. Rows are sorted longest first (so a batch wastes little padding), packed
+into batches of at most
 ``batch_tokens`` padded tokens, padded on the right (under a causal mask padding never affects real
 positions) and run through ``forward_logits``; only the continuation positions are scored. Every TP
 rank runs the same batches and gets the same numbers; only rank 0 shows progress.
@@ -59,24 +61,27 @@ def loglikelihoods(model, requests: Sequence[Request], *, max_length: int,
         full = list(ctx) + list(cont)
         inputs.append(full[-(max_length + 1):][:-1])
         n_cont.append(len(cont))
-    order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), inputs[i]))
+    shared: dict[tuple[int, ...], list[int]] = {}  # identical inputs run once (e.g. choices
+    for i, inp in enumerate(inputs):               # of one token after a shared context)
+        shared.setdefault(tuple(inp), []).append(i)
+    order = sorted(shared, key=lambda k: (-len(k), k))
     results: list[Optional[tuple[float, bool]]] = [None] * len(inputs)
-    with eval_mode(model), progress(len(order), desc) as bar:
+    with eval_mode(model), progress(len(inputs), desc) as bar:
         start = 0
         while start < len(order):
-            width = len(inputs[order[start]])
-            rows = max(1, batch_tokens // width)
-            batch = order[start:start + rows]
+            width = len(order[start])
+            batch = order[start:start + max(1, batch_tokens // width)]
             start += len(batch)
             tokens = torch.zeros(len(batch), width, dtype=torch.long)
-            for r, i in enumerate(batch):
-                tokens[r, :len(inputs[i])] = torch.tensor(inputs[i])
+            for r, key in enumerate(batch):
+                tokens[r, :len(key)] = torch.tensor(key)
             logits = forward_logits(model, tokens)
-            for r, i in enumerate(batch):
-                n, length = n_cont[i], len(inputs[i])
-                target = torch.tensor(requests[i][1], device=logits.device)
-                logp = torch.log_softmax(logits[r, length - n:length].float(), dim=-1)
-                ll = logp.gather(-1, target[:, None]).sum().item()
-                results[i] = (ll, bool((logp.argmax(-1) == target).all()))
-            bar.update(len(batch))
+            for r, key in enumerate(batch):
+                for i in shared[key]:
+                    n, length = n_cont[i], len(key)
+                    target = torch.tensor(requests[i][1], device=logits.device)
+                    logp = torch.log_softmax(logits[r, length - n:length].float(), dim=-1)
+                    ll = logp.gather(-1, target[:, None]).sum().item()
+                    results[i] = (ll, bool((logp.argmax(-1) == target).all()))
+                bar.update(len(shared[key]))
     return results  # type: ignore[return-value]
