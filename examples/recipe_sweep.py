@@ -55,6 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help="write the table and plot from the results so far, compute nothing")
     p.add_argument("--chunk", type=int, default=10, help="blocks per stage-2 recovery file")
+    p.add_argument("--results", default="results.json",
+                   help="results file under --work (parallel evaluation runs use one each, "
+                        "then --merge)")
+    p.add_argument("--priority", default="0,0.5,1,0.25,0.75",
+                   help="order in which the ratios are evaluated")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="evaluate only plans whose blocks are recovered already (no stage 2 here)")
     p.add_argument("--only-recover", default=None, metavar="STRATEGY:FIRST_BLOCK",
                    help="only compute one stage-2 chunk, e.g. hg:10 (to run chunks in parallel "
                         "processes), then exit")
@@ -123,39 +130,46 @@ def main(argv=None) -> None:
                     "plan": rec_plan.to_dict(), "seconds": time.time() - t0}, path)
         log(f"recovered blocks {chunk[0]}-{chunk[-1]} with {strategy} in {time.time() - t0:.0f}s")
 
+    def chunk_path(strategy: str, chunk: list[int]) -> Path:
+        return work / f"{strategy}_blocks{chunk[0]}-{chunk[-1]}.pt" if chunk == list(
+            range(chunk[0], chunk[-1] + 1)) else work / f"{strategy}_blocks{'_'.join(map(str, chunk))}.pt"
+
     def recover(strategy: str) -> None:
-        """Every block recovered with ``strategy``: from chunk files of parallel --only-recover
-        runs where they exist, else computed here."""
-        if strategy in recovered:
-            return
-        chunks = [list(range(a, min(L, a + args.chunk))) for a in range(0, L, args.chunk)]
-        rec_full, recs, seconds = dict(full), {}, 0.0
-        for chunk in chunks:
-            path = work / f"{strategy}_blocks{chunk[0]}-{chunk[-1]}.pt"
-            if not path.exists():
-                recover_blocks(strategy, chunk, path)
+        """Blocks recovered with ``strategy``, from the chunk files written so far (by this run
+        or by parallel --only-recover runs); without --skip-missing, missing chunks of
+        --chunk blocks are computed here first."""
+        if not args.skip_missing:
+            for a in range(0, L, args.chunk):
+                chunk = list(range(a, min(L, a + args.chunk)))
+                if not chunk_path(strategy, chunk).exists():
+                    recover_blocks(strategy, chunk, chunk_path(strategy, chunk))
+        rec_full, recs, seconds, covered = dict(full), {}, 0.0, set()
+        for path in sorted(work.glob(f"{strategy}_blocks*.pt")):
             saved = torch.load(path, weights_only=False)
             rec_full.update(saved["full"])
+            covered |= {int(k.split(".")[2]) for k in saved["full"]}
             seconds += saved["seconds"]
             for k in ("b2b", "head_grouping"):
                 part = saved["plan"].get(k) or {}
                 recs.setdefault(k, {}).update(part.get("blocks") or {})
         recovered[strategy] = rec_full
+        coverage[strategy] = covered
         records[strategy] = {**recs, "seconds (sum over chunks)": seconds,
-                             "b2b_config": {"epochs": args.b2b_epochs,
-                                                           "lr": args.b2b_lr,
-                                                           "micro_batch": args.micro_batch}}
+                             "blocks": sorted(covered),
+                             "b2b_config": {"epochs": args.b2b_epochs, "lr": args.b2b_lr,
+                                            "micro_batch": args.micro_batch}}
 
+    coverage: dict[str, set] = {}
     if args.only_recover:  # run chunks of stage 2 in parallel processes next to the main one
-        strategy, _, first = args.only_recover.partition(":")
-        chunk = list(range(int(first), min(L, int(first) + args.chunk)))
-        path = work / f"{strategy}_blocks{chunk[0]}-{chunk[-1]}.pt"
-        if not path.exists():
-            recover_blocks(strategy, chunk, path)
+        strategy, _, spec = args.only_recover.partition(":")
+        chunk = ([int(b) for b in spec.split(",")] if "," in spec
+                 else list(range(int(spec), min(L, int(spec) + args.chunk))))
+        if not chunk_path(strategy, chunk).exists():
+            recover_blocks(strategy, sorted(chunk), chunk_path(strategy, sorted(chunk)))
         return
 
     # 3. evaluate --------------------------------------------------------------------------
-    res_path = work / "results.json"
+    res_path = work / args.results
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
 
     def plan_for(variant: str, ratio: float) -> SPDPlan:
@@ -189,6 +203,11 @@ def main(argv=None) -> None:
         else:
             for strategy in set(plan.strategies) & {"b2b", "hg"}:
                 recover(strategy)
+                missing = [i for i, st in enumerate(plan.strategies)
+                           if st == strategy and i not in coverage[strategy]]
+                if missing:
+                    log(f"{key}: skipped, blocks {missing} not recovered with {strategy} yet")
+                    return
             weights = autoplan.compose(full, recovered, plan)
         model = build_model(cfg, plan)
         load_full_state_dict(model, weights)
@@ -216,15 +235,16 @@ def main(argv=None) -> None:
         for key, entry in json.loads(Path(extra).read_text()).items():
             results.setdefault(key, {}).update(entry)
     if args.merge or args.report_only:
+        args.skip_missing = True
         atomic_write_json(res_path, results)
         for strategy in ("b2b", "hg"):
-            if all((work / f"{strategy}_blocks{a}-{min(L, a + args.chunk) - 1}.pt").exists()
-                   for a in range(0, L, args.chunk)):
+            if list(work.glob(f"{strategy}_blocks*.pt")):
                 recover(strategy)
         report(results)
     if args.report_only:
         return
-    order = sorted(ratios, key=lambda r: (r != 0, r != 0.5, r != 1.0, r))
+    priority = [float(r) for r in args.priority.split(",")]
+    order = sorted(ratios, key=lambda r: priority.index(r) if r in priority else len(priority))
     for ratio in order:                       # perplexity of everything first (cheap)
         for v in variants:
             if not (ratio == 0 and v != "zs"):

@@ -29,12 +29,14 @@ PLAN = SPDPlan(2, ["zs", "dense"])
 ITEMS = 5
 PPL_TOKENS, PPL_CTX, PPL_STRIDE = 300, 64, 48
 TOL = dict(atol=1e-3, rtol=0)
+# one-token continuations of one context share a row; a longer one in the same batch does not
+SHARED = [([5, 6, 7], [8]), ([5, 6, 7], [9]), ([5, 6], [7, 9]), ([5, 6, 7], [8])]
 
 
 def _tp_worker(sd):
     """At TP=2: every task on its first ITEMS items, and perplexity with and without overlap."""
     from megatron_spd import data
-    from megatron_spd.evaluate import evaluate_task, perplexity
+    from megatron_spd.evaluate import evaluate_task, loglikelihoods, perplexity
     from megatron_spd.model import load_full_state_dict
     from megatron_spd.spec import build_model
 
@@ -45,6 +47,7 @@ def _tp_worker(sd):
            for name in TASKS}
     texts = data.load_texts(split="eval")
     out["ppl"] = perplexity(model, tok, texts, ctx=PPL_CTX, n_tokens=PPL_TOKENS, desc=None)
+    out["shared"] = loglikelihoods(model, SHARED, max_length=CFG.max_seq_length)
     out["ppl_sliding"] = perplexity(model, tok, texts, ctx=PPL_CTX, n_tokens=PPL_TOKENS,
                                     stride=PPL_STRIDE, batch_tokens=100, desc=None)
     return out
@@ -94,6 +97,18 @@ def test_zero_shot_equals_direct_loglik(tp_results, sd, name):
     else:
         assert r0[name]["acc"] == hits / ITEMS
         assert r0[name].get("acc_norm") == (norm_hits / ITEMS if TASKS[name].has_norm else None)
+
+
+def test_requests_sharing_an_input_row(tp_results, sd):
+    logp = torch.log_softmax(reference_logits(CFG, sd, torch.tensor([[5, 6, 7]]), PLAN)[0], -1)
+    direct = [logp[2, 8].item(), logp[2, 9].item(), logp[1, 7].item() + logp[2, 9].item(),
+              logp[2, 8].item()]
+    got = [ll for ll, _ in tp_results[0]["shared"]]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(direct), **TOL)
+    assert got[0] == got[3]
+    greedy = logp.argmax(-1).tolist()
+    assert [g for _, g in tp_results[0]["shared"]] == [
+        greedy[2] == 8, greedy[2] == 9, greedy[1:3] == [7, 9], greedy[2] == 8]
 
 
 def _direct_nll(sd, stream: torch.Tensor, begin: int, end: int, first: int) -> float:

@@ -43,16 +43,20 @@ def test_sampling_filters_and_seeds():
     from megatron_spd.inference.sampling import make_generator
 
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda t: torch.isfinite(t)[0].tolist()  # noqa: E731
+
+    def kept(filtered):
+        return torch.isfinite(filtered)[0].tolist()
+
     assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
     # nucleus: 0.5 + 0.2 < 0.8 <= 0.5 + 0.2 + 0.15 -> three tokens
     assert kept(filter_logits(logits, top_p=0.8)) == [True, True, True, False, False]
     assert kept(filter_logits(logits, top_p=0.01)) == [True, False, False, False, False]
     assert sample(logits, SamplingParams()).tolist() == [0]
     params = SamplingParams(temperature=1.0, top_k=3)
-    draws = lambda seed: [int(sample(logits, params, make_generator(seed, torch.device("cpu"))))  # noqa: E731
-                          for _ in range(1)] + sample(logits.expand(200, 5), params,
-                                                      make_generator(seed, torch.device("cpu"))).tolist()
+
+    def draws(seed):
+        return sample(logits.expand(200, 5), params, make_generator(seed, torch.device("cpu"))).tolist()
+
     assert draws(7) == draws(7)
     assert set(draws(7)) <= {0, 1, 2} and len(set(draws(7))) == 3
     for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5),
@@ -236,16 +240,17 @@ def _die_mid_generation(mode: str, out_dir: str) -> None:
         json.dump({"message": message, "seconds": time.perf_counter() - start}, f)
 
 
-# The timeout also bounds the start-up rendezvous, so it must cover a slow spawn on a busy box.
-TIMEOUT_S, HANG_S = 15, 35
+# The timeout also bounds the start-up rendezvous and any lag between ranks, so it must cover a
+# slow spawn on a busy box; a dead peer is noticed at once (its sockets close), a stuck one only
+# after the timeout, so the stuck rank sleeps well past it.
+HANG_S = 35
 
 
-@pytest.mark.parametrize("mode", ["die", pytest.param("hang", marks=pytest.mark.slow)])
-def test_dead_or_stuck_rank_fails_fast_with_clear_error(mode, tmp_path):
-    timeout_s = TIMEOUT_S
+@pytest.mark.parametrize("mode,timeout_s", [("die", 60),
+                                            pytest.param("hang", 15, marks=pytest.mark.slow)])
+def test_dead_or_stuck_rank_fails_fast_with_clear_error(mode, timeout_s, tmp_path):
     with pytest.raises(RuntimeError, match=r"ranks \[1\] exited with codes"):
-        run_ranks(_die_mid_generation, 2, mode, str(tmp_path), threads=1, timeout=120,
-                  _timeout_s=timeout_s)
+        run_ranks(_die_mid_generation, 2, mode, str(tmp_path), threads=1, _timeout_s=timeout_s)
     survivor = json.loads((tmp_path / "rank0.json").read_text())
     print(f"{mode}: survivor failed after {survivor['seconds']:.2f} s: {survivor['message']}")
     assert survivor["message"] is not None, "the surviving rank did not notice the failure"
@@ -253,7 +258,7 @@ def test_dead_or_stuck_rank_fails_fast_with_clear_error(mode, tmp_path):
     assert "another rank died or stopped responding" in survivor["message"]
     # generation itself takes well under a second here; the wait is bounded by the timeout
     # (a TP group left at torch's 30-minute default would wait until the stuck rank exits)
-    assert survivor["seconds"] < timeout_s + 10 < HANG_S, survivor
+    assert survivor["seconds"] < min(timeout_s + 10, HANG_S), survivor
     if mode == "hang":
         assert survivor["seconds"] > timeout_s - 1, survivor
 

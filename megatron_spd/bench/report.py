@@ -247,5 +247,11 @@ Why the numbers look the way they do:
   depends on the prompt/generation mix and the batch; the table states it.
 - On this CPU the measured achieved/bound is limited by noise (a shared 2-core machine) and by
   load imbalance: with T ranks on fewer cores, one rank's compute delays everyone, and a dropped
-  all-reduce only removes its own link time, not the wait for the straggler.
+  all-reduce only removes its own link time, not the wait for the straggler. A direct gauge of
+  the noise is the stock/dense ratio of each run: the two are the same megatron-core modules, so
+  any distance of that ratio from 1 is noise. When the load average in a header is far above the
+  core count, each simulated wait also overshoots by the scheduler's wake-up delay (the measured
+  time per collective is then several times the simulated link's), and single medians move by
+  tens of percent; achieved/bound above 100% or below 0% in such a run is noise, not a property
+  of SPD. Rerun `examples/latency.sh` on an idle machine (or with more REPEATS) for clean ratios.
 """

@@ -25,7 +25,7 @@ def summary(cfg: ModelConfig, plan: SPDPlan, **extra: Any) -> dict[str, Any]:
 
 def format_summary(s: dict[str, Any]) -> str:
     spd = s["spd_blocks"]
-    return (f"params {s['params'] / 1e6:.1f}M | layers {s['layers']} | hidden {s['hidden']} | "
+    return (f"params {s['params']:,} | layers {s['layers']} | hidden {s['hidden']} | "
             f"heads {s['heads']} (KV {s['kv_heads']}) | ffn {s['ffn']} | vocab {s['vocab']} | "
             f"G {s['G']} | SPD blocks {len(spd)}/{s['layers']} | "
             + " | ".join(f"{k} {v}" for k, v in s.items() if k in ("tp", "to", "out", "seconds")))

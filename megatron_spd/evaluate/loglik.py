@@ -3,10 +3,10 @@
 A request is (context ids, continuation ids). Requests whose model inputs are identical (the
 choices of one item that are a single token after a shared context) share one row, as in the
 lm-evaluation-harness. Rows are sorted longest first (so a batch wastes little padding), packed
-into batches of at most
-``batch_tokens`` padded tokens, padded on the right (under a causal mask padding never affects real
-positions) and run through ``forward_logits``; only the continuation positions are scored. Every TP
-rank runs the same batches and gets the same numbers; only rank 0 shows progress.
+into batches of at most ``batch_tokens`` padded tokens, padded on the right (under a causal mask
+padding never affects real positions) and run through ``forward_logits``; only the continuation
+positions are scored. Every TP rank runs the same batches and gets the same numbers; only rank 0
+shows progress.
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def run_evaluation(model, tokenizer, *, tasks: Sequence[str] = (), limit: Option
 
 def summary(report: dict[str, Any]) -> str:
     """Human-readable table of a ``run_evaluation`` report."""
-    lines = [f"{'task':<15}{'n':>6}{'acc':>8}{'acc_norm':>10}{'sec':>8}"]
+    lines = [f"{'task':<15}{'n':>6}{'acc':>8}{'acc_norm':>10}{'sec':>8}"] if report["tasks"] else []
     for name, r in report["tasks"].items():
         norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else "-"
         lines.append(f"{name:<15}{r['n']:>6}{r['acc']:>8.4f}{norm:>10}{r['seconds']:>8.1f}")
