@@ -125,9 +125,10 @@ def main(argv=None) -> None:
         model, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan_chunk, calib, b2b=b2b_cfg,
                                                         micro_batch=args.micro_batch)
         del model
-        torch.save({"full": {k: v for i in chunk for k in autoplan.block_keys(full, i)
-                             for v in [rec_full[k]]},
-                    "plan": rec_plan.to_dict(), "seconds": time.time() - t0}, path)
+        tmp = path.with_name(f".{path.name}.tmp")  # parallel readers glob the final names
+        torch.save({"full": {k: rec_full[k] for i in chunk for k in autoplan.block_keys(full, i)},
+                    "plan": rec_plan.to_dict(), "seconds": time.time() - t0}, tmp)
+        tmp.replace(path)
         log(f"recovered blocks {chunk[0]}-{chunk[-1]} with {strategy} in {time.time() - t0:.0f}s")
 
     def chunk_path(strategy: str, chunk: list[int]) -> Path:
@@ -339,10 +340,10 @@ def plot(results, ratios, variants, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M, SPD with G=3 groups")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    from megatron_spd.recipe.sensitivity import save_figure
+
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 Student: the SPD form of block i, initialised from the dense weights; teacher: the dense block i,
 frozen; loss: MSE between their outputs on block i's calibration inputs. Only block i's
 parameters are handed to the optimizer (and only they get gradients), so no other block changes.
+If training ends with a higher calibration MSE than it started with (measured: lr 1e-3 diverges
+on SmolLM2's block 11, whose residual stream carries very large activations), the block keeps its
+initial weights and the result says so (``kept_initial``).
 
 Which inputs (``inputs=``):
 - ``"dense"``: block i's inputs in the dense model. Each block is distilled independently of the
@@ -55,6 +58,8 @@ class B2BResult:
     mse_after: float
     steps: int
     seconds: float
+    kept_initial: bool = False  # training raised the MSE, so the block kept its initial weights
+    mse_trained: float = float("nan")  # MSE after training, before that check
 
 
 def _optimizer(params, cfg: B2BConfig) -> torch.optim.Optimizer:
@@ -92,6 +97,7 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
     was_training = model.training
     model.train()
     before = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
+    initial = [p.detach().clone() for p in params]
     opt = _optimizer(params, cfg)
     gen = torch.Generator().manual_seed(seed + block)
     n, steps = x_cache.shape[0], 0
@@ -113,7 +119,13 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
             p.grad = None
         model.train(was_training)
     after = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
-    return B2BResult(block, before, after, steps, time.time() - t0)
+    kept_initial = after > before  # a diverged run (too high lr for this block) is undone
+    if kept_initial:
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+    return B2BResult(block, before, min(before, after), steps, time.time() - t0,
+                     kept_initial=kept_initial, mse_trained=after)
 
 
 @torch.no_grad()
