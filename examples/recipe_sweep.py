@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     from megatron_spd.io import atomic_write_json
     from megatron_spd.model import load_full_state_dict
     from megatron_spd.plan import SPDPlan
-    from megatron_spd.recipe import autoplan, blocks, distill, sensitivity
+    from megatron_spd.recipe import autoplan, distill, sensitivity
     from megatron_spd.spec import build_model
 
     distributed.init(1)
@@ -340,7 +340,7 @@ def plot(results, ratios, variants, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M, SPD with G=3 groups")
     fig.tight_layout()
-    from megatron_spd.recipe.sensitivity import save_figure
+    from megatron_spd.io import save_figure
 
     save_figure(fig, path)
     plt.close(fig)

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -54,3 +54,23 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: binary outputs (torch.save, PNG) get the
+    same all-or-nothing guarantee; the unique temporary name keeps concurrent writers apart."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120, **savefig_kw: Any) -> None:
+    """A matplotlib figure written atomically as PNG."""
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, **savefig_kw))

@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     from megatron_spd.checkpoint import load_weights, save_checkpoint
     from megatron_spd.io import atomic_write_json
     from megatron_spd.plan import SPDPlan
-    from megatron_spd.recipe import autoplan, blocks, distill, headgroup, sensitivity
+    from megatron_spd.recipe import autoplan, blocks, distill, sensitivity
 
     distributed.init(args.tp)
     say = print if distributed.is_rank0() else (lambda *a, **k: None)

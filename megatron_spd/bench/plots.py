@@ -1,9 +1,9 @@
 """PNG figures of a latency report and of the analytic projection (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from ..io import save_figure
 
 PHASES = (("prefill", "time to first token (prefill)"), ("decode", "time per output token"))
 
@@ -15,20 +15,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, path: str | Path) -> None:
-    """Atomic like every other output: draw to a sibling temp file, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def plot_measured(report: dict, path: str | Path) -> None:
@@ -64,7 +50,7 @@ def plot_measured(report: dict, path: str | Path) -> None:
                  f"{report['workload']['batch']}, prompt {report['workload']['prompt']}, "
                  f"link {link}, {report['host']['cpu']} ({report['host']['cores']} cores)",
                  fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -98,5 +84,5 @@ def plot_projection(projection: dict, path: str | Path) -> None:
     wl = projection["workload"]
     fig.suptitle(f"analytic projection, {projection['device']['name']}; prompt {wl['prompt']}, "
                  f"{wl['new_tokens']} new tokens", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -86,8 +86,8 @@ def _rows_at(proj: dict, ratio: float) -> list[dict]:
 
 
 def projection_table(proj: dict, ratio: float = 0.7) -> str:
-    lines = [f"| model | TP | link | batch | prefill ms (dense) | decode ms/token (dense) "
-             f"| end-to-end s (dense) | prefill reduction | decode reduction | end-to-end reduction |",
+    lines = ["| model | TP | link | batch | prefill ms (dense) | decode ms/token (dense) "
+             "| end-to-end s (dense) | prefill reduction | decode reduction | end-to-end reduction |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     dense = {(r["model"], r["tp"], r["link"], r["batch"]): r for r in _rows_at(proj, 0.0)}
     for r in _rows_at(proj, ratio):
@@ -114,7 +114,7 @@ def write_markdown(measured: list[str], projection: str, out: str, *,
     reps = [json.loads(Path(p).read_text()) for p in measured]
     proj = json.loads(Path(projection).read_text())
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = [f"# Latency: what dropping sync points buys\n",
+    md = ["# Latency: what dropping sync points buys\n",
           f"Generated {now} by `{command or 'examples/latency.sh'}` (do not edit by hand; rerun "
           "it). Raw numbers: the JSON files named below; figures: the PNG beside each JSON.\n",
           METHOD]

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ModelConfig
-from ..io import atomic_write_json
+from ..io import atomic_write_json, save_figure
 from ..model import FullStateDict, load_full_state_dict
 from ..plan import SPDPlan
 from . import blocks
@@ -178,20 +178,3 @@ def plot(results: list[Sensitivity], path: str | Path, title: Optional[str] = No
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
-
-
-def save_figure(fig, path: str | Path) -> None:
-    """Atomic PNG write (a unique temporary name, so concurrent writers cannot collide)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

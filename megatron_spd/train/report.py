@@ -12,7 +12,7 @@ def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .state import atomic_write_with
+    from ..io import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train loss")
@@ -22,5 +22,5 @@ def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]],
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_figure(fig, path)
     plt.close(fig)

@@ -17,18 +17,16 @@ allow another DP degree, but the loop refuses one: the global batch defines the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state
 
 from ..checkpoint import save_checkpoint
 from ..distributed import barrier, is_rank0
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_write_with
 
 LATEST = "latest.json"
 TRAINER_DIR = "trainer"
@@ -53,21 +51,6 @@ def latest(save_dir: str | Path | None) -> Optional[tuple[int, Path]]:
                           "the save directory was edited by hand: fix latest.json or start over "
                           "with a new --save directory")
     return int(info["step"]), path
-
-
-def atomic_write_with(path: str | Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: binary files (torch.save, PNG) get the same
-    all-or-nothing guarantee as io.atomic_write_text."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _rng_state() -> dict[str, Any]:
