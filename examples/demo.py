@@ -91,7 +91,8 @@ def _summary(out: Path, evals: dict, times: dict) -> None:
     print("\n=== summary")
     print(f"{'model':16s} {'ppl':>8s} {'avg acc':>8s}")
     for name, r in evals.items():
-        ppl, avg = r.get("ppl") or float("nan"), r.get("average") or float("nan")
+        ppl = r.get("ppl") or float("nan")
+        avg = (r.get("average") or {}).get("value") or float("nan")
         print(f"{name:16s} {ppl:8.2f} {avg:8.3f}")
     print(f"generation (3 ranks, SPD): {out / 'generate.json'}")
     print(f"latency vs SPD ratio: {out / 'latency.json'} (+ PNG beside it)")

@@ -33,13 +33,14 @@ def init(tp: Optional[int] = None, *, seed: int = 1234,
     """Initialise torch.distributed and megatron's parallel state: TP = ``tp`` (default: world
     size), data parallel = world size / TP. Safe to call again with the same ``tp``."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain single process: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if compat.on_gpu():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(compat.backend(),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:  # torchrun (or run_ranks) environment
+            dist.init_process_group(compat.backend(), timeout=timeout)
+        else:  # a plain single process: a world of one, with an in-memory store (no port)
+            dist.init_process_group(compat.backend(), store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
     world = dist.get_world_size()
     tp = world if tp is None else tp
     if tp < 1 or world % tp:
