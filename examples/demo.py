@@ -5,7 +5,7 @@ Runs the four user tasks with the real command-line tools, exactly as a user wou
 a summary at the end:
   1. convert the bundled GGUF to a megatron-core checkpoint (TP-agnostic, plan inside);
   2. measure per-block SPD sensitivity (G = 3) and write a plan for 50% SPD;
-  3. recover accuracy with the recipe (head grouping + block-to-block distillation);
+  3. recover accuracy with block-to-block distillation (tools/spd.py also does head grouping);
   4. serve it: evaluate dense / zero-shot SPD / recovered SPD on the same items, generate with
      the sync points really dropped over 3 torchrun ranks, and time decode on a simulated link.
 Everything lands in runs/demo/ (JSON + PNG). Sizes are small so the demo takes minutes on a
@@ -56,10 +56,11 @@ def main() -> None:
                                 "--json", str(sens), "--png", str(out / "sensitivity.png")],
                                "2a. per-block sensitivity (T=1 emulation of G=3)")
     times["plan"] = run([PY, "tools/spd.py", "plan", "--sensitivity", str(sens),
-                         "--ratio", str(args.ratio), "--out", str(plan)], "2b. plan")
+                         "--ratio", str(args.ratio), "--strategy", "b2b", "--out", str(plan)],
+                        "2b. plan: the least sensitive blocks, each to be distilled")
     times["recover"] = run([PY, "tools/spd.py", "distill", "--ckpt", str(ckpt), "--plan", str(plan),
                             *calib, "--epochs", "1", "--out", str(spd)],
-                           "3. recover: head grouping + block-to-block distillation")
+                           "3. recover: block-to-block distillation (B2B) of every SPD block")
     evals = {}
     for name, extra in (("dense", ["--ckpt", str(ckpt)]),
                         ("spd_zero_shot", ["--ckpt", str(ckpt), "--plan", str(plan)]),
