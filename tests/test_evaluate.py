@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_spd.config import ModelConfig
-from megatron_spd.evaluate import TASKS, TaskError, get_task, parse_task_list
+from megatron_spd.evaluate import PAPER_TASKS, TASKS, TaskError, get_task, parse_task_list
 from megatron_spd.evaluate.perplexity import windows
 from megatron_spd.plan import SPDPlan
 from megatron_spd.testing import run_ranks
@@ -31,6 +31,10 @@ PPL_TOKENS, PPL_CTX, PPL_STRIDE = 300, 64, 48
 TOL = dict(atol=1e-3, rtol=0)
 # one-token continuations of one context share a row; a longer one in the same batch does not
 SHARED = [([5, 6, 7], [8]), ([5, 6, 7], [9]), ([5, 6], [7, 9]), ([5, 6, 7], [8])]
+# multi-token choices after one context: scored through the KV cache (prefill + extend) and by
+# full recompute must agree; fp32, cached vs recomputed attention: atol 1e-4 (measured ~1e-6)
+CHOICES = [(list(range(40, 90)), [7, 8, 9, 10]), (list(range(40, 90)), [11]),
+           (list(range(40, 90)), [12, 13, 14, 15, 16, 17]), ([3], [4, 5])]
 
 
 def _tp_worker(sd):
@@ -48,6 +52,8 @@ def _tp_worker(sd):
     texts = data.load_texts(split="eval")
     out["ppl"] = perplexity(model, tok, texts, ctx=PPL_CTX, n_tokens=PPL_TOKENS, desc=None)
     out["shared"] = loglikelihoods(model, SHARED, max_length=CFG.max_seq_length)
+    out["choices"] = [loglikelihoods(model, CHOICES, max_length=CFG.max_seq_length,
+                                     share_context=share) for share in (True, False)]
     out["ppl_sliding"] = perplexity(model, tok, texts, ctx=PPL_CTX, n_tokens=PPL_TOKENS,
                                     stride=PPL_STRIDE, batch_tokens=100, desc=None)
     return out
@@ -109,6 +115,14 @@ def test_requests_sharing_an_input_row(tp_results, sd):
     greedy = logp.argmax(-1).tolist()
     assert [g for _, g in tp_results[0]["shared"]] == [
         greedy[2] == 8, greedy[2] == 9, greedy[1:3] == [7, 9], greedy[2] == 8]
+
+
+def test_shared_context_cache_equals_recompute(tp_results):
+    cached, recomputed = tp_results[0]["choices"]
+    torch.testing.assert_close(torch.tensor([ll for ll, _ in cached]),
+                               torch.tensor([ll for ll, _ in recomputed]), atol=1e-4, rtol=0)
+    assert [g for _, g in cached] == [g for _, g in recomputed]
+    assert cached[0] != cached[2]  # different continuations really were scored
 
 
 def _direct_nll(sd, stream: torch.Tensor, begin: int, end: int, first: int) -> float:
@@ -224,3 +238,42 @@ def test_tool_on_smollm2_dense_and_spd_plan(tmp_path, monkeypatch):
     spd = json.loads(out2.read_text())
     assert spd["plan"]["strategies"] == ["zs"] * 30 and spd["tasks"] == {}
     assert spd["ppl"] > 2 * dense["ppl"]  # all-SPD SmolLM2 is far worse (design.md 5)
+
+
+def test_paired_difference_of_the_six_task_average():
+    from megatron_spd.evaluate import paired_difference, paper_average
+
+    names = [t for group in PAPER_TASKS.values() for t in group]
+    base, other = {}, {}
+    for k, t in enumerate(names):
+        a = [1, 0, 1, 1, 0, 0, 1, 0]
+        b = a[k % 3:] + a[:k % 3]  # some items flip, some do not
+        metric = TASKS[t].primary_metric
+        base[t] = {metric: sum(a) / len(a), "correct": a}
+        other[t] = {metric: sum(b) / len(b), "correct": b}
+    d = paired_difference(base, other)
+    assert math.isclose(d["delta"], paper_average(other)["value"] - paper_average(base)["value"],
+                        abs_tol=1e-12)
+    # variance written out: ARC is one of six groups, so each ARC task weighs 1/12
+    var = 0.0
+    for t in names:
+        diff = torch.tensor(other[t]["correct"], dtype=torch.float64) - torch.tensor(
+            base[t]["correct"], dtype=torch.float64)
+        w = 1 / 12 if t.startswith("arc") else 1 / 6
+        var += w * w * diff.var(unbiased=True).item() / len(diff)
+    assert d["se"] > 0 and math.isclose(d["se"], math.sqrt(var), rel_tol=1e-12)
+    assert paired_difference(base, base) == {"delta": 0.0, "se": 0.0}
+    with pytest.raises(ValueError, match="same --limit"):
+        paired_difference(base, {**other, "piqa": {"correct": [1]}})
+    with pytest.raises(ValueError, match="missing sciq"):
+        paired_difference(base, {t: r for t, r in other.items() if t != "sciq"})
+
+
+def test_evaluate_tool_rejects_a_baseline_without_item_results(tmp_path):
+    from tools.evaluate import parse_args
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"tasks": {"piqa": {"acc": 0.5, "n": 2}}, "limit": 2}))
+    for path in (old, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            parse_args(["--baseline", str(path)])

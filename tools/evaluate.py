@@ -9,7 +9,9 @@ No --ckpt = the bundled SmolLM2-135M-Instruct; --plan overrides the checkpoint's
 hellaswag, piqa, arc_easy, arc_challenge, winogrande, lambada, sciq ("all" = these, "none" = no
 tasks). Perplexity defaults to the first 50k tokens of the bundled Wikipedia paragraphs in
 non-overlapping 512-token windows (--ppl-tokens 0 skips it). The JSON holds per-task numbers, the
-paper's 6-task average, ``ppl``/``bpb`` and the plan used.
+paper's 6-task average, ``ppl``/``bpb`` and the plan used. --baseline OTHER.json (a report of
+another model on the same --limit) adds the 6-task change versus it with its paired standard error
+(per-item differences), key ``vs_baseline``.
 """
 from __future__ import annotations
 
@@ -42,11 +44,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=2048,
                    help="padded tokens per forward (memory vs. speed)")
     p.add_argument("--json", default=None, help="write the report here (atomically)")
+    p.add_argument("--baseline", default=None,
+                   help="report JSON of another model on the same items: also report the change "
+                        "of the 6-task average versus it (paired standard error)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
     if args.ppl_tokens < 0:
         p.error("--ppl-tokens must be >= 0")
+    if args.baseline:
+        import json
+
+        try:
+            base = json.loads(Path(args.baseline).read_text())
+            paired = all("correct" in r for r in base["tasks"].values()) and base["tasks"]
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            p.error(f"--baseline {args.baseline}: not a readable tools/evaluate.py report ({e})")
+        if not paired:
+            p.error(f"--baseline {args.baseline} has no per-item results (made by an older "
+                    "version or with --tasks none); re-evaluate the baseline")
     from megatron_spd.evaluate import TaskError, parse_task_list
 
     try:
@@ -54,6 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     except TaskError as e:
         p.error(str(e))
     return args
+
+
+def compare(baseline_path: str, report: dict) -> dict:
+    """``paired_difference`` of this report's tasks versus the baseline report's."""
+    import json
+
+    from megatron_spd.evaluate import paired_difference
+
+    base = json.loads(Path(baseline_path).read_text())
+    if base.get("limit") != report["limit"]:
+        raise SystemExit(f"--baseline {baseline_path} was scored with --limit "
+                         f"{base.get('limit')}, this run with {report['limit']}; pair runs on "
+                         "the same items")
+    return {"baseline": baseline_path, **paired_difference(base["tasks"], report["tasks"])}
 
 
 def main(argv=None) -> dict:
@@ -79,9 +109,15 @@ def main(argv=None) -> dict:
                                 ppl_tokens=args.ppl_tokens, ppl_stride=args.ppl_stride,
                                 batch_tokens=args.batch_tokens, on_progress=save)
         report.update(header)
+        if args.baseline:
+            report["vs_baseline"] = compare(args.baseline, report)
         save(report)
         if distributed.is_rank0():
             print(summary(report))
+            if "vs_baseline" in report:
+                d = report["vs_baseline"]
+                print(f"6-task average vs {d['baseline']}: {100 * d['delta']:+.2f} points "
+                      f"(paired s.e. {100 * d['se']:.2f})")
             if args.json:
                 print(f"wrote {args.json}")
         return report

@@ -3,14 +3,14 @@
 Public entry points (everything runs identically on every TP rank; only rank 0 shows progress):
 ``perplexity(model, tokenizer, texts_or_tokens, ctx=, n_tokens=)``,
 ``evaluate_tasks(model, tokenizer, tasks, limit)``, ``evaluate_task``, ``loglikelihoods``,
-``TASKS`` / ``PAPER_TASKS`` / ``paper_average``.
+``TASKS`` / ``PAPER_TASKS`` / ``paper_average`` / ``paired_difference``.
 """
 from .loglik import loglikelihoods
 from .perplexity import perplexity
-from .tasks import DEFAULT_TASKS, PAPER_TASKS, TASKS, TaskError, get_task, paper_average, \
-    parse_task_list
+from .tasks import DEFAULT_TASKS, PAPER_TASKS, TASKS, TaskError, get_task, paired_difference, \
+    paper_average, parse_task_list
 from .zeroshot import encode_pair, evaluate_task, evaluate_tasks
 
 __all__ = ["loglikelihoods", "perplexity", "DEFAULT_TASKS", "PAPER_TASKS", "TASKS", "TaskError",
-           "get_task", "paper_average", "parse_task_list", "encode_pair", "evaluate_task",
-           "evaluate_tasks"]
+           "get_task", "paired_difference", "paper_average", "parse_task_list", "encode_pair",
+           "evaluate_task", "evaluate_tasks"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -178,3 +179,28 @@ def paper_average(results: dict[str, dict]) -> Optional[dict]:
     return {"value": sum(parts.values()) / len(parts), "per_task": parts,
             "metric": "acc_norm where defined (hellaswag, piqa, arc, sciq), else acc; "
                       "arc = mean of arc_easy and arc_challenge"}
+
+
+def paired_difference(base: dict[str, dict], other: dict[str, dict]) -> dict[str, float]:
+    """6-task average of ``other`` minus ``base`` (per-task results from ``evaluate_tasks`` on the
+    same items) and its standard error from the per-item paired differences: far tighter than
+    two independent standard errors, since most items are right or wrong for both models."""
+    needed = [t for group in PAPER_TASKS.values() for t in group]
+    missing = [t for t in needed if t not in base or t not in other]
+    if missing:
+        raise ValueError(f"paired 6-task comparison needs {', '.join(needed)} in both runs; "
+                         f"missing {', '.join(missing)}")
+    delta, var = 0.0, 0.0
+    for group in PAPER_TASKS.values():
+        for t in group:
+            a, b = base[t]["correct"], other[t]["correct"]
+            if len(a) != len(b):
+                raise ValueError(f"task {t}: {len(a)} vs {len(b)} items; pair runs made with the "
+                                 "same --limit")
+            d = [y - x for x, y in zip(a, b)]
+            mean = sum(d) / len(d)
+            sample_var = sum((v - mean) ** 2 for v in d) / max(len(d) - 1, 1)
+            w = 1 / (len(PAPER_TASKS) * len(group))
+            delta += w * mean
+            var += w * w * sample_var / len(d)
+    return {"delta": delta, "se": math.sqrt(var)}

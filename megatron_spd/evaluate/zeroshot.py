@@ -62,23 +62,27 @@ def score_items(model, tokenizer, items: Sequence[Item], *, max_length: Optional
 
 def task_metrics(task_name: str, items: Sequence[Item],
                  scores: Sequence[Sequence[tuple[float, bool]]]) -> dict[str, Any]:
-    """acc (and acc_norm where the task defines it) from per-choice scores."""
+    """acc (and acc_norm where the task defines it) from per-choice scores, and ``correct``:
+    per item 0/1 under the primary metric, so two models scored on the same items can be
+    compared pairwise (``paired_difference``)."""
     task = get_task(task_name)
     n = len(items)
     if n == 0:
         raise ValueError(f"task {task_name}: no items to score")
     if task.greedy:
-        acc = sum(s[0][1] for s in scores) / n
-        return {"acc": acc, "n": n}
-    hits = norm_hits = 0
+        correct = [int(s[0][1]) for s in scores]
+        return {"acc": sum(correct) / n, "n": n, "correct": correct}
+    hits, norm_hits = [], []
     for item, s in zip(items, scores):
         lls = [ll for ll, _ in s]
-        hits += _argmax(lls) == item.gold
-        norm_hits += _argmax([ll / c for ll, c in zip(lls, item.choice_chars)]) == item.gold
-    out: dict[str, Any] = {"acc": hits / n}
+        hits.append(int(_argmax(lls) == item.gold))
+        norm_hits.append(int(_argmax([ll / c for ll, c in zip(lls, item.choice_chars)])
+                             == item.gold))
+    out: dict[str, Any] = {"acc": sum(hits) / n}
     if task.has_norm:
-        out["acc_norm"] = norm_hits / n
+        out["acc_norm"] = sum(norm_hits) / n
     out["n"] = n
+    out["correct"] = norm_hits if task.has_norm else hits  # per item, primary metric (pairing)
     return out
 
 

@@ -1,9 +1,9 @@
 """KV-cache text generation on megatron-core GPTModels with dense and SPD blocks (engine.py),
 and next-token sampling (sampling.py)."""
 from .engine import (GenerationConfig, GenerationError, GenerationResult, KVCache, decode_step,
-                     generate, generate_ids, new_cache, prefill)
+                     extend, generate, generate_ids, new_cache, prefill, rewind)
 from .sampling import SamplingParams, filter_logits, sample
 
 __all__ = ["GenerationConfig", "GenerationError", "GenerationResult", "KVCache", "decode_step",
-           "generate", "generate_ids", "new_cache", "prefill", "SamplingParams", "filter_logits",
-           "sample"]
+           "extend", "generate", "generate_ids", "new_cache", "prefill", "rewind", "SamplingParams",
+           "filter_logits", "sample"]

@@ -160,6 +160,53 @@ def decode_step(model, cache: KVCache, next_tokens: torch.Tensor) -> torch.Tenso
     return _last_logits(logits)
 
 
+@torch.no_grad()
+def extend(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Append ``tokens`` [b, k] to a prefilled ``cache`` (a chunked prefill); logits of every new
+    position [b, k, V].
+
+    Scoring several continuations of one context uses it with ``rewind``: prefill the context
+    once, then extend by each continuation from the same cache length.
+    """
+    _check_model(model)
+    if not cache.length:
+        raise GenerationError("extend before prefill: the KV cache is empty")
+    b, k = tokens.shape if tokens.dim() == 2 else (0, 0)
+    if b != cache.batch or k < 1:
+        raise GenerationError(f"extend needs tokens of shape [{cache.batch}, k >= 1], "
+                              f"got {tuple(tokens.shape)}")
+    n = cache.length
+    if n + k > cache.max_seq_len:
+        raise GenerationError(f"{n} cached + {k} new tokens exceed the KV cache's "
+                              f"{cache.max_seq_len}; make a larger cache")
+    dev = compat.device()
+    keys = torch.arange(n + k, device=dev)
+    mask = keys[None, :] > (n + torch.arange(k, device=dev))[:, None]  # [k, n+k] future keys
+    mask = mask[None, None].expand(b, 1, k, n + k)
+    pos = (n + torch.arange(k, device=dev)).unsqueeze(0).expand(b, k)
+    if cache.pad is not None:
+        mask = mask | (keys.unsqueeze(0) < cache.pad.unsqueeze(1))[:, None, None, :]
+        pos = pos - cache.pad.unsqueeze(1)
+    context = cache.context
+    only_last = context.materialize_only_last_token_logits
+    context.materialize_only_last_token_logits = False  # every new position's logits
+    try:
+        logits = model(tokens.to(dev), pos, mask, inference_context=context,
+                       runtime_gather_output=True)
+    finally:
+        context.materialize_only_last_token_logits = only_last
+    context.increment_sequence_len_offset(k)
+    return logits
+
+
+def rewind(cache: KVCache, length: int) -> None:
+    """Forget every cached position from ``length`` on (later steps overwrite those slots)."""
+    if not 1 <= length <= cache.length:
+        raise GenerationError(f"can only rewind the KV cache to a length in [1, {cache.length}], "
+                              f"got {length}")
+    cache.context.sequence_len_offset = length
+
+
 # ----- high level: generate ----------------------------------------------------------------------
 @dataclass
 class GenerationConfig:
