@@ -19,17 +19,6 @@
 #       --transformer-impl local --num-layers 32 ... --data-path ... --load ... --save ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-NPROC=${1:-3}
-TP=${2:-3}
-shift $(( $# < 2 ? $# : 2 ))
 OUT=${OUT:-runs/finetune/ft_1node}
-SAVE=${SAVE:-$OUT.train}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
-if [[ -n "${MEGATRON_LM_DIR:-}" ]]; then
-  export PYTHONPATH="$MEGATRON_LM_DIR:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  exec "${LAUNCH[@]}" "$MEGATRON_LM_DIR/pretrain_gpt.py" --tensor-model-parallel-size "$TP" "$@"
-fi
-exec "${LAUNCH[@]}" tools/finetune.py --tp "$TP" --out "$OUT" --save "$SAVE" \
-    --save-interval "${SAVE_INTERVAL:-50}" --json "$OUT.json" --plot "$OUT.png" "$@"
+source examples/finetune_command.sh
+exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" "${CMD[@]}"

@@ -21,20 +21,8 @@
 # examples/finetune_1node.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-NPROC=${1:-3}
-TP=${2:-3}
-shift $(( $# < 2 ? $# : 2 ))
 OUT=${OUT:-runs/finetune/ft_2nodes}
-SAVE=${SAVE:-$OUT.train}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-if [[ -n "${MEGATRON_LM_DIR:-}" ]]; then
-  export PYTHONPATH="$MEGATRON_LM_DIR:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  CMD=("$MEGATRON_LM_DIR/pretrain_gpt.py" --tensor-model-parallel-size "$TP" "$@")
-else
-  CMD=(tools/finetune.py --tp "$TP" --out "$OUT" --save "$SAVE"
-       --save-interval "${SAVE_INTERVAL:-50}" --json "$OUT.json" --plot "$OUT.png" "$@")
-fi
+source examples/finetune_command.sh
 launch() {  # $1 = node rank, $2 = rendezvous endpoint
   "$PY" -m torch.distributed.run --nnodes 2 --node-rank "$1" --nproc-per-node "$NPROC" \
       --rdzv-backend c10d --rdzv-endpoint "$2" --rdzv-id "spd-ft-${2//[:.]/-}" "${CMD[@]}"

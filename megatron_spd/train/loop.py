@@ -38,17 +38,14 @@ from .trainer import StepConfig, Trainer, dp_rank_size
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(OptimConfig):
+    """Everything a fine-tuning run is configured by, flat (one field per command-line option):
+    the optimizer and lr schedule fields come from ``OptimConfig``."""
+
     steps: int = 200
     seq_len: int = 256
     micro_batch: int = 4
     grad_accum: int = 1
-    lr: float = 3e-5
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    decay_style: str = "cosine"
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
     distill: float = 0.0
     temperature: float = 1.0
     seed: int = 1234
@@ -59,13 +56,13 @@ class FinetuneConfig:
     keep: int = 2                   # training checkpoints kept in save_dir
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.steps < 1 or self.seq_len < 2:
             raise ValueError(f"need steps >= 1 and seq_len >= 2, got {self.steps}, {self.seq_len}")
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
-                           decay_style=self.decay_style, weight_decay=self.weight_decay,
-                           clip_grad=self.clip_grad)
+        names = [f.name for f in dataclasses.fields(OptimConfig)]
+        return OptimConfig(**{n: getattr(self, n) for n in names})
 
     def step_config(self) -> StepConfig:
         return StepConfig(micro_batch=self.micro_batch, grad_accum=self.grad_accum,
