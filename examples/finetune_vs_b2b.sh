@@ -7,12 +7,13 @@
 #   1. plan: every block SPD, each to be distilled (tools/spd.py sensitivity + plan);
 #   2. B2B of all 30 blocks on the calibration split (tools/spd.py distill) -> $OUT/b2b;
 #   3. fine-tune that checkpoint through megatron-core (tools/finetune.py): LM loss plus logit
-#      distillation from the dense teacher, on the train split -> $OUT/b2b_ft;
+#      distillation from the original dense SmolLM2 (TEACHER; new B2B checkpoints record it, so
+#      this is also the default), on the train split -> $OUT/b2b_ft;
 #   4. evaluate both on the same items (tools/evaluate.py; the second with --baseline, which
 #      reports the 6-task change with its paired standard error) and print the comparison.
 # Runs in the one-process emulation of G=3 (fastest on a 2-core CPU); prefix the tools with
 # `torchrun --nproc-per-node 3 ... --tp 3` for the distributed run (same numbers, tested).
-# Knobs: OUT, LIMIT (items per task), STEPS, SEQ_LEN, MICRO_BATCH, LR, DISTILL.
+# Knobs: OUT, LIMIT (items per task), STEPS, SEQ_LEN, MICRO_BATCH, LR, DISTILL, TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -39,7 +40,7 @@ if [[ ! -d $OUT/b2b_ft ]]; then
   step "3. fine-tune the B2B checkpoint ($STEPS steps)"
   "$PY" tools/finetune.py --ckpt "$OUT/b2b" --steps "$STEPS" --seq-len "${SEQ_LEN:-256}" \
     --micro-batch "${MICRO_BATCH:-4}" --lr "${LR:-1e-4}" --warmup-steps 2 \
-    --distill "${DISTILL:-0.5}" --eval-samples 16 --eval-interval 10 --log-interval 5 \
+    --distill "${DISTILL:-0.5}" --teacher "${TEACHER:-default}" --eval-samples 16 --eval-interval 10 --log-interval 5 \
     --out "$OUT/b2b_ft" --save "$OUT/b2b_ft.train" --save-interval 10 \
     --json "$OUT/b2b_ft.json" --plot "$OUT/b2b_ft.png"
 fi

@@ -49,13 +49,19 @@ class LoadedModel:
     config: ModelConfig
     plan: SPDPlan
     tokenizer: Tokenizer
+    dense_source: Optional[str] = None  # recorded origin of changed weights (see dense_origin)
 
 
 # ----- sources ------------------------------------------------------------------------------
 
+#: How checkpoints name the bundled SmolLM2 as their dense origin (any tool's source argument).
+DEFAULT_SOURCE = "default"
+
+
 def source_kind(source: str | Path | None) -> str:
-    """``default`` | ``gguf`` | ``hf`` | ``mcore`` for a source path (clear error otherwise)."""
-    if source is None:
+    """``default`` | ``gguf`` | ``hf`` | ``mcore`` for a source path (clear error otherwise).
+    None and ``"default"`` (unless a path of that name exists) are the bundled SmolLM2."""
+    if source is None or (str(source) == DEFAULT_SOURCE and not Path(source).exists()):
         return "default"
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
@@ -215,10 +221,28 @@ def _file_sizes(root: Path) -> dict[str, int]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def dense_origin(source: str | Path | None) -> str:
+    """The dense model whose weights ``source`` derives from, as a source any tool opens.
+
+    B2B, head grouping and fine-tuning change weights so that they serve the SPD plan: run
+    densely they are no longer the original model (SmolLM2 after B2B of every block: perplexity
+    101 instead of 22.5), so they make a bad dense teacher. Checkpoints written after such steps
+    record the original under ``dense_source``; any other source holds dense weights itself."""
+    if source_kind(source) == "mcore":
+        recorded = read_meta(source).get("dense_source")
+        if recorded:
+            return recorded
+    if source_kind(source) == "default":
+        return DEFAULT_SOURCE
+    return str(Path(source).absolute())
+
+
 def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SPDPlan,
-                    tokenizer: Tokenizer) -> None:
+                    tokenizer: Tokenizer, dense_source: Optional[str] = None) -> None:
     """Write ``model`` (any TP) as a megatron-spd checkpoint; every rank calls it. Atomic: the
-    weights go to a temporary sibling directory that replaces ``out_dir`` only when complete."""
+    weights go to a temporary sibling directory that replaces ``out_dir`` only when complete.
+    ``dense_source``: the original dense model when these weights were changed for SPD
+    (``dense_origin``)."""
     from megatron.core import parallel_state
 
     from .distributed import barrier, is_rank0
@@ -235,11 +259,14 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
         tok_ref = tokenizer.save(tmp / TOKENIZER_DIR)
         tok_ref["path"] = f"{TOKENIZER_DIR}/{tok_ref['path']}"
         files = _file_sizes(tmp)
-        atomic_write_json(tmp / META_FILE, {
+        meta = {
             "format": CKPT_FORMAT, "model_config": config.to_dict(), "plan": plan.to_dict(),
             "tokenizer": tok_ref, "saved_tp": parallel_state.get_tensor_model_parallel_world_size(),
             "num_parameters": config.num_parameters(), "files": files,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if dense_source:
+            meta["dense_source"] = dense_source
+        atomic_write_json(tmp / META_FILE, meta)
         replace_dir(tmp, out_dir)
     barrier()
 
@@ -295,7 +322,8 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
     kind = source_kind(source)
     if kind == "mcore":
         ckpt_dir = Path(source)
-        cfg, ckpt_plan, tok = _meta_parts(ckpt_dir, read_meta(ckpt_dir), tokenizer is None)
+        meta = read_meta(ckpt_dir)
+        cfg, ckpt_plan, tok = _meta_parts(ckpt_dir, meta, tokenizer is None)
         tok = tok or load_tokenizer(tokenizer)
         _check_vocab(cfg, tok, str(ckpt_dir))
         plan = plan or ckpt_plan
@@ -304,7 +332,7 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
         except PlanError as e:
             raise PlanError(f"cannot open checkpoint {ckpt_dir}: {e}") from None
         _dist_load(model, ckpt_dir / WEIGHTS_DIR, ckpt_dir)
-        return LoadedModel(model, cfg, plan, tok)
+        return LoadedModel(model, cfg, plan, tok, meta.get("dense_source"))
     if kind in ("default", "gguf") and not is_rank0():
         barrier()  # rank 0 fills the conversion cache first; the others then read it
     cfg, full, tok, src_plan = load_weights(source, tokenizer=tokenizer)

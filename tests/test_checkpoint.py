@@ -22,6 +22,7 @@ CFG = ModelConfig(num_layers=3, hidden_size=48, num_attention_heads=6, num_query
                   ffn_hidden_size=96, vocab_size=96, max_seq_length=64, rope_theta=10000.0)
 PLAN = SPDPlan.from_spd_blocks(3, 3, [1, 2], "zs")
 TOKENS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+ORIGIN = "/models/the-dense-original"  # what a recovered (B2B/HG/fine-tuned) checkpoint records
 
 
 def write_tokenizer(path) -> str:
@@ -74,7 +75,8 @@ def _reshard_and_atomic(full, tok_path, tmp):
     lm = open_model(f"{tmp}/ck3")
     out["plan_at_tp1"] = lm.plan.to_dict()
     out["tp1_from_tp3"] = _logits(lm.model)
-    save_checkpoint(lm.model, f"{tmp}/ck1", config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer)
+    save_checkpoint(lm.model, f"{tmp}/ck1", config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer,
+                    dense_source=ORIGIN)
 
     # a save that dies half-way leaves the old checkpoint as it was
     real_save = checkpoint._write_weights
@@ -104,7 +106,8 @@ def _reshard_and_atomic(full, tok_path, tmp):
         out["mismatch"] = str(e)
 
     _reinit(3)
-    out["tp3_from_tp1"] = _logits(open_model(f"{tmp}/ck1").model)
+    lm = open_model(f"{tmp}/ck1")
+    out["tp3_from_tp1"], out["ck1_dense_source"] = _logits(lm.model), lm.dense_source
     return out
 
 
@@ -141,6 +144,14 @@ def test_reshard_plan_check_and_atomic_save(tmp_path):
         assert cfg == CFG and plan.to_dict() == PLAN.to_dict() and tok.bos_id == 1
         assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
     assert read_meta(tmp_path / "ck3")["saved_tp"] == 3
+
+    # the dense origin: recorded by recovered checkpoints, else the source itself
+    from megatron_spd.checkpoint import dense_origin, source_kind
+
+    assert res[0]["ck1_dense_source"] == ORIGIN == dense_origin(tmp_path / "ck1")
+    assert dense_origin(tmp_path / "ck3") == str((tmp_path / "ck3").absolute())
+    assert "dense_source" not in read_meta(tmp_path / "ck3")
+    assert dense_origin(None) == "default" == source_kind("default")
 
     # a G=3 SPD checkpoint refuses TP=2 with a message naming the allowed TPs
     msg = run_ranks(_open_at_tp2, 2, str(tmp_path / "ck3"))[0]

@@ -277,3 +277,23 @@ def test_evaluate_tool_rejects_a_baseline_without_item_results(tmp_path):
     for path in (old, tmp_path / "missing.json"):
         with pytest.raises(SystemExit):
             parse_args(["--baseline", str(path)])
+
+
+def test_evaluate_baseline_pairs_on_the_common_items(tmp_path):
+    """A baseline scored on more items pairs on its first ones (tasks take their first --limit
+    items); one scored on fewer cannot serve."""
+    from megatron_spd.evaluate import paired_difference
+    from tools.evaluate import compare
+
+    names = [t for group in PAPER_TASKS.values() for t in group]
+    long = {"limit": 4, "tasks": {t: {"n": 4, "correct": [1, 0, 1, 1]} for t in names}}
+    short = {"limit": 2, "tasks": {t: {"n": 2, "correct": [0, 0]} for t in names}}
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(long))
+    got = compare(str(path), short)
+    want = paired_difference({t: {"correct": [1, 0]} for t in names}, short["tasks"])
+    assert got["delta"] == want["delta"] and math.isclose(got["delta"], -0.5)
+    assert got["se"] == want["se"]
+    path.write_text(json.dumps(short))
+    with pytest.raises(SystemExit, match="at least as many items"):
+        compare(str(path), long)

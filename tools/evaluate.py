@@ -10,12 +10,13 @@ hellaswag, piqa, arc_easy, arc_challenge, winogrande, lambada, sciq ("all" = the
 tasks). Perplexity defaults to the first 50k tokens of the bundled Wikipedia paragraphs in
 non-overlapping 512-token windows (--ppl-tokens 0 skips it). The JSON holds per-task numbers, the
 paper's 6-task average, ``ppl``/``bpb`` and the plan used. --baseline OTHER.json (a report of
-another model on the same --limit) adds the 6-task change versus it with its paired standard error
+another model on the same or a larger --limit) adds the 6-task change versus it with its paired standard error
 (per-item differences), key ``vs_baseline``.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -79,11 +80,14 @@ def compare(baseline_path: str, report: dict) -> dict:
     from megatron_spd.evaluate import paired_difference
 
     base = json.loads(Path(baseline_path).read_text())
-    if base.get("limit") != report["limit"]:
-        raise SystemExit(f"--baseline {baseline_path} was scored with --limit "
-                         f"{base.get('limit')}, this run with {report['limit']}; pair runs on "
-                         "the same items")
-    return {"baseline": baseline_path, **paired_difference(base["tasks"], report["tasks"])}
+    limit, base_limit = report["limit"], base.get("limit")
+    if limit is None and base_limit is not None or (base_limit or math.inf) < (limit or math.inf):
+        raise SystemExit(f"--baseline {baseline_path} was scored with --limit {base_limit}, this "
+                         f"run with {limit}; the baseline needs at least as many items")
+    # tasks take their first --limit items, so a baseline scored on more items pairs on a prefix
+    tasks = {t: {**r, "correct": r["correct"][:report["tasks"][t]["n"]]}
+             for t, r in base["tasks"].items() if t in report["tasks"]}
+    return {"baseline": baseline_path, **paired_difference(tasks, report["tasks"])}
 
 
 def main(argv=None) -> dict:

@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="0 = no clipping")
     p.add_argument("--distill", type=float, default=d.distill,
                    help="weight of logit distillation from the dense teacher (0..1)")
-    p.add_argument("--teacher", help="teacher source (default: --ckpt with a dense plan)")
+    p.add_argument("--teacher",
+                   help="teacher source, run with a dense plan (default: the dense model --ckpt "
+                        "was derived from, as its checkpoint records; else --ckpt itself)")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out blocks")
     p.add_argument("--eval-interval", type=int, default=d.eval_interval)

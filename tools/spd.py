@@ -87,7 +87,7 @@ def _calibration(args, tok):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from megatron_spd import distributed
-    from megatron_spd.checkpoint import load_weights, save_checkpoint
+    from megatron_spd.checkpoint import dense_origin, load_weights, save_checkpoint
     from megatron_spd.io import atomic_write_json
     from megatron_spd.plan import SPDPlan
     from megatron_spd.recipe import autoplan, blocks, distill, sensitivity
@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
                 micro_batch=args.b2b_micro_batch)
             model, _, plan = autoplan.apply_plan(cfg, full, plan, calib, b2b=b2b, hg_mlp=args.mlp,
                                                  micro_batch=args.micro_batch)
-            save_checkpoint(model, args.out, config=cfg, plan=plan, tokenizer=tok)
+            save_checkpoint(model, args.out, config=cfg, plan=plan, tokenizer=tok,
+                            dense_source=dense_origin(args.ckpt))
             say(f"wrote {args.out}: {len(plan.spd_blocks)}/{plan.num_layers} SPD blocks, G={plan.groups}")
             report = {"checkpoint": str(args.out), "plan": plan.to_dict()}
     if args.cmd == "plan":

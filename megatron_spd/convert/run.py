@@ -40,7 +40,8 @@ def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Pa
     t0 = time.perf_counter()
     lm = open_model(source, plan=plan, tokenizer=tokenizer)
     t_load = time.perf_counter() - t0
-    save_checkpoint(lm.model, out, config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer)
+    save_checkpoint(lm.model, out, config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer,
+                    dense_source=lm.dense_source)
     return summary(lm.config, lm.plan, to="mcore", tp=tp_size(), out=str(out),
                    load_seconds=round(t_load, 2),
                    seconds=round(time.perf_counter() - t0, 2))

@@ -4,8 +4,9 @@
 1. If ``save_dir`` holds a training checkpoint, resume from it (model from that checkpoint,
    optimizer/schedule/RNG from its trainer files, data order from the step number); otherwise
    open ``source`` with its own plan (or ``plan``).
-2. Optionally open the teacher: the same source with a dense plan of the same G (the issue's
-   "logit distillation from the dense teacher").
+2. Optionally open the teacher: the source's dense origin (``checkpoint.dense_origin``: the
+   model itself, or the original a B2B/HG/fine-tuned checkpoint records) with a dense plan of
+   the same G (the issue's "logit distillation from the dense teacher").
 3. Text through ``megatron_spd.data`` (bundled Wikipedia paragraphs or a local file): the
    ``train`` split is cut into [N, seq_len + 1] blocks, held-out loss is measured on the
    ``eval`` split, which never overlaps it.
@@ -27,7 +28,7 @@ import torch
 from megatron.core import parallel_state
 
 from .. import data
-from ..checkpoint import open_model, save_checkpoint
+from ..checkpoint import dense_origin, open_model, save_checkpoint
 from ..distributed import is_rank0
 from ..io import atomic_write_json
 from ..plan import SPDPlan
@@ -124,8 +125,9 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
         raise ValueError(f"sequence parallel needs --seq-len divisible by TP={tp}, got "
                          f"{cfg.seq_len}")
     resume = state.latest(save_dir)
-    settings = _settings(cfg, source, data_source,
-                         (teacher_source or source) if cfg.distill > 0 else None)
+    origin = str(teacher_source) if teacher_source else dense_origin(source)  # recorded in `out`
+    teacher_source = origin
+    settings = _settings(cfg, source, data_source, teacher_source if cfg.distill > 0 else None)
     if resume is not None:
         start, ckpt = resume
         loaded = open_model(ckpt, sequence_parallel=sequence_parallel)
@@ -137,10 +139,11 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
     else:
         start, ckpt = 0, None
         loaded = open_model(source, plan=plan, sequence_parallel=sequence_parallel)
+    loaded.dense_source = origin  # the fine-tuned weights serve SPD; record what they came from
     teacher = None
     if cfg.distill > 0:
         dense = SPDPlan.dense(loaded.config.num_layers, loaded.plan.groups)
-        teacher = open_model(teacher_source or source, plan=dense,
+        teacher = open_model(teacher_source, plan=dense,
                              sequence_parallel=sequence_parallel).model
     train = token_blocks(loaded.tokenizer, data_source, "train", cfg.seq_len, None, text_field)
     held_out = token_blocks(loaded.tokenizer, data_source, "eval", cfg.seq_len,
@@ -195,7 +198,7 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
         return {**report, "stopped_at": end}
     evals.append({"step": cfg.steps, "loss": trainer.evaluate(held_out)})
     save_checkpoint(loaded.model, out, config=loaded.config, plan=loaded.plan,
-                    tokenizer=loaded.tokenizer)
+                    tokenizer=loaded.tokenizer, dense_source=origin)
     report.update(out=str(out), held_out_loss_before=evals[0]["loss"],
                   held_out_loss_after=evals[-1]["loss"],
                   held_out_ppl_before=math.exp(evals[0]["loss"]),
