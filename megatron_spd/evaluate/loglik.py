@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .. import distributed
+from ..inference import extend, new_cache, prefill, rewind
 from ..model import forward_logits
 
 Request = tuple[Sequence[int], Sequence[int]]
@@ -79,8 +80,6 @@ def _shared_context_groups(requests: Sequence[Request], max_length: int) -> list
 
 def _score_shared_context(model, requests: Sequence[Request], group: Sequence[int], cache,
                           results: list) -> None:
-    from ..inference import extend, prefill, rewind
-
     ctx = torch.tensor([list(requests[group[0]][0])])
     cache.reset()
     first = prefill(model, cache, ctx)  # [1, V]: predicts every continuation's first token
@@ -129,8 +128,6 @@ def loglikelihoods(model, requests: Sequence[Request], *, max_length: int,
     produce the continuation). ``share_context=False`` forces the batched path for every request
     (the reference the shared-context path is tested against); models built with sequence
     parallel always take it (the KV cache cannot be split over the sequence)."""
-    from ..inference import new_cache
-
     _check(requests, max_length)
     results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
     groups = (_shared_context_groups(requests, max_length)
