@@ -277,6 +277,11 @@ def test_evaluate_tool_rejects_a_baseline_without_item_results(tmp_path):
     for path in (old, tmp_path / "missing.json"):
         with pytest.raises(SystemExit):
             parse_args(["--baseline", str(path)])
+    short = tmp_path / "short.json"  # fewer items than asked for: refused before evaluating
+    short.write_text(json.dumps({"tasks": {"piqa": {"n": 2, "correct": [1, 0]}}, "limit": 2}))
+    assert parse_args(["--baseline", str(short), "--limit", "2"]).limit == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--baseline", str(short), "--limit", "3"])
 
 
 def test_evaluate_baseline_pairs_on_the_common_items(tmp_path):

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not paired:
             p.error(f"--baseline {args.baseline} has no per-item results (made by an older "
                     "version or with --tasks none); re-evaluate the baseline")
+        if not _covers(base.get("limit"), args.limit):  # fail now, not after the evaluation
+            p.error(f"--baseline {args.baseline} was scored with --limit {base.get('limit')}, "
+                    f"this run asks for {args.limit}; the baseline needs at least as many items")
     from megatron_spd.evaluate import TaskError, parse_task_list
 
     try:
@@ -71,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     except TaskError as e:
         p.error(str(e))
     return args
+
+
+def _covers(base_limit, limit) -> bool:
+    """Whether a baseline scored on the first ``base_limit`` items (None = all) covers ``limit``."""
+    return (base_limit or math.inf) >= (limit or math.inf)
 
 
 def compare(baseline_path: str, report: dict) -> dict:
@@ -81,7 +89,7 @@ def compare(baseline_path: str, report: dict) -> dict:
 
     base = json.loads(Path(baseline_path).read_text())
     limit, base_limit = report["limit"], base.get("limit")
-    if limit is None and base_limit is not None or (base_limit or math.inf) < (limit or math.inf):
+    if not _covers(base_limit, limit):
         raise SystemExit(f"--baseline {baseline_path} was scored with --limit {base_limit}, this "
                          f"run with {limit}; the baseline needs at least as many items")
     # tasks take their first --limit items, so a baseline scored on more items pairs on a prefix
