@@ -21,7 +21,6 @@ dense model's, to choose the default inputs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -36,19 +35,24 @@ VARIANTS = {"zs": "ZS", "b2b": "ZS+B2B", "hg": "ZS+B2B+HG", "auto": "auto (class
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from megatron_spd import cli
+    from megatron_spd.recipe.distill import B2BConfig
+    from megatron_spd.recipe.run import Calibration
+
+    calib, b2b = Calibration(), B2BConfig()
+    p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--ratios", default="0,0.25,0.5,0.75,1")
     p.add_argument("--variants", default="zs,b2b,hg,auto")
-    p.add_argument("--calib-samples", type=int, default=4)
-    p.add_argument("--calib-len", type=int, default=512)
-    p.add_argument("--sweep-samples", type=int, default=4,
+    p.add_argument("--calib-samples", type=int, default=calib.samples)
+    p.add_argument("--calib-len", type=int, default=calib.seq_len)
+    p.add_argument("--sweep-samples", type=int, default=calib.samples,
                    help="calibration samples used by the sensitivity sweep (first of them)")
-    p.add_argument("--b2b-epochs", type=int, default=2)
-    p.add_argument("--b2b-lr", type=float, default=1e-3)
-    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--b2b-epochs", type=int, default=b2b.epochs)
+    p.add_argument("--b2b-lr", type=float, default=b2b.lr)
+    p.add_argument("--micro-batch", type=int, default=b2b.micro_batch)
     p.add_argument("--ppl-tokens", type=int, default=2048)
-    p.add_argument("--limit", type=int, default=20, help="items per task")
+    p.add_argument("--limit", type=int, default=80, help="items per task")
     p.add_argument("--tasks", default="paper")
     p.add_argument("--merge", nargs="*", default=[],
                    help="results.json files of parallel runs to merge into this one")

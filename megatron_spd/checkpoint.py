@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from . import distributed
 from .config import ModelConfig
 from .convert.hf import ConversionError, FullStateDict, load_hf
 from .defaults import DEFAULT_GROUPS, default_gguf_path
@@ -119,7 +120,8 @@ def _load_gguf_cached(path: Path, progress: bool) -> tuple[ModelConfig, FullStat
         except Exception:  # a damaged cache is rebuilt, never trusted
             shutil.rmtree(cached, ignore_errors=True)
     reader = read_gguf(path)
-    with _progress(len(reader.tensors), f"dequantising {path.name}", progress) as bar:
+    with distributed.progress(total=len(reader.tensors), desc=f"dequantising {path.name}",
+                              enabled=progress, unit="tensor", leave=False) as bar:
         cfg, full = load_gguf(reader, progress=bar.update)
     tok = gguf_tokenizer(reader)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
@@ -136,15 +138,6 @@ def _load_gguf_cached(path: Path, progress: bool) -> tuple[ModelConfig, FullStat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cfg, full, tok
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    from .distributed import is_rank0
-
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not (enabled and is_rank0()),
-                leave=False)
 
 
 def load_weights(source: str | Path | None = None, *, tokenizer: str | Path | None = None,

@@ -229,10 +229,6 @@ class CollectiveCounter:
         return {k: {"calls": self.calls[k], "bytes": self.bytes[k],
                     "seconds": round(self.seconds[k], 6)} for k in KINDS if self.calls[k]}
 
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
-
 
 @contextlib.contextmanager
 def simulate_link(profile: LinkProfile | str) -> Iterator[LinkProfile]:

@@ -8,7 +8,6 @@ measurements.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -28,14 +27,6 @@ def device() -> torch.device:
 def backend() -> str:
     """torch.distributed backend: NCCL on GPU, gloo on CPU."""
     return "nccl" if on_gpu() else "gloo"
-
-
-def have_apex() -> bool:
-    return importlib.util.find_spec("apex") is not None
-
-
-def have_transformer_engine() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def apply(seed: int = 1234) -> None:
@@ -96,14 +87,3 @@ class TorchNorm:
         for p in norm.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
         return norm
-
-
-def make_optimizer(params, lr: float, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
-    """AdamW on plain parameters.
-
-    megatron's ``get_megatron_optimizer`` hard-codes ``device='cuda'`` (optimizer/optimizer.py:907,
-    clip_grads.py:90), so on CPU we use ``torch.optim.AdamW``; its per-rank state is TP-sharded
-    exactly like the parameters.
-    """
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)

@@ -14,6 +14,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+#: A model's weights at TP=1 under megatron-core's names and layouts, fp32: the interchange format
+#: between converters, recipes and checkpoints (model.py shards it for a rank and gathers it back).
+FullStateDict = dict[str, torch.Tensor]
+
 
 @dataclass
 class ModelConfig:
@@ -68,19 +72,24 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
-    def num_parameters(self) -> int:
-        """Parameter count of the full (unsharded) model."""
+    def block_matmul_parameters(self) -> int:
+        """Weights of one block's linear layers (QKV, output projection, fc1, fc2): what every
+        token is multiplied with (the analytic latency model's FLOPs and bytes per block)."""
         h, f, hd = self.hidden_size, self.ffn_hidden_size, self.head_dim
         qkv = (self.num_attention_heads + 2 * self.num_query_groups) * hd * h
         proj = self.num_attention_heads * hd * h
-        fc1 = (2 if self.gated else 1) * f * h
-        fc2 = f * h
+        mlp = (3 if self.gated else 2) * f * h
+        return qkv + proj + mlp
+
+    def num_parameters(self) -> int:
+        """Parameter count of the full (unsharded) model."""
+        h, f, hd = self.hidden_size, self.ffn_hidden_size, self.head_dim
         norms = 2 * h * (2 if self.normalization == "LayerNorm" else 1)
         biases = 0
         if self.add_bias_linear:
             biases = (self.num_attention_heads + 2 * self.num_query_groups) * hd + h \
                 + (2 if self.gated else 1) * f + h
-        per_layer = qkv + proj + fc1 + fc2 + norms + biases
+        per_layer = self.block_matmul_parameters() + norms + biases
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         pos = self.max_seq_length * h if self.position_embedding_type == "learned_absolute" else 0
         final = h * (2 if self.normalization == "LayerNorm" else 1)

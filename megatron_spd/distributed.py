@@ -5,13 +5,18 @@ MASTER_PORT), picks NCCL on GPU and gloo on CPU, creates megatron-core's TP/DP g
 ``parallel_state`` and seeds (compat.apply). A single process without torchrun gets a world of
 one. The collective timeout bounds how long survivors wait for a dead rank: they fail with
 torch.distributed's timeout error instead of hanging.
+
+Also the questions every rank asks about its place in the world, answered once here: ``rank``,
+``is_rank0`` (who prints and writes), ``tp_size``, ``dp_rank_size``, and ``progress`` (a bar
+shown by rank 0 only).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,20 +68,48 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def tp_rank() -> int:
-    return parallel_state.get_tensor_model_parallel_rank()
+@contextlib.contextmanager
+def running(tp: Optional[int] = None, **kw) -> Iterator[None]:
+    """``init(tp, **kw)`` for the duration of the block, then ``shutdown()`` (also on error):
+    the frame of every tool's body."""
+    init(tp, **kw)
+    try:
+        yield
+    finally:
+        shutdown()
 
 
 def tp_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
-def tp_group():
-    return parallel_state.get_tensor_model_parallel_group()
+def rank() -> int:
+    """This process's global rank: torch.distributed's once initialised, before that torchrun's
+    ``RANK`` (0 for a plain process), so code that runs before ``init`` (or without it, e.g.
+    ``convert_checkpoint --to hf``) asks the same question the same way."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Global rank 0: the one rank that prints, shows progress and writes reports."""
+    return rank() == 0
+
+
+def dp_rank_size() -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of this process; (0, 1) without parallel state."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def progress(iterable=None, *, total: Optional[int] = None, desc: Optional[str] = None,
+             enabled: bool = True, **kw):
+    """A tqdm bar on global rank 0 only (every rank runs the same loop; one bar is enough), and
+    only when ``enabled``; ``kw`` goes to tqdm (e.g. ``leave=False`` for an inner loop)."""
+    from tqdm import tqdm
+
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, disable=not (enabled and is_rank0()), **kw)
 
 
 def barrier() -> None:

@@ -15,13 +15,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from . import compat
+from .config import FullStateDict
 
-FullStateDict = dict[str, torch.Tensor]
 
-
-def _tp_attrs(param: torch.Tensor) -> tuple[bool, int, int]:
+def _tp_attrs(param: torch.Tensor) -> tuple[bool, int]:
+    """(whether megatron splits ``param`` over TP ranks, the dimension it splits)."""
     return (bool(getattr(param, "tensor_model_parallel", False)),
-            int(getattr(param, "partition_dim", -1)), int(getattr(param, "partition_stride", 1)))
+            int(getattr(param, "partition_dim", -1)))
 
 
 def _is_gated_fc1(name: str, model) -> bool:
@@ -38,7 +38,7 @@ def model_params(model) -> dict[str, torch.Tensor]:
 def shard_for_rank(name: str, full: torch.Tensor, param: torch.Tensor, model,
                    rank: int, world: int) -> torch.Tensor:
     """This rank's slice of one full tensor, laid out like ``param``."""
-    is_tp, dim, _ = _tp_attrs(param)
+    is_tp, dim = _tp_attrs(param)
     if not is_tp or world == 1:
         return full
     if _is_gated_fc1(name, model):  # megatron stores [gate_r; up_r] on rank r
@@ -86,7 +86,7 @@ def gather_full_state_dict(model, *, grads: bool = False) -> FullStateDict:
         if t is None:
             continue
         t = t.detach().float()
-        is_tp, dim, _ = _tp_attrs(p)
+        is_tp, dim = _tp_attrs(p)
         if is_tp:
             pieces = gather_tp(t, dim)
             if _is_gated_fc1(name, model):

@@ -16,7 +16,7 @@ import pytest
 
 from megatron_spd.bench import analytic
 from megatron_spd.bench.latency import PRESETS, LinkSetting, Workload, spd_plan
-from megatron_spd.bench.runner import threads_per_rank
+from megatron_spd.bench.run import threads_per_rank
 from megatron_spd.comm import link_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,13 +108,13 @@ def test_benchmark_cli_end_to_end(tmp_path):
     assert set(rep["stock_vs_dense"]) == {"prefill", "decode"}
     assert rep["analytic_validation"]["decode"]["plans"][0]["rel_error"] == pytest.approx(0, abs=1e-9)
 
-    from megatron_spd.bench import report, runner
+    from megatron_spd.bench import markdown, run
 
     proj = tmp_path / "projection.json"
-    runner.project(models=["llama2-70b"], tps=(8,), links=("pcie",), batches=(1,), prompt=128,
-                   new_tokens=4, json_out=str(proj))
+    run.project(analytic.Projection(models=("llama2-70b",), tps=(8,), links=("pcie",),
+                                    batches=(1,), prompt=128, new_tokens=4), json_out=str(proj))
     md = tmp_path / "latency.md"
-    report.write_markdown([str(out)], str(proj), str(md))
+    markdown.write_markdown([str(out)], str(proj), str(md))
     text = md.read_text()
     assert "| spd100 | 4/4 |" in text and "llama2-70b | 8 | pcie" in text and "## Targets" in text
 

@@ -177,7 +177,7 @@ def test_unknown_task_is_a_clear_error():
     with pytest.raises(SystemExit):
         parse_args(["--tasks", "bogus"])
     assert parse_task_list("all") == list(TASKS)
-    assert parse_args(["--tasks", "piqa, sciq"]).tasks == ["piqa", "sciq"]
+    assert parse_args(["--tasks", "piqa, sciq"]).eval.task_names() == ["piqa", "sciq"]
 
 
 def test_items_follow_lm_eval_prompts():
@@ -279,7 +279,7 @@ def test_evaluate_tool_rejects_a_baseline_without_item_results(tmp_path):
             parse_args(["--baseline", str(path)])
     short = tmp_path / "short.json"  # fewer items than asked for: refused before evaluating
     short.write_text(json.dumps({"tasks": {"piqa": {"n": 2, "correct": [1, 0]}}, "limit": 2}))
-    assert parse_args(["--baseline", str(short), "--limit", "2"]).limit == 2
+    assert parse_args(["--baseline", str(short), "--limit", "2"]).eval.limit == 2
     with pytest.raises(SystemExit):
         parse_args(["--baseline", str(short), "--limit", "3"])
 
@@ -288,7 +288,7 @@ def test_evaluate_baseline_pairs_on_the_common_items(tmp_path):
     """A baseline scored on more items pairs on its first ones (tasks take their first --limit
     items); one scored on fewer cannot serve."""
     from megatron_spd.evaluate import paired_difference
-    from tools.evaluate import compare
+    from megatron_spd.evaluate.baseline import BaselineError, compare
 
     names = [t for group in PAPER_TASKS.values() for t in group]
     long = {"limit": 4, "tasks": {t: {"n": 4, "correct": [1, 0, 1, 1]} for t in names}}
@@ -300,5 +300,5 @@ def test_evaluate_baseline_pairs_on_the_common_items(tmp_path):
     assert got["delta"] == want["delta"] and math.isclose(got["delta"], -0.5)
     assert got["se"] == want["se"]
     path.write_text(json.dumps(short))
-    with pytest.raises(SystemExit, match="at least as many items"):
+    with pytest.raises(BaselineError, match="at least as many items"):
         compare(str(path), long)

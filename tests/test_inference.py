@@ -301,10 +301,10 @@ def test_smollm2_greedy_tp3_equals_tp1_dense_and_spd():
     assert tp1["spd"]["tokens"] != tp1["dense"]["tokens"]  # the SPD plan really is in use
 
 
-# ----- serving glue: prompt files, data-parallel sharding, the command-line tool ------------------
+# ----- the tool body (inference.run): prompt files, data-parallel sharding, the command line ----
 def test_read_prompts_and_summary(tmp_path):
     from megatron_spd.inference import GenerationError, GenerationResult
-    from megatron_spd.inference.serve import read_prompts, summary
+    from megatron_spd.inference.run import read_prompts, summary
 
     txt = tmp_path / "p.txt"
     txt.write_text("first\n\nsecond\\nline\n", encoding="utf-8")
@@ -329,7 +329,7 @@ def _sharded() -> dict:
     import torch.distributed as dist
 
     from megatron_spd.inference import GenerationConfig, generate
-    from megatron_spd.inference.serve import generate_sharded
+    from megatron_spd.inference.run import generate_sharded
     from megatron_spd.spec import build_model
 
     model = build_model(TINY).eval()  # same seed on every rank: identical replicas

@@ -66,11 +66,11 @@ def _ppl(logits, toks):
 
 
 def test_sweep_and_plan(single, tmp_path):
-    from megatron_spd.recipe import autoplan, blocks, sensitivity
+    from megatron_spd.recipe import activations, autoplan, sensitivity
 
     full, toks = random_full(CFG), tokens()
     dense, spd = sensitivity.build_pair(CFG, full, G)
-    xs = blocks.block_inputs(dense, toks)
+    xs = activations.block_inputs(dense, toks)
     cum = sensitivity.sweep(dense, spd, toks, dense_inputs=xs, progress=False)
     ind = sensitivity.sweep(dense, spd, toks, mode="independent", dense_inputs=xs, progress=False)
     loc = sensitivity.sweep(dense, spd, toks, mode="local", dense_inputs=xs, progress=False)
@@ -153,11 +153,11 @@ def test_b2b_lowers_mse_and_touches_one_block(single):
                                                   position_embedding_type="learned_absolute")],
                          ids=["gqa-swiglu", "bias-gelu-no-freedom"])
 def test_headgroup_preserves_dense_function(single, cfg):
-    from megatron_spd.recipe import blocks, headgroup, sensitivity
+    from megatron_spd.recipe import activations, headgroup, sensitivity
 
     full, toks = random_full(cfg), tokens()
     dense, spd = sensitivity.build_pair(cfg, full, G)
-    xs = blocks.block_inputs(dense, toks)
+    xs = activations.block_inputs(dense, toks)
     ref = _logits(cfg, None, full, toks)
     for mlp in headgroup.MLP_MODES:
         new, results = headgroup.regroup(full, cfg, dense, list(range(cfg.num_layers)), xs, G,

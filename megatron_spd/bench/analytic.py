@@ -19,8 +19,9 @@ measured dense run, which is how the model is validated against the CPU + link s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional
+from typing import Iterable
 
+from ..cli import floats, ints, option, words
 from ..comm import LinkProfile, link_profile
 from ..config import ModelConfig
 
@@ -65,23 +66,15 @@ LLAMA2 = {
 }
 
 
-def _block_params(cfg: ModelConfig) -> int:
-    h, hd = cfg.hidden_size, cfg.head_dim
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd * h
-    proj = cfg.num_attention_heads * hd * h
-    mlp = (3 if cfg.gated else 2) * cfg.ffn_hidden_size * h
-    return qkv + proj + mlp
-
-
 def block_cost(cfg: ModelConfig, tp: int, batch: int, tokens: int, context: float,
                bytes_per_param: int) -> tuple[float, float]:
     """(FLOPs, bytes) one rank spends on one block for ``tokens`` new tokens per sequence that
     attend to ``context`` positions on average."""
-    flops = 2 * batch * tokens * _block_params(cfg) / tp \
+    flops = 2 * batch * tokens * cfg.block_matmul_parameters() / tp \
         + 4 * batch * tokens * context * cfg.hidden_size / tp
     kv_heads_local = max(cfg.num_query_groups / tp, 1)  # fewer KV groups than ranks: replicated
     kv_bytes = 2 * batch * context * kv_heads_local * cfg.head_dim * bytes_per_param
-    return flops, _block_params(cfg) / tp * bytes_per_param + kv_bytes
+    return flops, cfg.block_matmul_parameters() / tp * bytes_per_param + kv_bytes
 
 
 def head_cost(cfg: ModelConfig, tp: int, batch: int, bytes_per_param: int) -> tuple[float, float]:
@@ -139,9 +132,40 @@ def generation_time(cfg: ModelConfig, tp: int, n_spd: int, link: LinkProfile, de
             "end_to_end_s": pre.total_s + dec_s}
 
 
+@dataclass(frozen=True)
+class Projection:
+    """What the analytic projection covers (``tools/benchmark.py project``): every model x TP
+    x link x batch, each at every SPD ratio, for one request of ``prompt`` + ``new_tokens``."""
+
+    models: tuple[str, ...] = option(tuple(LLAMA2), "model shapes (comma-separated; analytic."
+                                     "LLAMA2)", type=words)
+    tps: tuple[int, ...] = option((4, 8), "TP degrees (comma-separated)", type=ints, flag="--tp")
+    links: tuple[str, ...] = option(("nvlink", "internode", "pcie"), "link profiles "
+                                    "(comma-separated; comm.PROFILES or ALPHA_US:GBPS)",
+                                    type=words)
+    device: str = option("a100", "device whose effective rates are assumed",
+                         choices=tuple(DEVICES))
+    batches: tuple[int, ...] = option((1, 16), "batch sizes (comma-separated)", type=ints,
+                                      flag="--batch")
+    prompt: int = option(1024, "prompt tokens of the request")
+    new_tokens: int = option(128, "tokens generated for the request")
+    ratios: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.7, 0.75, 1.0), "SPD ratios "
+                                       "(comma-separated)", type=floats)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.models) - set(LLAMA2))
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(LLAMA2)}")
+        for ln in self.links:
+            link_profile(ln)  # a bad profile name is an error here
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; known: {sorted(DEVICES)}")
+
+
 def speedup_curve(cfg: ModelConfig, tp: int, link: LinkProfile, device: Device, *,
-                  ratios: Iterable[float] = (0, .25, .5, .7, .75, 1.0), batch: int = 1,
-                  prompt: int = 1024, new_tokens: int = 128) -> list[dict]:
+                  ratios: Iterable[float] = Projection.ratios, batch: int = 1,
+                  prompt: int = Projection.prompt,
+                  new_tokens: int = Projection.new_tokens) -> list[dict]:
     """Per SPD ratio: predicted times and their reduction relative to the dense model."""
     base = generation_time(cfg, tp, 0, link, device, batch, prompt, new_tokens)
     rows = []
@@ -154,18 +178,21 @@ def speedup_curve(cfg: ModelConfig, tp: int, link: LinkProfile, device: Device, 
     return rows
 
 
-def projection(models: Optional[dict[str, ModelConfig]] = None, tps: Iterable[int] = (4, 8),
-               links: Iterable[str] = ("nvlink", "internode", "pcie"), device: str = "a100",
-               **workload) -> list[dict]:
-    """The speedup curves for every (model, TP, link) combination, as flat JSON-able rows."""
-    dev = DEVICES[device]
+def projection(p: Projection = Projection()) -> list[dict]:
+    """The speedup curves for every (batch, model, TP, link) combination, as flat JSON-able
+    rows."""
+    dev = DEVICES[p.device]
     out = []
-    for name, cfg in (models or LLAMA2).items():
-        for tp in tps:
-            for ln in links:
-                link = link_profile(ln)
-                for row in speedup_curve(cfg, tp, link, dev, **workload):
-                    out.append({"model": name, "tp": tp, "link": link.name, **row})
+    for batch in p.batches:
+        for name in p.models:
+            for tp in p.tps:
+                for ln in p.links:
+                    link = link_profile(ln)
+                    for row in speedup_curve(LLAMA2[name], tp, link, dev, ratios=p.ratios,
+                                             batch=batch, prompt=p.prompt,
+                                             new_tokens=p.new_tokens):
+                        out.append({"batch": batch, "model": name, "tp": tp, "link": link.name,
+                                    **row})
     return out
 
 

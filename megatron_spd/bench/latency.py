@@ -9,14 +9,8 @@ prefill (``inference.prefill``) and ``new_tokens`` decode steps (``inference.dec
 counts the TP collectives of each phase and the seconds spent inside them (``comm``). All the
 models point at one copy of the weights (``share_weights``), so a sweep costs one model's memory.
 
-Across ranks a step lasts as long as its slowest rank, so step times are the max over ranks.
-Time inside collectives is reported as the min over ranks: a rank that arrives early also waits
-for the slowest one there, and that wait is load imbalance, not communication, and it does not
-go away when the collective is dropped.
-
-The bound (design.md 6): SPD saves at most the time of the all-reduces it drops, i.e. (dense
-all-reduces per step - plan all-reduces per step) x the dense run's time per all-reduce;
-``achieved / bound`` says how much of that the measurement realised.
+What the measurements mean (per-plan statistics, the bound on what SPD can save, the analytic
+model's validation) is computed from these records in ``analysis.py``.
 """
 from __future__ import annotations
 
@@ -24,7 +18,6 @@ import contextlib
 import os
 import platform
 import resource
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -35,14 +28,15 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from .. import compat
+from .. import compat, distributed
+from ..cli import floats, option
 from ..comm import CollectiveCounter, LinkProfile, link_profile, simulate_link
 from ..config import ModelConfig
 from ..inference import decode_step, new_cache, prefill
 from ..model import FullStateDict, load_full_state_dict, model_params
 from ..plan import SPDPlan
 from ..spec import build_model
-from . import analytic
+from . import analysis, analytic
 
 FORMAT = "megatron-spd-latency/1"
 CALIBRATION_VISITS = 2  # dense visits without the simulator that set the auto link scale
@@ -65,14 +59,15 @@ class Workload:
     """What one visit of a model times: a prefill of ``prompt`` tokens for ``batch`` rows, then
     ``new_tokens`` decode steps; ``repeats`` visits per model after ``warmup`` untimed ones."""
 
-    batch: int = 1
-    prompt: int = 64
-    new_tokens: int = 16
-    repeats: int = 5
-    warmup: int = 1
-    ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    stock: bool = True
-    seed: int = 0
+    batch: int = option(1, "sequences per step")
+    prompt: int = option(64, "prompt tokens (prefill length)")
+    new_tokens: int = option(16, "decode steps timed per visit")
+    repeats: int = option(5, "timed visits per model")
+    warmup: int = option(1, "untimed visits per model first")
+    ratios: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "SPD ratios to time "
+                                       "(comma-separated; must include 0)", type=floats)
+    stock: bool = option(True, "time the stock megatron-core model as well")
+    seed: int = option(0, "seed of the random weights and prompt tokens")
 
     def __post_init__(self) -> None:
         self.ratios = tuple(float(r) for r in self.ratios)
@@ -92,9 +87,13 @@ class LinkSetting:
     phase; ``auto`` scale = this machine's compute time / the analytic model's compute time on
     ``device`` for the same step, so communication keeps the share it would have there."""
 
-    profile: Optional[str] = None
-    scale: str = "1"  # a number, or "auto"
-    device: str = "a100"
+    profile: Optional[str] = option(None, "simulated link: nvlink | internode | pcie | "
+                                          "ALPHA_US:GBPS (default: none, the machine's own "
+                                          "collectives)", type=str, flag="--link")
+    scale: str = option("1", "slow the link by this factor, or 'auto' (module doc)",
+                        flag="--link-scale")
+    device: str = option("a100", "the device the auto scale refers to",
+                         choices=tuple(analytic.DEVICES))
     factors: dict = field(default_factory=dict)  # phase -> factor, filled by calibration
     calibration: dict = field(default_factory=dict)  # phase -> the two compute times behind it
 
@@ -166,13 +165,6 @@ def _per_step(c: CollectiveCounter, steps: int) -> dict:
                 "seconds": c.seconds[k] / steps} for k in c.calls}
 
 
-def _stats(values: list[float]) -> dict:
-    v = sorted(values)
-    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
-    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": q[0], "q3": q[2],
-            "n": len(v), "values": values}
-
-
 def _calibrate(model, cache, tokens, wl: Workload, cfg: ModelConfig, links: LinkSetting) -> None:
     """Fill ``links.factors`` for ``scale=auto`` (same numbers on every rank)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -239,8 +231,6 @@ def run_latency(source: WeightSource, wl: Workload, links: LinkSetting, *, name:
                 progress: bool = True) -> Optional[dict]:
     """Measure every plan of ``wl.ratios`` (and the stock model); the report on global rank 0,
     None elsewhere. ``source`` gives the config, G and weights on each rank."""
-    from tqdm import tqdm
-
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cfg, groups, dense = _dense_model_in_turn(source, wl.seed)
     if wl.prompt + wl.new_tokens > cfg.max_seq_length:
@@ -263,9 +253,8 @@ def run_latency(source: WeightSource, wl: Workload, links: LinkSetting, *, name:
             _visit(m, cache, tokens, wl, LinkSetting())
     _calibrate(dense, cache, tokens, wl, cfg, links)
 
-    rank0 = dist.get_rank() == 0
     records: list[list[dict]] = [[] for _ in models]
-    bar = tqdm(total=wl.repeats * len(models), desc="latency", disable=not (progress and rank0))
+    bar = distributed.progress(total=wl.repeats * len(models), desc="latency", enabled=progress)
     for rep in range(wl.repeats):
         for k in range(len(models)):
             i = (k + rep) % len(models)  # rotate the visiting order every repeat
@@ -274,16 +263,16 @@ def run_latency(source: WeightSource, wl: Workload, links: LinkSetting, *, name:
     bar.close()
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, records)
-    if not rank0:
+    if not distributed.is_rank0():
         return None
     tp_ranks = gathered[:tp]  # data-parallel replicas (if any) measured the same thing
-    plans = [_summarise(names[i], models[i][0], [rk[i] for rk in tp_ranks])
+    plans = [analysis.summarise(names[i], models[i][0], [rk[i] for rk in tp_ranks])
              for i in range(len(models))]
     report = {"format": FORMAT, "host": host_info(tp), "tp": tp, "groups": groups,
               "model": {"name": name, "parameters": cfg.num_parameters(), **cfg.to_dict()},
               "workload": asdict(wl), "link": _link_info(links), "plans": plans}
-    _add_bounds(report)
-    report["analytic_validation"] = validate_analytic(report, cfg, links)
+    analysis.add_bounds(report)
+    report["analytic_validation"] = analysis.validate_analytic(report, cfg, links)
     return report
 
 
@@ -311,88 +300,3 @@ def _link_info(links: LinkSetting) -> dict:
     return {"profile": link_profile(links.profile).to_dict(), "scale": links.scale,
             "device": links.device, "factors": links.factors, "calibration": links.calibration,
             "simulated": {ph: links.link(ph).to_dict() for ph in ("prefill", "decode")}}
-
-
-def _summarise(name: str, plan: Optional[SPDPlan], per_rank: list[list[dict]]) -> dict:
-    """Step time = max over ranks per visit; collective time = min over ranks (module doc)."""
-    visits = list(zip(*per_rank))  # per repeat: one record per rank
-    out = {"name": name, "spd_ratio": plan.spd_ratio if plan else 0.0,
-           "n_spd": len(plan.spd_blocks) if plan else 0, "stock": plan is None}
-    for ph in ("prefill", "decode"):
-        out[ph] = _stats([max(r[f"{ph}_s"] for r in v) for v in visits])
-        colls = per_rank[0][0][f"{ph}_coll"]
-        out[ph]["collectives"] = {k: {"calls": c["calls"], "bytes": c["bytes"]}
-                                  for k, c in colls.items()}
-        out[ph]["comm_s"] = _stats([min(sum(c["seconds"] for c in r[f"{ph}_coll"].values())
-                                        for r in v) for v in visits])
-        ar = [min(r[f"{ph}_coll"].get("all_reduce", {}).get("seconds", 0.0) for r in v)
-              for v in visits]
-        calls = colls.get("all_reduce", {}).get("calls", 0)
-        out[ph]["all_reduce_s_each"] = statistics.median(ar) / calls if calls else 0.0
-    return out
-
-
-def _add_bounds(report: dict) -> None:
-    """achieved / bound for every plan against the dense (spd0) plan, per phase; and the stock
-    model against the dense plan."""
-    plans = {p["name"]: p for p in report["plans"]}
-    dense = plans["spd0"]
-    for p in report["plans"]:
-        for ph in ("prefill", "decode"):
-            d, q = dense[ph], p[ph]
-            dropped = (d["collectives"].get("all_reduce", {}).get("calls", 0)
-                       - q["collectives"].get("all_reduce", {}).get("calls", 0))
-            bound = dropped * d["all_reduce_s_each"]
-            achieved = d["median"] - q["median"]
-            q["dropped_all_reduces"] = dropped
-            q["bound_s"] = bound
-            q["achieved_s"] = achieved
-            q["achieved_over_bound"] = achieved / bound if bound > 0 else None
-            q["speedup"] = d["median"] / q["median"]
-    # all ratios at once: least-squares slope of achieved on bound through the origin
-    spd = [p for p in report["plans"] if not p["stock"] and p["n_spd"] > 0]
-    report["realised_fraction"] = {}
-    for ph in ("prefill", "decode"):
-        bb = sum(p[ph]["bound_s"] ** 2 for p in spd)
-        report["realised_fraction"][ph] = (sum(p[ph]["achieved_s"] * p[ph]["bound_s"] for p in spd)
-                                           / bb if bb > 0 else None)
-    if "stock" in plans:
-        report["stock_vs_dense"] = {
-            ph: {"stock_median_s": plans["stock"][ph]["median"],
-                 "dense_plan_median_s": dense[ph]["median"],
-                 "dense_over_stock": dense[ph]["median"] / plans["stock"][ph]["median"]}
-            for ph in ("prefill", "decode")}
-
-
-def validate_analytic(report: dict, cfg: ModelConfig, links: LinkSetting) -> dict:
-    """Fit this machine's compute rate to the dense plan's measured step, predict every SPD plan
-    with the analytic model, and report the relative error per plan and phase.
-
-    The link is the simulated profile; without a simulator it is the dense run's measured time
-    per all-reduce (alpha only), so the prediction then checks only the counting.
-    """
-    wl = Workload(**report["workload"])
-    tp = report["tp"]
-    dense = next(p for p in report["plans"] if p["name"] == "spd0")
-    shape = {"prefill": (wl.prompt, (wl.prompt + 1) / 2),
-             "decode": (1, wl.prompt + (wl.new_tokens + 1) / 2)}
-    out = {}
-    for ph, (tokens, context) in shape.items():
-        link = links.link(ph) or LinkProfile("measured", dense[ph]["all_reduce_s_each"], 1e30)
-        try:
-            fitted = analytic.fit_rate(dense[ph]["median"], cfg, tp, link, wl.batch, tokens,
-                                       context, bytes_per_param=4)
-        except ValueError as e:
-            out[ph] = {"error": str(e)}
-            continue
-        rows = []
-        for p in report["plans"]:
-            if p["stock"]:
-                continue
-            pred = analytic.predict_measured(cfg, tp, p["n_spd"], link, fitted, wl.batch, tokens,
-                                             context)
-            rows.append({"name": p["name"], "measured_s": p[ph]["median"], "predicted_s": pred,
-                         "rel_error": pred / p[ph]["median"] - 1})
-        out[ph] = {"fitted_GFLOPs": fitted.flops / 1e9, "plans": rows,
-                   "max_abs_rel_error": max(abs(r["rel_error"]) for r in rows)}
-    return out

@@ -15,10 +15,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import ModelConfig
+from ..config import FullStateDict, ModelConfig
 from ..io import atomic_write_json
 
-FullStateDict = dict[str, torch.Tensor]
 
 L = "decoder.layers.{i}."
 HF = "model.layers.{i}."

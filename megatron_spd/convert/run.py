@@ -65,3 +65,34 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
     replace_dir(tmp, out)
     return summary(cfg, plan, to="hf", tp=1, out=str(out),
                    seconds=round(time.perf_counter() - t0, 2))
+
+
+def convert(source: Optional[str], out: str | Path, *, to: str = "mcore",
+            plan: SPDPlan | str | Path | None = None, tokenizer: Optional[str] = None,
+            dtype: str = "float32", tp: Optional[int] = None,
+            json_out: str | Path | None = None) -> Optional[dict[str, Any]]:
+    """The whole of ``tools/convert_checkpoint.py``: ``to_mcore`` on every rank at TP ``tp``, or
+    ``to_hf`` on rank 0 (Hugging Face output is TP-free, the other ranks idle); rank 0 prints
+    the summary and writes it to ``json_out`` (else prints it as JSON) and returns it."""
+    import json
+
+    from .. import distributed
+    from ..io import atomic_write_json
+
+    if to == "hf":
+        if plan or (tp or 1) > 1:
+            print("note: --plan/--tp do not apply to --to hf (Hugging Face format is TP-free)")
+        result = to_hf(source, out, tokenizer=tokenizer, dtype=dtype) \
+            if distributed.is_rank0() else None
+    else:
+        with distributed.running(tp):
+            result = to_mcore(source, out, plan=plan, tokenizer=tokenizer)
+    if result is None or not distributed.is_rank0():
+        return None
+    print(format_summary(result))
+    if json_out:
+        atomic_write_json(json_out, result)
+        print(f"summary written to {json_out}")
+    else:
+        print(json.dumps(result))
+    return result

@@ -3,7 +3,8 @@
 Public entry points (everything runs identically on every TP rank; only rank 0 shows progress):
 ``perplexity(model, tokenizer, texts_or_tokens, ctx=, n_tokens=)``,
 ``evaluate_tasks(model, tokenizer, tasks, limit)``, ``evaluate_task``, ``loglikelihoods``,
-``TASKS`` / ``PAPER_TASKS`` / ``paper_average`` / ``paired_difference``.
+``TASKS`` / ``PAPER_TASKS`` / ``paper_average`` / ``paired_difference``. ``baseline`` pairs a
+report with another model's; ``run`` is one evaluation as a report, and what tools/evaluate.py runs.
 """
 from .loglik import loglikelihoods
 from .perplexity import perplexity

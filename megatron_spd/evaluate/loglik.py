@@ -42,14 +42,6 @@ def eval_mode(model) -> Iterator[None]:
         model.train(was_training)
 
 
-def progress(total: int, desc: Optional[str]):
-    """tqdm on rank 0 only (every TP rank runs the same loop); no bar when desc is None."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=desc is None or not distributed.is_rank0(),
-                leave=False, dynamic_ncols=True)
-
-
 def _score(logits: torch.Tensor, cont: Sequence[int]) -> tuple[float, bool]:
     """(sum of log P(cont), greedy match) from the logits [len(cont), V] that predict ``cont``."""
     target = torch.tensor(list(cont), device=logits.device)
@@ -133,7 +125,9 @@ def loglikelihoods(model, requests: Sequence[Request], *, max_length: int,
     groups = (_shared_context_groups(requests, max_length)
               if share_context and not model.config.sequence_parallel else [])
     in_groups = {i for g in groups for i in g}
-    with eval_mode(model), progress(len(requests), desc) as bar:
+    bar = distributed.progress(total=len(requests), desc=desc, enabled=desc is not None,
+                               leave=False)
+    with eval_mode(model), bar:
         if groups:
             longest = max(len(requests[i][0]) + len(requests[i][1]) for i in in_groups)
             cache = new_cache(1, longest)

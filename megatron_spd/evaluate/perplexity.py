@@ -18,9 +18,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .. import distributed
 from ..data import token_stream
 from ..model import forward_logits
-from .loglik import DEFAULT_BATCH_TOKENS, progress, eval_mode
+from .loglik import DEFAULT_BATCH_TOKENS, eval_mode
 
 
 def windows(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
@@ -62,7 +63,9 @@ def perplexity(model, tokenizer, texts_or_tokens: Sequence[str] | torch.Tensor, 
     if not spans:
         raise ValueError(f"{tokens.numel()} tokens are too few to score")
     nll, n_scored, n_bytes = 0.0, 0, 0
-    with eval_mode(model), progress(len(spans), desc) as bar:
+    bar = distributed.progress(total=len(spans), desc=desc, enabled=desc is not None,
+                               leave=False)
+    with eval_mode(model), bar:
         i = 0
         while i < len(spans):  # equal-length windows share a batch
             width = spans[i][1] - spans[i][0]

@@ -31,6 +31,8 @@ import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from .. import compat
+from ..cli import option
+from ..distributed import is_rank0
 from ..model import causal_mask
 from .sampling import SamplingParams, make_generator, sample
 
@@ -214,13 +216,14 @@ class GenerationConfig:
     (each prompt draws from its own generator seeded with ``seed + prompt index``, so a prompt's
     output does not depend on which others share its batch)."""
 
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 1234
-    max_batch_size: int = 8
-    stop_on_eos: bool = True
+    max_new_tokens: int = option(32, "tokens to generate per prompt at most")
+    temperature: float = option(0.0, "sampling temperature (0 = greedy)")
+    top_k: int = option(0, "sample from the k most likely tokens (0 = off)")
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens with this total "
+                               "probability (1 = off)")
+    seed: int = option(1234, "sampling seed (prompt i draws from seed + i)")
+    max_batch_size: int = option(8, "prompts per batch", flag="--batch-size")
+    stop_on_eos: bool = option(True, "stop a prompt at its EOS token", flag="--no-eos")
     add_bos: Optional[bool] = None  # None: the tokenizer's (source model's) default
 
     def __post_init__(self) -> None:
@@ -402,8 +405,7 @@ def generate(model, tokenizer, prompts: Sequence[str], config: Optional[Generati
         if not isinstance(p, str) or not p:
             raise GenerationError(f"prompt {i} is empty or not a string ({p!r}); give it some text")
     prompt_ids = [tokenizer.encode(p, add_bos=config.add_bos) for p in prompts]
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    on_token = _TextStream(tokenizer, stream) if stream is not None and rank0 else None
+    on_token = _TextStream(tokenizer, stream) if stream is not None and is_rank0() else None
     results = generate_ids(model, prompt_ids, config, eos_id=tokenizer.eos_id, on_token=on_token,
                            indices=indices)
     for p, r in zip(prompts, results):

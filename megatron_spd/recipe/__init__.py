@@ -1,7 +1,8 @@
 """The SPD recipe (design.md 1, paper Algorithm 1): sensitivity sweep -> plan (classification)
 -> head grouping (HG) -> block-to-block distillation (B2B).
 
-Modules: ``blocks`` (running megatron layers on cached hidden states), ``sensitivity``,
+Modules: ``activations`` (running megatron layers on cached hidden states), ``sensitivity``,
 ``classify``, ``headgroup``, ``distill``, ``autoplan`` (target ratio or perplexity budget -> plan
--> recovered weights). Command line: ``tools/spd.py``; docs/recipe.md has the measurements.
+-> recovered weights), ``run`` (what the command line ``tools/spd.py`` runs). docs/recipe.md has
+the measurements.
 """

@@ -23,7 +23,7 @@ import torch
 from ..config import ModelConfig
 from ..model import FullStateDict, gather_full_state_dict, load_full_state_dict
 from ..plan import SPDPlan
-from . import blocks, classify, distill, headgroup
+from . import activations, classify, distill, headgroup
 from .sensitivity import Sensitivity
 
 
@@ -42,12 +42,11 @@ def n_for_max_ppl(sens: Sensitivity, max_increase: float,
     order = sens.order()
     limit = sens.baseline_ppl + max_increase
     lo, lo_ppl, hi = 0, sens.baseline_ppl, len(order)
-    cache: dict[int, float] = {}
     while lo < hi:  # invariant: N=lo fits; find the largest N that fits (monotone in practice)
         mid = (lo + hi + 1) // 2
-        cache[mid] = measure(sorted(order[:mid]))
-        if cache[mid] <= limit:
-            lo, lo_ppl = mid, cache[mid]
+        ppl = measure(sorted(order[:mid]))
+        if ppl <= limit:
+            lo, lo_ppl = mid, ppl
         else:
             hi = mid - 1
     return lo, lo_ppl
@@ -63,7 +62,7 @@ def zs_measure(dense, spd, tokens: torch.Tensor, dense_inputs: Sequence[torch.Te
         s = set(spd_blocks)
         layers = [spd.decoder.layers[i] if i in s else dense.decoder.layers[i]
                   for i in range(first, L)]
-        return blocks.perplexity_from(dense, dense_inputs[first], tokens, layers, micro_batch)
+        return activations.perplexity_from(dense, dense_inputs[first], tokens, layers, micro_batch)
     return measure
 
 
@@ -110,7 +109,7 @@ def apply_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: tor
     dense.eval()
     extra = dict(plan.extra)
     if hg_blocks:
-        xs = blocks.block_inputs(dense, tokens, upto=max(hg_blocks), micro_batch=micro_batch)
+        xs = activations.block_inputs(dense, tokens, upto=max(hg_blocks), micro_batch=micro_batch)
         full, results = headgroup.regroup(full, cfg, dense, hg_blocks, xs, plan.groups,
                                           mlp=hg_mlp, micro_batch=micro_batch, progress=progress)
         del xs

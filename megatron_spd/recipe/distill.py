@@ -26,9 +26,11 @@ from typing import Any, Optional
 
 import torch
 
-from .. import compat
+from .. import distributed
+from ..cli import option
 from ..grads import reduce_tp_partial_grads
-from . import blocks
+from ..train.optim import OptimConfig, adamw
+from . import activations
 
 INPUTS = ("dense", "spd")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -36,11 +38,16 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 @dataclass
 class B2BConfig:
-    epochs: int = 3             # defaults measured on SmolLM2-135M (docs/recipe.md)
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    micro_batch: int = 1        # sequences per step: more, smaller steps on little data
-    inputs: str = "dense"
+    """B2B's settings; the defaults are the ones measured on SmolLM2-135M and used for every
+    published number (docs/recipe.md)."""
+
+    epochs: int = option(2, "passes over the calibration sequences per block")
+    lr: float = option(1e-3, "B2B learning rate")
+    optimizer: str = option("adamw", "B2B optimizer", choices=OPTIMIZERS)
+    micro_batch: int = option(1, "sequences per B2B optimizer step (more, smaller steps on "
+                                 "little data)")
+    inputs: str = option("dense", "block inputs: the dense model's hidden states, or the "
+                                  "partially-SPD model's", choices=INPUTS)
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
@@ -64,7 +71,7 @@ class B2BResult:
 
 def _optimizer(params, cfg: B2BConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return compat.make_optimizer(params, lr=cfg.lr, weight_decay=0.0)
+        return adamw(params, OptimConfig(lr=cfg.lr, weight_decay=0.0))
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
@@ -73,9 +80,9 @@ def _optimizer(params, cfg: B2BConfig) -> torch.optim.Optimizer:
 @torch.no_grad()
 def _mse(layer, x_cache: torch.Tensor, y_cache: torch.Tensor, ctx: dict, mb: int) -> float:
     total, count = 0.0, 0
-    for sl in blocks.micro_batches(x_cache.shape[0], mb):
-        y = blocks.run_layers([layer], blocks.to_sbh(x_cache, sl), ctx)
-        total += float((y.float() - blocks.to_sbh(y_cache, sl).float()).pow(2).sum())
+    for sl in activations.micro_batches(x_cache.shape[0], mb):
+        y = activations.run_layers([layer], activations.to_sbh(x_cache, sl), ctx)
+        total += float((y.float() - activations.to_sbh(y_cache, sl).float()).pow(2).sum())
         count += y.numel()
     return total / count
 
@@ -84,10 +91,10 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
                   cfg: B2BConfig, *, seed: int = 0) -> B2BResult:
     """Train ``model.decoder.layers[block]`` so that it maps ``x_cache`` to ``y_cache``
     (both ``[n, s, h]``, the teacher's outputs) with MSE. Changes only that block."""
-    blocks.check_model(model)
+    activations.check_model(model)
     t0 = time.time()
     layer = model.decoder.layers[block]
-    ctx = blocks.context(model, x_cache.shape[1])
+    ctx = activations.context(model, x_cache.shape[1])
     params = list(layer.parameters())
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -104,10 +111,10 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
     try:
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
-            for sl in blocks.micro_batches(n, cfg.micro_batch):
+            for sl in activations.micro_batches(n, cfg.micro_batch):
                 idx = perm[sl]
-                y = blocks.run_layers([layer], blocks.to_sbh(x_cache, idx), ctx)
-                loss = torch.nn.functional.mse_loss(y.float(), blocks.to_sbh(y_cache, idx).float())
+                y = activations.run_layers([layer], activations.to_sbh(x_cache, idx), ctx)
+                loss = torch.nn.functional.mse_loss(y.float(), activations.to_sbh(y_cache, idx).float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 reduce_tp_partial_grads(model)
@@ -131,8 +138,8 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
 @torch.no_grad()
 def _apply(layer, x_cache: torch.Tensor, ctx: dict, mb: int) -> torch.Tensor:
     out = torch.empty_like(x_cache)
-    for sl in blocks.micro_batches(x_cache.shape[0], mb):
-        out[sl] = blocks.to_bsh(blocks.run_layers([layer], blocks.to_sbh(x_cache, sl), ctx))
+    for sl in activations.micro_batches(x_cache.shape[0], mb):
+        out[sl] = activations.to_bsh(activations.run_layers([layer], activations.to_sbh(x_cache, sl), ctx))
     return out
 
 
@@ -142,19 +149,19 @@ def distill(model, teacher, tokens: torch.Tensor, block_list: list[int], cfg: B2
     teacher = the dense ``teacher`` model with the same starting weights, on ``tokens``
     ``[n, s]``. Blocks are visited in order, carrying the hidden states forward, so the
     ``"spd"`` inputs of block i come from the already-distilled blocks before it."""
-    blocks.check_model(model)
+    activations.check_model(model)
     todo = sorted(set(block_list))
     if not todo:
         return []
     mb = cfg.micro_batch
-    ctx = blocks.context(model, tokens.shape[1])
+    ctx = activations.context(model, tokens.shape[1])
     with torch.no_grad():
-        x_dense = torch.cat([blocks.to_bsh(blocks.embed(teacher, tokens[sl]))
-                             for sl in blocks.micro_batches(tokens.shape[0], mb)])
+        x_dense = torch.cat([activations.to_bsh(activations.embed(teacher, tokens[sl]))
+                             for sl in activations.micro_batches(tokens.shape[0], mb)])
     x_spd = x_dense.clone() if cfg.inputs == "spd" else None
     results = []
-    bar = blocks.rank0_tqdm(range(todo[-1] + 1), desc=f"B2B ({cfg.inputs} inputs)",
-                            disable=not progress)
+    bar = distributed.progress(range(todo[-1] + 1), desc=f"B2B ({cfg.inputs} inputs)",
+                               enabled=progress)
     for i in bar:
         t_layer, s_layer = teacher.decoder.layers[i], model.decoder.layers[i]
         x_in = x_dense if cfg.inputs == "dense" else x_spd

@@ -31,9 +31,10 @@ from typing import Any, Optional
 
 import torch
 
+from .. import distributed
 from ..config import ModelConfig
 from ..model import FullStateDict
-from . import blocks
+from . import activations
 
 MLP_MODES = ("units", "match", "none")
 
@@ -108,8 +109,8 @@ def _block_stats(layer, x_cache: torch.Tensor, cfg: ModelConfig, ctx: dict, micr
     wo = attn.linear_proj.weight.float()
     xs, parts, maps, n_maps = [], [], None, 0
     try:
-        for sl in blocks.micro_batches(x_cache.shape[0], micro_batch):
-            x = blocks.to_sbh(x_cache, sl)
+        for sl in activations.micro_batches(x_cache.shape[0], micro_batch):
+            x = activations.to_sbh(x_cache, sl)
             attn(layer.input_layernorm(x), attention_mask=ctx["attention_mask"],
                  rotary_pos_emb=ctx.get("rotary_pos_emb"))
             c = captured["ctx"].float()                                  # [s, b, np*hd]
@@ -231,7 +232,7 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
                          "(the G-way emulation); the permuted checkpoint then serves at any T")
     ng, ffn = cfg.num_query_groups, cfg.ffn_hidden_size
     layer = model.decoder.layers[block]
-    ctx = blocks.context(model, x_cache.shape[1])
+    ctx = activations.context(model, x_cache.shape[1])
     x, parts, maps = _block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
     notes: list[str] = []
     head_freedom = ng > groups
@@ -287,7 +288,7 @@ def regroup(full: FullStateDict, cfg: ModelConfig, dense_model, block_list: list
     the permuted full state dict with one HGResult per block. Inputs of later blocks are
     unchanged, since every permutation preserves the dense function."""
     results = []
-    for i in blocks.rank0_tqdm(block_list, desc="head grouping", disable=not progress):
+    for i in distributed.progress(block_list, desc="head grouping", enabled=progress):
         r = regroup_block(dense_model, i, dense_inputs[i], cfg, groups,
                           mlp=mlp, micro_batch=micro_batch, max_tokens=max_tokens)
         full = permute_block(full, cfg, i, r.kv_order, r.unit_order)

@@ -22,11 +22,12 @@ from typing import Any, Optional
 
 import torch
 
+from .. import distributed
 from ..config import ModelConfig
 from ..io import atomic_write_json, save_figure
 from ..model import FullStateDict, load_full_state_dict
 from ..plan import SPDPlan
-from . import blocks
+from . import activations
 
 MODES = ("cumulative", "independent", "local")
 
@@ -93,21 +94,21 @@ def sweep(dense, spd, tokens: torch.Tensor, *, mode: str = "cumulative", micro_b
     """Sensitivity of every block on calibration ``tokens`` ``[n, s]``.
 
     ``dense`` and ``spd`` are the same weights built dense and all-SPD (``build_pair``);
-    ``dense_inputs`` may pass precomputed ``blocks.block_inputs(dense, tokens)``.
+    ``dense_inputs`` may pass precomputed ``activations.block_inputs(dense, tokens)``.
     """
     if mode not in MODES:
         raise ValueError(f"unknown sweep mode {mode!r}; use one of {MODES}")
-    blocks.check_model(spd)
+    activations.check_model(spd)
     t0 = time.time()
     dense_layers, spd_layers = list(dense.decoder.layers), list(spd.decoder.layers)
     L = len(dense_layers)
     groups = spd_layers[0].spd_groups
-    xs = dense_inputs if dense_inputs is not None else blocks.block_inputs(dense, tokens,
+    xs = dense_inputs if dense_inputs is not None else activations.block_inputs(dense, tokens,
                                                                            micro_batch=micro_batch)
-    base = blocks.perplexity_from(dense, xs[L], tokens, [], micro_batch)
+    base = activations.perplexity_from(dense, xs[L], tokens, [], micro_batch)
     ppl = [0.0] * L
-    steps = blocks.rank0_tqdm(range(L - 1, -1, -1), desc=f"{mode} sweep", total=L,
-                              disable=not progress)
+    steps = distributed.progress(range(L - 1, -1, -1), desc=f"{mode} sweep", total=L,
+                                 enabled=progress)
     local = [0.0] * L
     for i in steps:
         if mode == "local":
@@ -116,7 +117,7 @@ def sweep(dense, spd, tokens: torch.Tensor, *, mode: str = "cumulative", micro_b
             ppl[i] = base
             continue
         rest = spd_layers[i:] if mode == "cumulative" else [spd_layers[i], *dense_layers[i + 1:]]
-        ppl[i] = blocks.perplexity_from(spd, xs[i], tokens, rest, micro_batch)
+        ppl[i] = activations.perplexity_from(spd, xs[i], tokens, rest, micro_batch)
         if hasattr(steps, "set_postfix"):
             steps.set_postfix(block=i, ppl=f"{ppl[i]:.3f}")
     if mode == "cumulative":
@@ -133,12 +134,12 @@ def sweep(dense, spd, tokens: torch.Tensor, *, mode: str = "cumulative", micro_b
 
 def _relative_block_error(model, dense_layer, spd_layer, x_cache: torch.Tensor,
                           micro_batch: int) -> float:
-    ctx = blocks.context(model, x_cache.shape[1])
+    ctx = activations.context(model, x_cache.shape[1])
     err = ref = 0.0
-    for sl in blocks.micro_batches(x_cache.shape[0], micro_batch):
-        x = blocks.to_sbh(x_cache, sl)
-        y = blocks.run_layers([dense_layer], x, ctx)
-        y_spd = blocks.run_layers([spd_layer], x, ctx)
+    for sl in activations.micro_batches(x_cache.shape[0], micro_batch):
+        x = activations.to_sbh(x_cache, sl)
+        y = activations.run_layers([dense_layer], x, ctx)
+        y_spd = activations.run_layers([spd_layer], x, ctx)
         err += float((y_spd - y).double().pow(2).sum())
         ref += float((y - x).double().pow(2).sum())
     return err / max(ref, 1e-30)

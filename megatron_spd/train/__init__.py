@@ -3,7 +3,7 @@
 ``loop.finetune`` is the entry point (tools/finetune.py); ``trainer.Trainer`` is one TP x DP
 step; ``losses`` the vocab-parallel LM and distillation losses; ``batches`` the resumable data
 order; ``optim`` the optimizer (megatron's on GPU, torch AdamW on CPU); ``state`` the resumable
-training checkpoints; ``report`` the loss-curve plot.
+training checkpoints; ``plots`` the loss-curve plot.
 """
 from .loop import FinetuneConfig, finetune
 

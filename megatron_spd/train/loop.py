@@ -27,47 +27,49 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 
-from .. import data
+from .. import data, distributed
 from ..checkpoint import dense_origin, open_model, save_checkpoint
-from ..distributed import is_rank0
+from ..cli import option
+from ..distributed import dp_rank_size, is_rank0
 from ..io import atomic_write_json
 from ..plan import SPDPlan
 from . import state
 from .batches import SampleOrder
 from .optim import OptimConfig
-from .trainer import StepConfig, Trainer, dp_rank_size
+from .trainer import StepConfig, Trainer
 
 
 @dataclass
-class FinetuneConfig(OptimConfig):
-    """Everything a fine-tuning run is configured by, flat (one field per command-line option):
-    the optimizer and lr schedule fields come from ``OptimConfig``."""
+class FinetuneConfig(StepConfig, OptimConfig):
+    """Everything a fine-tuning run is configured by, flat (one field per command-line option of
+    tools/finetune.py): the step fields come from ``StepConfig``, the optimizer and lr schedule
+    fields from ``OptimConfig``."""
 
-    steps: int = 200
-    seq_len: int = 256
-    micro_batch: int = 4
-    grad_accum: int = 1
-    distill: float = 0.0
-    temperature: float = 1.0
-    seed: int = 1234
-    eval_samples: int = 32          # held-out [seq_len + 1] blocks
-    eval_interval: int = 0          # 0 = only before and after training
-    save_interval: int = 0          # 0 = no intermediate checkpoints
-    log_interval: int = 10
-    keep: int = 2                   # training checkpoints kept in save_dir
+    steps: int = option(200, "optimizer steps")
+    seq_len: int = option(256, "tokens per training sequence")
+    seed: int = option(1234, "seed of the data order (and of the model's RNG)")
+    eval_samples: int = option(32, "held-out sequences of seq_len + 1 tokens")
+    eval_interval: int = option(0, "steps between held-out evaluations (0 = only before and "
+                                   "after training)")
+    save_interval: int = option(0, "steps between training checkpoints (0 = none in between)")
+    log_interval: int = option(10, "steps between log lines")
+    keep: int = option(2, "training checkpoints kept in the save directory (0 = all)")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        StepConfig.__post_init__(self)
+        OptimConfig.__post_init__(self)
         if self.steps < 1 or self.seq_len < 2:
             raise ValueError(f"need steps >= 1 and seq_len >= 2, got {self.steps}, {self.seq_len}")
 
     def optim(self) -> OptimConfig:
-        names = [f.name for f in dataclasses.fields(OptimConfig)]
-        return OptimConfig(**{n: getattr(self, n) for n in names})
+        return _part(self, OptimConfig)
 
     def step_config(self) -> StepConfig:
-        return StepConfig(micro_batch=self.micro_batch, grad_accum=self.grad_accum,
-                          distill=self.distill, temperature=self.temperature)
+        return _part(self, StepConfig)
+
+
+def _part(cfg: FinetuneConfig, cls: type):
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def token_blocks(tokenizer, source, split: str, seq_len: int, limit: Optional[int] = None,
@@ -164,10 +166,8 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
          f"{cfg.seq_len} tokens, {tokens_per_step} tokens/step, plan {loaded.plan.spd_ratio:.0%} "
          f"SPD (G={loaded.plan.groups}), TP={settings['tp']} DP={dp}, distill={cfg.distill}; "
          f"held-out loss {evals[0]['loss']:.4f}")
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=start, desc="fine-tune", unit="step",
-               disable=not (progress and is_rank0()))
+    bar = distributed.progress(total=cfg.steps, initial=start, desc="fine-tune", unit="step",
+                               enabled=progress)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -209,7 +209,7 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
         if json_out is not None:
             atomic_write_json(json_out, report)
         if plot is not None:
-            from .report import plot_curves
+            from .plots import plot_curves
 
             plot_curves(history, evals, plot)
     return report

@@ -1,8 +1,9 @@
 """Optimizer, gradient clipping and learning-rate schedule for fine-tuning a DDP-wrapped model.
 
 On GPU this is megatron-core's own optimizer (``get_megatron_optimizer``: it reads ``main_grad``,
-computes the TP-aware gradient norm, clips and steps). It hard-codes CUDA, so on CPU we use
-``compat.make_optimizer`` (torch AdamW) and do the same three things by hand:
+computes the TP-aware gradient norm, clips and steps). It hard-codes CUDA (optimizer/optimizer.py:907,
+clip_grads.py:90), so on CPU we use ``adamw`` (torch AdamW, whose per-rank state is TP-sharded
+exactly like the parameters) and do the same three things by hand:
 ``p.grad = p.main_grad``; the global gradient norm, where TP-sharded parameters contribute their
 shard and replicated ones are counted once (megatron's ``param_is_not_tensor_parallel_duplicate``),
 summed over the model-parallel group (gradients are already DP-averaged by DDP); clip; step.
@@ -20,26 +21,37 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
 from .. import compat
+from ..cli import option
 
 DECAY_STYLES = ("constant", "linear", "cosine")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-5
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    decay_style: str = "cosine"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0          # 0 = no clipping
+    """AdamW and its learning-rate schedule (megatron's ``OptimizerParamScheduler``)."""
+
+    lr: float = option(3e-5, "peak learning rate")
+    min_lr: float = option(0.0, "learning rate at the end of the decay")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    decay_style: str = option("cosine", "learning-rate decay after warm-up",
+                              choices=DECAY_STYLES, flag="--lr-decay-style")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.95, "AdamW beta2")
+    clip_grad: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
 
     def __post_init__(self) -> None:
         if self.decay_style not in DECAY_STYLES:
             raise ValueError(f"lr decay style {self.decay_style!r} is not one of {DECAY_STYLES}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}")
+
+
+def adamw(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW with ``cfg``'s lr, weight decay and betas (no schedule, no clipping): the CPU
+    optimizer of fine-tuning, and B2B's default optimizer on any device."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
 class Optimizer:
@@ -62,8 +74,7 @@ class Optimizer:
                 bf16=mcfg.bf16, fp16=mcfg.fp16, params_dtype=mcfg.params_dtype,
                 use_distributed_optimizer=False), [ddp_model])
         else:
-            self.opt = compat.make_optimizer(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+            self.opt = adamw(self.params, cfg)
         self.scheduler = OptimizerParamScheduler(
             self.opt, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr,
             min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=total_steps,

@@ -21,6 +21,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from .. import compat
+from ..distributed import dp_rank_size
+from ..cli import option
 from ..grads import reduce_tp_partial_grads
 from ..model import causal_mask
 from .batches import SampleOrder
@@ -30,20 +32,19 @@ from .optim import OptimConfig, Optimizer
 
 @dataclass
 class StepConfig:
-    micro_batch: int = 4        # sequences per DP rank per micro-step
-    grad_accum: int = 1         # micro-steps per optimizer step
-    distill: float = 0.0        # weight of the logit-distillation loss (0 = LM loss only)
-    temperature: float = 1.0
+    """What one optimizer step consumes and which loss it minimises."""
+
+    micro_batch: int = option(4, "sequences per data-parallel rank per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    distill: float = option(0.0, "weight of logit distillation from the dense teacher (0..1; "
+                                 "0 = language-model loss only)")
+    temperature: float = option(1.0, "distillation temperature")
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ValueError("micro_batch and grad_accum must be >= 1")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill weight must be in [0, 1], got {self.distill}")
-
-
-def dp_rank_size() -> tuple[int, int]:
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:

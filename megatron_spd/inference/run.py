@@ -1,4 +1,5 @@
-"""Serving glue for tools/generate.py: prompt files, data-parallel sharding, a timing summary.
+"""What ``tools/generate.py`` runs: prompts from the command line and files, generation spread
+over data-parallel replicas, the listing and timing summary, the JSON.
 
 With torchrun's world larger than TP (e.g. 2 nodes x 3 ranks at TP=3), each data-parallel
 replica generates its share of the prompts (round robin) and global rank 0 collects the results,
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch.distributed as dist
-from megatron.core import parallel_state
 
+from .. import distributed
 from .engine import GenerationConfig, GenerationError, GenerationResult, StreamCallback, generate
 
 
@@ -42,21 +44,15 @@ def read_prompts(prompts: Sequence[str] = (), prompts_file: Optional[str | Path]
     return out
 
 
-def _dp() -> tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-
-
 def generate_sharded(model, tokenizer, prompts: Sequence[str], config: GenerationConfig,
                      stream: Optional[StreamCallback] = None) -> Optional[list[GenerationResult]]:
     """``generate`` with the prompts split over data-parallel replicas; every rank calls it.
     Global rank 0 returns all results in prompt order, the other ranks return None."""
-    dp_rank, dp_size = _dp()
+    dp_rank, dp_size = distributed.dp_rank_size()
     mine = list(range(dp_rank, len(prompts), dp_size))
     results = generate(model, tokenizer, [prompts[i] for i in mine], config, stream=stream,
                        indices=mine) if mine else []
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = distributed.is_rank0()
     if dp_size == 1:
         return results if rank0 else None
     gathered: list = [None] * dist.get_world_size()
@@ -78,3 +74,52 @@ def summary(results: Sequence[GenerationResult]) -> dict:
             "output_tokens": sum(len(r.tokens) for r in results),
             "ttft_s_median": statistics.median(ttft) if ttft else None,
             "tpot_s_median": statistics.median(tpot) if tpot else None}
+
+
+def generate_source(source: str | Path | None, prompts: Sequence[str],
+                    config: GenerationConfig = GenerationConfig(), *,
+                    plan: str | Path | None = None, tp: Optional[int] = None,
+                    stream: bool = True, timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+                    json_out: str | Path | None = None) -> Optional[list[GenerationResult]]:
+    """Open ``source`` (None = SmolLM2-135M) at TP ``tp`` with ``plan`` (default: its own),
+    generate after every prompt (``stream``: the first prompt's text as it is produced), list
+    the outputs with their timings and write ``json_out`` on rank 0. Returns the results on
+    global rank 0, None elsewhere."""
+    from ..checkpoint import open_model
+    from ..io import atomic_write_json
+
+    with distributed.running(tp, timeout_s=timeout_s):
+        rank0 = distributed.is_rank0()
+        lm = open_model(source, plan=plan)
+        if rank0:
+            print(f"model: {source or 'SmolLM2-135M-Instruct (default)'}, "
+                  f"TP={distributed.tp_size()}, SPD blocks {len(lm.plan.spd_blocks)}/"
+                  f"{lm.config.num_layers} (G={lm.plan.groups})", flush=True)
+            if stream:
+                print(f"[0] {prompts[0]}", end="", flush=True)
+        results = generate_sharded(lm.model, lm.tokenizer, prompts, config,
+                                   stream=_print_first if stream else None)
+        if results is None:
+            return None
+        if stream:
+            print(flush=True)
+        for i, r in enumerate(results):
+            print(f"--- [{i}] {r.prompt!r} -> ({len(r.tokens)} tokens, {r.finish_reason}, "
+                  f"ttft {r.ttft_s * 1e3:.1f} ms, tpot "
+                  f"{'-' if r.tpot_s is None else f'{r.tpot_s * 1e3:.1f} ms'})\n{r.text}")
+        stats = summary(results)
+        print(f"summary: {stats}")
+        if json_out:
+            atomic_write_json(json_out, {"tp": distributed.tp_size(),
+                                         "ckpt": None if source is None else str(source),
+                                         "plan": lm.plan.strategies, "config": asdict(config),
+                                         "summary": stats,
+                                         "results": [r.to_dict() for r in results]})
+        return results
+
+
+def _print_first(index: int, text: str) -> None:
+    """Stream the first prompt's text as it arrives (a batch's rows would interleave token by
+    token); every output is listed in full at the end."""
+    if index == 0:
+        print(text, end="", flush=True)

@@ -1,5 +1,6 @@
-"""What ``tools/benchmark.py`` does, behind its argparse: set threads, start the ranks' process
-groups, get the weights, run the latency sweep or the projection, write JSON and PNG.
+"""What ``tools/benchmark.py`` runs behind its argparse: set threads, start the ranks' process
+groups, get the weights, run the latency sweep or the projection, write JSON and PNG and print
+the summary; or write docs/latency.md from those JSON files (``markdown.py``).
 
 CPU hygiene: T ranks on C cores get ``max(1, C // local ranks)`` intra-op threads each, so ranks
 do not fight over cores (torchrun's own default, OMP_NUM_THREADS=1, wastes cores when T < C).
@@ -17,7 +18,7 @@ import torch
 
 from .. import distributed
 from ..io import atomic_write_json
-from . import analytic, plots
+from . import analytic, markdown, plots
 from .latency import (PRESETS, LinkSetting, WeightSource, Workload, preset_source,
                       run_latency)
 
@@ -32,17 +33,17 @@ def threads_per_rank(cores: Optional[int] = None, local_ranks: Optional[int] = N
 
 def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] = None,
             groups: Optional[int] = None, threads: Optional[int] = None,
-            json_out: Optional[str] = None, png_out: Optional[str] = None,
-            timeout_s: float = 600.0) -> Optional[dict]:
-    """The latency sweep on this process's ranks; the report on rank 0 (None elsewhere).
+            json_out: Optional[str] = None, timeout_s: float = distributed.DEFAULT_TIMEOUT_S
+            ) -> Optional[dict]:
+    """The latency sweep on this process's ranks; the report on rank 0 (None elsewhere), which
+    also prints its summary and writes ``json_out`` with the PNG beside it.
 
     ``model``: a preset name (random weights, ``PRESETS``), ``default`` (SmolLM2-135M) or a
     checkpoint / HF directory / .gguf that ``checkpoint.load_weights`` reads (ranks read in
     turn, so one full copy of the weights is in memory at a time).
     """
     torch.set_num_threads(threads or threads_per_rank())
-    distributed.init(tp, timeout_s=timeout_s)
-    try:
+    with distributed.running(tp, timeout_s=timeout_s):
         if model in PRESETS:
             source, name = preset_source(model, groups or distributed.tp_size()), model
         else:
@@ -52,12 +53,10 @@ def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] =
         if report is not None:
             if json_out:
                 atomic_write_json(json_out, report)
-            if png_out:
-                plots.plot_measured(report, png_out)
+                plots.plot_measured(report, png_path(json_out))
+            print(markdown.summary(report))
         distributed.barrier()
         return report
-    finally:
-        distributed.shutdown()
 
 
 def _checkpoint_source(path: Optional[str], groups: Optional[int]) -> WeightSource:
@@ -70,35 +69,30 @@ def _checkpoint_source(path: Optional[str], groups: Optional[int]) -> WeightSour
     return source
 
 
-def project(*, models: Optional[list[str]] = None, tps: tuple[int, ...] = (4, 8),
-            links: tuple[str, ...] = ("nvlink", "internode", "pcie"), device: str = "a100",
-            batches: tuple[int, ...] = (1, 16), prompt: int = 1024, new_tokens: int = 128,
-            ratios: tuple[float, ...] = (0, 0.25, 0.5, 0.7, 0.75, 1.0),
-            json_out: Optional[str] = None, png_out: Optional[str] = None) -> dict:
-    """The analytic projection for LLaMA-2 shapes (no ranks needed)."""
-    unknown = sorted(set(models or ()) - set(analytic.LLAMA2))
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(analytic.LLAMA2)}")
-    cfgs = {m: analytic.LLAMA2[m] for m in (models or analytic.LLAMA2)}
-    if device not in analytic.DEVICES:
-        raise ValueError(f"unknown device {device!r}; known: {sorted(analytic.DEVICES)}")
-    rows = []
-    for b in batches:
-        for r in analytic.projection(cfgs, tps, links, device, ratios=ratios, batch=b,
-                                     prompt=prompt, new_tokens=new_tokens):
-            rows.append({"batch": b, **r})
+def project(p: analytic.Projection = analytic.Projection(), *,
+            json_out: Optional[str] = None) -> dict:
+    """The analytic projection for LLaMA-2 shapes (no ranks needed); prints its table and
+    writes ``json_out`` with the PNG beside it."""
     out = {"format": "megatron-spd-projection/1",
-           "device": analytic.DEVICES[device].to_dict(),
-           "links": {ln: analytic.link_profile(ln).to_dict() for ln in links},
-           "workload": {"prompt": prompt, "new_tokens": new_tokens, "batches": list(batches)},
-           "rows": rows}
+           "device": analytic.DEVICES[p.device].to_dict(),
+           "links": {ln: analytic.link_profile(ln).to_dict() for ln in p.links},
+           "workload": {"prompt": p.prompt, "new_tokens": p.new_tokens,
+                        "batches": list(p.batches)},
+           "rows": analytic.projection(p)}
     if json_out:
         atomic_write_json(json_out, out)
-    if png_out:
-        plots.plot_projection(out, png_out)
+        plots.plot_projection(out, png_path(json_out))
+    print(markdown.projection_summary(out))
     return out
 
 
-def default_paths(json_out: Optional[str]) -> Optional[str]:
+def write_doc(measured: list[str], projection: str, out: str = "docs/latency.md", *,
+              command: Optional[str] = None) -> None:
+    """docs/latency.md from measured and projection JSON files (``markdown.write_markdown``)."""
+    markdown.write_markdown(measured, projection, out, command=command)
+    print(f"wrote {out}")
+
+
+def png_path(json_out: str) -> str:
     """The PNG next to a JSON output (same stem)."""
-    return str(Path(json_out).with_suffix(".png")) if json_out else None
+    return str(Path(json_out).with_suffix(".png"))

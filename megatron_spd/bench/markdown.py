@@ -217,7 +217,7 @@ METHOD = """## Method
   compute time of the same step on an A100), which keeps communication's *share* of the step what
   it would be on that GPU ("time dilation").
 - **CPU hygiene.** Each rank gets max(1, cores / local ranks) intra-op threads
-  (`bench.runner.threads_per_rank`). T=2 on 2 cores: 1 thread each, one core per rank. T=3 on 2
+  (`bench.run.threads_per_rank`). T=2 on 2 cores: 1 thread each, one core per rank. T=3 on 2
   cores is oversubscribed (1 thread each, 3 ranks time-share 2 cores): compute is slower and
   noisier and straggler waits grow, which the min-over-ranks collective time keeps out of the
   bound. The machine was shared with other jobs; the load average is in each header.

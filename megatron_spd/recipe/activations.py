@@ -1,4 +1,4 @@
-"""Running a GPTModel block by block on cached hidden states (shared by every recipe step).
+"""Activations: running a GPTModel block by block on cached hidden states (every recipe step).
 
 The recipe never needs a whole forward pass per question it asks: in the backward sweep the
 blocks before i are dense and unchanged, B2B trains one block on that block's inputs, HG looks at
@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .. import compat, distributed
+from .. import compat
 from ..model import causal_mask
 
 
@@ -111,10 +111,3 @@ def perplexity_from(model, x_cache: torch.Tensor, tokens: torch.Tensor, layers: 
         total += float(nll.double().sum())
         count += nll.numel()
     return math.exp(total / count)
-
-
-def rank0_tqdm(iterable, **kw):
-    """tqdm on rank 0 only (``disable`` keeps the other ranks quiet)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=kw.pop("disable", False) or not distributed.is_rank0(), **kw)

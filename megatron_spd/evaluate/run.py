@@ -1,0 +1,147 @@
+"""What ``tools/evaluate.py`` runs: one evaluation of a model as a JSON-able report, its text
+summary, and the whole tool body (open a source, evaluate, pair with a baseline, save).
+
+``run_evaluation`` is kept separate from the tool body so recipes (accuracy vs SPD ratio tables)
+produce the same report for each model they build in memory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .. import data, distributed
+from ..cli import option
+from .loglik import DEFAULT_BATCH_TOKENS
+from .perplexity import perplexity
+from .tasks import TASKS, parse_task_list
+from .zeroshot import evaluate_tasks
+
+
+@dataclass
+class EvalConfig:
+    """What one evaluation scores: zero-shot tasks on their first ``limit`` items, then
+    perplexity on the first ``ppl_tokens`` tokens of a text."""
+
+    tasks: str = option("all", f"comma-separated task names ({', '.join(TASKS)}), 'all' or "
+                               "'none'")
+    limit: Optional[int] = option(None, "score the first N items of each task (default: all)",
+                                  type=int)
+    ppl_source: Optional[str] = option(None, ".txt/.jsonl/.parquet for perplexity (default: the "
+                                             "bundled Wikipedia paragraphs)", type=str,
+                                       flag="--ppl-text", metavar="FILE")
+    ppl_split: str = option("all", "document split of the perplexity text (data.SPLITS)",
+                            choices=tuple(data.SPLITS))
+    text_field: str = option("text", "document field of a .jsonl/.parquet file")
+    ppl_ctx: int = option(512, "perplexity window (tokens)")
+    ppl_stride: Optional[int] = option(None, "window stride (default: --ppl-ctx, "
+                                             "non-overlapping)", type=int)
+    ppl_tokens: int = option(50_000, "score the first N tokens (0: skip perplexity)")
+    batch_tokens: int = option(DEFAULT_BATCH_TOKENS, "padded tokens per forward (memory vs "
+                                                     "speed; results do not depend on it)")
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.ppl_tokens < 0:
+            raise ValueError(f"--ppl-tokens must be >= 0, got {self.ppl_tokens}")
+        self.task_names()  # an unknown task is an error now, not after loading the model
+
+    def task_names(self) -> list[str]:
+        return [] if self.tasks.strip() == "none" else parse_task_list(self.tasks)
+
+
+def run_evaluation(model, tokenizer, cfg: EvalConfig = EvalConfig(), *,
+                   on_progress: Optional[Callable[[dict[str, Any]], None]] = None
+                   ) -> dict[str, Any]:
+    """Zero-shot tasks, then perplexity (``cfg``). Keys: tasks, average, limit, ppl, bpb,
+    perplexity, seconds, tp, complete. ``on_progress(report)`` is called after each task and
+    once more with the 6-task average (complete=False), so a long run that is cut short still
+    leaves its finished tasks behind."""
+    tasks = cfg.task_names()
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"tasks": {}, "average": None, "limit": cfg.limit, "ppl": None,
+                              "bpb": None, "perplexity": None, "seconds": 0.0,
+                              "tp": distributed.tp_size(), "complete": False}
+
+    def task_done(results: dict[str, Any]) -> None:
+        report.update(tasks=dict(results), seconds=round(time.perf_counter() - t0, 1))
+        if on_progress is not None:
+            on_progress(report)
+
+    if tasks:
+        report.update(evaluate_tasks(model, tokenizer, tasks, cfg.limit,
+                                     batch_tokens=cfg.batch_tokens, on_task=task_done))
+        if on_progress is not None:  # the average, saved before the perplexity pass
+            on_progress(report)
+    if cfg.ppl_tokens != 0:
+        texts = data.load_texts(cfg.ppl_source, split=cfg.ppl_split, text_field=cfg.text_field)
+        p = perplexity(model, tokenizer, texts, ctx=cfg.ppl_ctx, n_tokens=cfg.ppl_tokens,
+                       stride=cfg.ppl_stride, batch_tokens=cfg.batch_tokens)
+        p.update(source=str(cfg.ppl_source) if cfg.ppl_source
+                 else "default (BoolQ Wikipedia passages)", split=cfg.ppl_split)
+        report.update(ppl=p["ppl"], bpb=p["bpb"], perplexity=p)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["complete"] = True
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """Human-readable table of a ``run_evaluation`` report (and its ``vs_baseline`` line)."""
+    lines = [f"{'task':<15}{'n':>6}{'acc':>8}{'acc_norm':>10}{'sec':>8}"] if report["tasks"] else []
+    for name, r in report["tasks"].items():
+        norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else "-"
+        lines.append(f"{name:<15}{r['n']:>6}{r['acc']:>8.4f}{norm:>10}{r['seconds']:>8.1f}")
+    avg = report.get("average")
+    if avg is not None:
+        lines.append(f"6-task average ({avg['metric']}): {avg['value']:.4f}")
+    elif report["tasks"]:
+        lines.append("6-task average: n/a (needs arc_easy, arc_challenge, hellaswag, lambada, "
+                     "piqa, sciq, winogrande)")
+    p = report.get("perplexity")
+    if p:
+        lines.append(f"perplexity {p['ppl']:.3f}, bits/byte {p['bpb']:.4f} ({p['tokens']} tokens "
+                     f"scored, ctx {p['ctx']}, stride {p['stride']}, {p['source']}, "
+                     f"{p['seconds']:.0f} s)")
+    lines.append(f"total {report['seconds']:.0f} s at TP={report['tp']}")
+    d = report.get("vs_baseline")
+    if d:
+        lines.append(f"6-task average vs {d['baseline']}: {100 * d['delta']:+.2f} points "
+                     f"(paired s.e. {100 * d['se']:.2f})")
+    return "\n".join(lines)
+
+
+def evaluate_source(source: str | Path | None = None, cfg: EvalConfig = EvalConfig(), *,
+                    plan: str | Path | None = None, tp: Optional[int] = None,
+                    baseline: str | Path | None = None,
+                    json_out: str | Path | None = None) -> dict[str, Any]:
+    """Open ``source`` (None = SmolLM2-135M) at TP ``tp`` with ``plan`` (default: its own),
+    evaluate it, pair it with ``baseline`` (a report of another model) if given, print the
+    summary on rank 0 and save the report to ``json_out`` after every task."""
+    from ..checkpoint import open_model
+    from ..io import atomic_write_json
+    from .baseline import compare, load_baseline
+
+    if baseline:
+        load_baseline(baseline, cfg.limit)  # fail now, not after the evaluation
+    with distributed.running(tp):
+        lm = open_model(source, plan=plan)
+        header = {"ckpt": str(source) if source else "default (SmolLM2-135M-Instruct)",
+                  "plan": lm.plan.to_dict(), "spd_ratio": lm.plan.spd_ratio,
+                  "config": asdict(cfg)}
+
+        def save(report: dict[str, Any]) -> None:
+            if json_out and distributed.is_rank0():
+                atomic_write_json(json_out, {**report, **header})
+
+        report = run_evaluation(lm.model, lm.tokenizer, cfg, on_progress=save)
+        report.update(header)
+        if baseline:
+            report["vs_baseline"] = compare(baseline, report)
+        save(report)
+        if distributed.is_rank0():
+            print(summary(report))
+            if json_out:
+                print(f"wrote {json_out}")
+        return report
