@@ -22,12 +22,31 @@ rank and marked ``sequence_parallel`` (megatron's own convention), so megatron's
 
 A rank with TP degree T holds G/T groups (``spd_groups`` is G); with T = 1 this is the exact
 single-process emulation of the G-way model.
+
+The layer replaces ``TransformerLayer.forward``, so every setting that the stock forward
+implements is either re-implemented here with megatron's own pieces or refused at construction
+(``check_supported``), never silently ignored:
+- activation recompute: ``full`` is done by TransformerBlock around whole layers (layer-agnostic);
+  selective ``core_attn`` by the stock attention; selective ``layernorm`` and ``mlp`` here, with
+  the stock ``CheckpointWithoutOutput`` / ``tensor_parallel.checkpoint`` exactly as the stock
+  forward uses them;
+- offloading: ``cpu_offloading`` is TransformerBlock's (layer-agnostic); fine-grained offloading
+  of ``qkv_linear``/``core_attn``/``attn_proj`` happens inside the stock attention; of
+  ``attn_norm``/``mlp_norm`` it is refused (its commit frees the block input, which the SPD
+  output still adds);
+- megatron's layer CUDA graphs (``cuda_graph_impl``) are refused: ``transformer_engine`` replays
+  ``_forward_attention``/``_forward_mlp`` (the dense block), ``local`` decode needs flash-attn;
+  the inference engine captures whole decode steps itself (inference/graph.py);
+- ``bias_dropout_fusion`` applies to the output's bias + dropout + residual (megatron's own
+  ``mlp_bda``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -40,18 +59,65 @@ from .layers import SPDColumnParallelLinear, SPDRowParallelLinear
 from .plan import check_groups
 
 
+def check_supported(config, local_groups: int) -> None:
+    """Raise ValueError for a TransformerConfig setting the SPD block cannot honour."""
+    problems = []
+    if config.cuda_graph_impl != "none":
+        problems.append(f"cuda_graph_impl={config.cuda_graph_impl!r}: megatron's per-layer CUDA "
+                        "graphs replay the dense block ('transformer_engine') or need flash-attn "
+                        "decode ('local'); use cuda_graph_impl='none' and the inference engine's "
+                        "decode graph (megatron_spd.inference.new_cache(..., cuda_graph=True))")
+    norms = sorted({"attn_norm", "mlp_norm"} & set(config.offload_modules or ()))
+    if config.fine_grained_activation_offloading and norms:
+        problems.append(f"fine-grained offloading of {norms}: its commit releases the block "
+                        "input, which the SPD output X + sum_i(A_i + Z_i) still needs; offload "
+                        "qkv_linear/core_attn/attn_proj or use cpu_offloading instead")
+    if config.inference_fuse_tp_communication:
+        problems.append("inference_fuse_tp_communication fuses the dense block's two reductions "
+                        "with its norms; turn it off for SPD blocks")
+    if config.mlp_chunks_for_prefill > 1:
+        problems.append("mlp_chunks_for_prefill > 1; set it to 1 for SPD blocks")
+    if config.fp8 or config.fp4:
+        problems.append("fp8/fp4: SPD blocks use megatron's local linears, which have no "
+                        "low-precision path; use bf16")
+    if (config.bias_activation_fusion and local_groups > 1 and config.add_bias_linear
+            and not config.gated_linear_unit):
+        problems.append(f"bias_activation_fusion with biased GeLU and {local_groups} SPD groups "
+                        "per rank: each group's fc1 bias is added inside the linear, and "
+                        "megatron's fused bias-GeLU needs one bias tensor; turn the fusion off "
+                        "or run with TP = G")
+    if problems:
+        raise ValueError("SPDTransformerLayer cannot honour this TransformerConfig: "
+                         + "; ".join(problems))
+
+
+def _norm(norm, x: torch.Tensor, recompute: bool):
+    """``norm(x)``, and the checkpoint that drops and recomputes its output when ``recompute``.
+
+    ``fp8=None``: megatron's default ``CheckpointWithoutOutput(fp8=False)`` sets
+    ``self.fp8 = fp8 is not None``, i.e. True (tensor_parallel/random.py:636), and then needs
+    Transformer Engine's FP8 state even without fp8 (which SPD blocks refuse anyway).
+    """
+    if not recompute:
+        return norm(x), None
+    checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)
+    return checkpoint.checkpoint(norm, x), checkpoint
+
+
 class SPDTransformerLayer(TransformerLayer):
     """TransformerLayer in SPD form for ``spd_groups`` groups (given through the spec's params)."""
 
     def __init__(self, config, submodules, layer_number: int = 1,
                  hidden_dropout: Optional[float] = None, pg_collection=None, vp_stage=None,
                  spd_groups: int = 1):
+        tp = (pg_collection.tp.size() if pg_collection is not None
+              else parallel_state.get_tensor_model_parallel_world_size())
+        check_groups(spd_groups, tp, config.num_attention_heads, config.num_query_groups,
+                     config.ffn_hidden_size)
+        check_supported(config, spd_groups // tp)  # before megatron acts on the settings
         super().__init__(config, submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection,
                          vp_stage=vp_stage)
-        tp = self.tp_group.size()
-        check_groups(spd_groups, tp, config.num_attention_heads, config.num_query_groups,
-                     config.ffn_hidden_size)
         self.spd_groups = spd_groups
         self.local_groups = spd_groups // tp
         attn, mlp = self.self_attention, self.mlp
@@ -78,41 +144,76 @@ class SPDTransformerLayer(TransformerLayer):
                 rotary_pos_emb: Optional[torch.Tensor] = None, rotary_pos_cos=None,
                 rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
                 inference_context: Any = None, packed_seq_params=None, sequence_len_offset=None,
-                **kwargs: Any):
-        sp = self.config.sequence_parallel
+                padding_mask=None, **kwargs: Any):
         x = hidden_states
-        if sp:
+        if self.config.sequence_parallel:
             x_full = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True,
                                                           group=self.tp_group)
         else:
             x_full = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        attn_out, b_o = self._attention(
+            x_full, attention_mask=attention_mask, inference_context=inference_context,
+            rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin, rotary_pos_cos_sin=rotary_pos_cos_sin,
+            attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+            sequence_len_offset=sequence_len_offset)
+        partial, b_fc2 = self._spd_partial(x_full, attn_out, b_o, padding_mask)
+        if self.config.sequence_parallel:
+            reduced = reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
+        else:
+            reduced = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+        return self._output(x, reduced, b_o, b_fc2), context
 
-        attn_out, b_o = self.self_attention(
-            self.input_layernorm(x_full), attention_mask=attention_mask,
-            inference_context=inference_context, rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
-            rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
-            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
-        # attn_out: the local groups' partials A_g stacked along batch, [s, n*b, h]
+    def _attention(self, x_full: torch.Tensor, **attention_kwargs: Any):
+        """LN1 then the stock attention: this group's partial A_i (and b_O, not added)."""
+        normed, checkpoint = _norm(self.input_layernorm, x_full, self.recompute_input_layernorm)
+        attn_out, b_o = self.self_attention(normed, **attention_kwargs)
+        if checkpoint is not None:  # LN1 is recomputed when attn_out's grad arrives
+            checkpoint.discard_output_and_register_recompute(attn_out)
+        return attn_out, b_o
+
+    def _local_residual(self, x_groups: torch.Tensor, attn_out: torch.Tensor,
+                        b_o: Optional[torch.Tensor]) -> torch.Tensor:
+        """H_i = X + A_i + b_O: each group's own residual stream, the input of LN2 and its MLP."""
+        h = x_groups + attn_out
+        return h if b_o is None else h + b_o
+
+    def _spd_partial(self, x_full: torch.Tensor, attn_out: torch.Tensor,
+                     b_o: Optional[torch.Tensor], padding_mask=None):
+        """The SPD math of one rank: sum over its local groups of A_i + MLP_i(LN2(H_i)).
+
+        ``attn_out`` holds the local groups' partials A_i stacked along batch, [s, n*b, h].
+        Returns the contiguous sum [s, b, h] (megatron's _reduce silently skips non-contiguous
+        input) and the fc2 bias (not added).
+        """
         n = self.local_groups
         x_groups = x_full.repeat(1, n, 1) if n > 1 else x_full
-        h_local = x_groups + attn_out if b_o is None else x_groups + attn_out + b_o
-        mlp_out, b_fc2 = self.mlp(self.pre_mlp_layernorm(h_local))
+        mlp_out, b_fc2 = self._mlp(self._local_residual(x_groups, attn_out, b_o), padding_mask)
         partial = attn_out + mlp_out
         if n > 1:
             s, nb, hid = partial.shape
             partial = partial.view(s, n, nb // n, hid).sum(dim=1)
-        partial = partial.contiguous()  # megatron's _reduce silently skips non-contiguous input
-        if sp:
-            reduced = reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
+        return partial.contiguous(), b_fc2
+
+    def _mlp(self, h_local: torch.Tensor, padding_mask=None):
+        """LN2 then the stock MLP, each recomputed in backward where the config says so."""
+        normed, checkpoint = _norm(self.pre_mlp_layernorm, h_local,
+                                   self.recompute_pre_mlp_layernorm)
+        if self.recompute_mlp:
+            out, bias = tensor_parallel.checkpoint(
+                functools.partial(self.mlp, padding_mask=padding_mask), False, normed)
         else:
-            reduced = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
-        if b_o is not None:
-            if not sp and self.tp_group.rank() != 0:
-                b_o = b_o.detach()  # its replicated-path grad is counted once, on TP rank 0
-            reduced = reduced + b_o
-        if b_fc2 is not None:
-            reduced = reduced + b_fc2
-        if self.hidden_dropout > 0 and self.training:
-            reduced = torch.nn.functional.dropout(reduced, p=self.hidden_dropout)
-        return x + reduced, context
+            out, bias = self.mlp(normed, padding_mask=padding_mask)
+        if checkpoint is not None:  # LN2 is recomputed when out's grad arrives
+            checkpoint.discard_output_and_register_recompute(out)
+        return out, bias
+
+    def _output(self, x: torch.Tensor, reduced: torch.Tensor, b_o: Optional[torch.Tensor],
+                b_fc2: Optional[torch.Tensor]) -> torch.Tensor:
+        """X + dropout(sum_i (A_i + Z_i) + b_O + b_fc2) through megatron's bias-dropout-add."""
+        if b_o is not None and not self.config.sequence_parallel and self.tp_group.rank() != 0:
+            b_o = b_o.detach()  # its replicated-path grad is counted once, on TP rank 0
+        biases = [b for b in (b_o, b_fc2) if b is not None]
+        bias = None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
+        return self.mlp_bda(self.training, self.config.bias_dropout_fusion)(
+            (reduced, bias), x, self.hidden_dropout)

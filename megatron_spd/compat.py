@@ -8,6 +8,7 @@ measurements.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -27,6 +28,27 @@ def device() -> torch.device:
 def backend() -> str:
     """torch.distributed backend: NCCL on GPU, gloo on CPU."""
     return "nccl" if on_gpu() else "gloo"
+
+
+def importable(module: str) -> bool:
+    """Whether ``module`` (an optional kernel package such as triton or apex's softmax) exists."""
+    return importlib.util.find_spec(module) is not None
+
+
+# TransformerConfig settings the CPU needs and a GPU does not (config.device_flags applies them
+# when no CUDA device is present). Every fused kernel is CUDA-only or torch.compile'd;
+# megatron-core's dataclass already defaults them to False, this states it:
+# - bias_activation_fusion / bias_dropout_fusion: jit_fuser = torch.compile (megatron/core/jit.py),
+#   which on CPU needs a C++ toolchain and compiles per shape;
+# - masked_softmax_fusion: the apex/megatron CUDA softmax kernels (fusions/fused_softmax.py:31);
+# - apply_rope_fusion: Transformer Engine (transformer_config.py:1550 refuses it otherwise);
+# - persist_layer_norm: apex's FusedLayerNorm (torch_norm.py:30 refuses it);
+# - gradient_accumulation_fusion: apex's fused_weight_gradient_mlp_cuda (layers.py:925).
+# use_cpu_initialization builds the full master weight on CPU and slices it, so every TP degree
+# gets the same random weights for one seed (the exactness tests rely on it).
+CPU_CONFIG = dict(bias_activation_fusion=False, bias_dropout_fusion=False,
+                  masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+                  gradient_accumulation_fusion=False, use_cpu_initialization=True)
 
 
 def apply(seed: int = 1234) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import compat
 
 #: A model's weights at TP=1 under megatron-core's names and layouts, fp32: the interchange format
 #: between converters, recipes and checkpoints (model.py shards it for a rank and gathers it back).
@@ -100,8 +102,7 @@ class ModelConfig:
         """megatron-core ``TransformerConfig`` for this model at TP degree ``tp``.
 
         Dropout is 0 (inference, distillation and the exactness tests need determinism; fine-tuning
-        can override). ``use_cpu_initialization`` builds the full master weight on CPU and slices
-        it, so every TP degree gets the same random weights for the same seed.
+        can override). Fusions and initialisation follow the device (``device_flags``).
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -125,13 +126,44 @@ class ModelConfig:
             params_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
             fp16=params_dtype == torch.float16,
-            use_cpu_initialization=not torch.cuda.is_available(),
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            apply_rope_fusion=False,
-            persist_layer_norm=False,
-            gradient_accumulation_fusion=False,
         )
+        kwargs.update(device_flags(self, on_gpu=compat.on_gpu()))
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+
+# Fusions Megatron-LM's pretrain_gpt.py turns on by default (megatron/training/arguments.py: each
+# has a --no-...-fusion flag), with what megatron needs to run each one.
+_GPU_FUSIONS = {
+    # jit_fuser is torch.compile (megatron/core/jit.py), whose GPU backend is triton
+    "bias_activation_fusion": ("triton",),
+    "bias_dropout_fusion": ("triton",),
+    # fused_softmax.py imports these CUDA extensions when a shape qualifies
+    "masked_softmax_fusion": ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda"),
+    # transformer_config.py refuses it without Transformer Engine
+    "apply_rope_fusion": ("transformer_engine",),
+}
+
+
+def device_flags(cfg: ModelConfig, *, on_gpu: bool,
+                 importable: Callable[[str], bool] = compat.importable) -> dict[str, Any]:
+    """Fusion (and initialisation) settings of ``cfg``'s TransformerConfig on a GPU or the CPU.
+
+    CPU: ``compat.CPU_CONFIG`` (every fusion off; weights initialised on CPU). CUDA: the stock
+    Megatron-LM defaults, i.e. each fusion in ``_GPU_FUSIONS`` is on where megatron can run it
+    (its kernel package is importable and the model has what it fuses: RoPE for the rope
+    fusion, biases for the plain-GeLU fusion, as arguments.py:964 and :995 decide). Off on GPU
+    too: ``gradient_accumulation_fusion`` (it accumulates into ``main_grad``, which only megatron
+    DDP allocates, and this package also runs plain backward: recipes, tests; a DDP trainer
+    may pass it as an override) and ``persist_layer_norm`` (apex's LayerNorm only; the local
+    spec's RMSNorm is torch's, which refuses it).
+    """
+    if not on_gpu:
+        return dict(compat.CPU_CONFIG)
+    flags = {name: all(importable(m) for m in needs) for name, needs in _GPU_FUSIONS.items()}
+    if cfg.position_embedding_type != "rope":
+        flags["apply_rope_fusion"] = False
+    if not cfg.gated and not cfg.add_bias_linear:
+        flags["bias_activation_fusion"] = False
+    return {**flags, "gradient_accumulation_fusion": False, "persist_layer_norm": False,
+            "use_cpu_initialization": False}
