@@ -1,8 +1,10 @@
 """ModuleSpec builders: turn an SPDPlan into per-block specs and a megatron-core GPTModel.
 
-Dense blocks use megatron-core's own local spec unchanged; SPD blocks swap in
-``SPDTransformerLayer`` and the SPD-aware linears (design.md 4). Parameter names stay the stock
-ones, so a checkpoint written by either loads into the other.
+Dense blocks use megatron-core's own local spec, with one swap: self-attention is
+``CachedSelfAttention`` (megatron's SelfAttention plus the engine's KV-cache path, used only with
+the engine's cache; inference/kv_cache.py). SPD blocks further swap in ``SPDTransformerLayer``
+and the SPD-aware linears (design.md 4). Parameter names stay the stock ones, so a checkpoint
+written by either loads into the other.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from . import compat
 from .block import SPDTransformerLayer
 from .config import ModelConfig
+from .inference.kv_cache import CachedSelfAttention
 from .layers import SPDColumnParallelLinear, SPDRowParallelLinear
 from .plan import SPDPlan
 
@@ -33,8 +36,10 @@ def _norm(tcfg) -> type:
 
 
 def dense_layer_spec(tcfg) -> ModuleSpec:
-    """megatron-core's local GPT layer spec (with an SP-capable norm where needed)."""
+    """megatron-core's local GPT layer spec (with an SP-capable norm where needed and the
+    engine's cached attention)."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=tcfg.normalization))
+    spec.submodules.self_attention.module = CachedSelfAttention
     norm = _norm(tcfg)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm

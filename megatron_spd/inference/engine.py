@@ -1,9 +1,16 @@
 """KV-cache generation on a megatron-core GPTModel (dense or SPD blocks), on every TP rank.
 
 megatron-core's ``StaticInferenceEngine`` needs CUDA-only calls (notes: megatron-core-on-cpu.md
-2 item 19), so this is a thin engine over ``GPTModel.forward`` with megatron's own
-``StaticInferenceContext`` KV cache; SPDTransformerLayer hands the context to megatron's
-SelfAttention, so SPD blocks cache exactly like dense ones.
+2 item 19), so this is a thin engine over ``GPTModel.forward`` with a megatron static inference
+context as its KV cache. Two paths, chosen per batch at prefill:
+- tensorised (models from ``megatron_spd.spec``, whose attention is ``CachedSelfAttention``):
+  cache length, padding and masks in device tensors, K/V written in place, fused attention
+  (kv_cache.py); each decode step is one ``DecodeStep``, captured in a CUDA graph on GPU
+  (graph.py; eager on CPU, with ``cuda_graph=False``, or if capture fails, with a warning);
+- megatron's own static path (any other GPTModel, e.g. the benchmark's stock model, or
+  ``tensor_path=False``): ``StaticInferenceContext`` with explicit masks, as megatron does it.
+Both give the same logits (tests/test_decode_path.py); SPDTransformerLayer hands the context to
+the attention like a dense layer does, so SPD blocks cache exactly like dense ones.
 
 Two levels:
 - low level (what the latency benchmark times): ``new_cache(max_batch, max_seq_len)``,
@@ -23,17 +30,19 @@ alone up to float rounding (and exactly for learned absolute positions).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from .. import compat
 from ..cli import option
 from ..distributed import is_rank0
 from ..model import causal_mask
+from .graph import DecodeStep
+from .kv_cache import CacheContext, uses_cached_attention
 from .sampling import SamplingParams, make_generator, sample
 
 
@@ -43,19 +52,27 @@ class GenerationError(RuntimeError):
 
 # ----- low level: cache, prefill, decode ---------------------------------------------------------
 class KVCache:
-    """megatron's ``StaticInferenceContext`` plus each row's left-pad length.
+    """The inference context (kv_cache.CacheContext) plus each row's left-pad length, and the
+    decode steps (graphs) made for it.
 
     One cache holds one batch from prefill to the end of its decode; ``reset()`` reuses the
-    allocated buffers for the next batch of the same or smaller size.
+    allocated buffers (and captured decode graphs) for the next batch of the same or smaller
+    size. ``tensor_path``: use the tensorised path where the model supports it; ``cuda_graph``:
+    capture its decode step on GPU (``graph_error`` says why a capture failed, if one did).
     """
 
-    def __init__(self, max_batch: int, max_seq_len: int) -> None:
+    def __init__(self, max_batch: int, max_seq_len: int, *, tensor_path: bool = True,
+                 cuda_graph: bool = True) -> None:
         if max_batch < 1 or max_seq_len < 1:
             raise ValueError(f"KV cache needs max_batch >= 1 and max_seq_len >= 1, "
                              f"got {max_batch} and {max_seq_len}")
-        self.context = StaticInferenceContext(max_batch, max_seq_len)
+        self.context = CacheContext(max_batch, max_seq_len, compat.device())
         self.pad: Optional[torch.Tensor] = None  # [b] left-pad lengths; None = no padding
         self.batch = 0
+        self.tensor_path, self.cuda_graph = tensor_path, cuda_graph
+        self.graph_error: Optional[str] = None
+        self._steps: dict[tuple[int, int], DecodeStep] = {}
+        self._pool = None
 
     @property
     def max_batch(self) -> int:
@@ -76,9 +93,32 @@ class KVCache:
         self.batch = 0
 
 
-def new_cache(max_batch: int, max_seq_len: int) -> KVCache:
-    """An empty KV cache for up to ``max_batch`` rows of ``max_seq_len`` tokens (padding included)."""
-    return KVCache(max_batch, max_seq_len)
+    def decode_step_for(self, model) -> DecodeStep:
+        """The (captured, where possible) tensorised decode step of ``model`` for this batch."""
+        key = (id(model), self.batch)
+        step = self._steps.get(key)
+        if step is not None and step.model is model:
+            return step
+        capture = self.cuda_graph and compat.on_gpu() and self.graph_error is None
+        if capture and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            step = DecodeStep(model, self.context, self.batch, capture=capture, pool=self._pool)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: decode eagerly, say why
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn("CUDA graph capture of the decode step failed, decoding eagerly "
+                          f"instead: {self.graph_error}")
+            step = DecodeStep(model, self.context, self.batch, capture=False)
+        self._steps[key] = step
+        return step
+
+
+def new_cache(max_batch: int, max_seq_len: int, *, tensor_path: bool = True,
+              cuda_graph: bool = True) -> KVCache:
+    """An empty KV cache for up to ``max_batch`` rows of ``max_seq_len`` tokens (padding
+    included). ``tensor_path=False`` forces megatron's own static path; ``cuda_graph=False``
+    decodes eagerly on GPU too."""
+    return KVCache(max_batch, max_seq_len, tensor_path=tensor_path, cuda_graph=cuda_graph)
 
 
 def _check_model(model) -> None:
@@ -128,11 +168,28 @@ def prefill(model, cache: KVCache, tokens: torch.Tensor,
             key_is_pad = torch.arange(s, device=dev).unsqueeze(0) < pad.unsqueeze(1)  # [b, s]
             mask = mask | key_is_pad[:, None, None, :]
             pos = (pos - pad.unsqueeze(1)).clamp_min(0)
-    logits = model(tokens, pos, mask, inference_context=cache.context, runtime_gather_output=True)
+    ctx = cache.context
+    ctx.tensor_path = cache.tensor_path and uses_cached_attention(model)
+    if ctx.tensor_path:
+        ctx.pad[:b].copy_(pad if pad is not None else torch.zeros(b, dtype=torch.long))
+    logits = _forward(model, ctx, tokens, pos, mask)
     cache.pad, cache.batch = pad, b
-    cache.context.increment_sequence_len_offset(s)
-    cache.context.enable_decode_mode()
+    ctx.enable_decode_mode()
     return _last_logits(logits)
+
+
+def _forward(model, ctx: CacheContext, tokens: torch.Tensor, pos: torch.Tensor,
+             mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``tokens`` [b, k] through ``model`` into the cache. ``pos``/``mask`` are megatron's
+    (ignored on the tensorised path, which makes its own on the device)."""
+    b, k = tokens.shape
+    if ctx.tensor_path:
+        pos, mask = ctx.begin_step(b, k), None
+    logits = model(tokens, pos, mask, inference_context=ctx, runtime_gather_output=True)
+    if ctx.tensor_path:
+        ctx.end_step(k)
+    ctx.increment_sequence_len_offset(k)
+    return logits
 
 
 @torch.no_grad()
@@ -149,6 +206,11 @@ def decode_step(model, cache: KVCache, next_tokens: torch.Tensor) -> torch.Tenso
         raise GenerationError(f"decode_step needs one token per row, shape ({b},), "
                               f"got {tuple(next_tokens.shape)}")
     dev = compat.device()
+    ctx = cache.context
+    if ctx.tensor_path:
+        logits = cache.decode_step_for(model)(next_tokens.to(dev))
+        ctx.increment_sequence_len_offset(1)
+        return logits
     n = cache.length
     pos = torch.full((b, 1), n, dtype=torch.long, device=dev)
     mask = None  # no padding: every cached key is visible (megatron's decode default)
@@ -156,10 +218,7 @@ def decode_step(model, cache: KVCache, next_tokens: torch.Tensor) -> torch.Tenso
         pos = pos - cache.pad.unsqueeze(1)
         mask = (torch.arange(n + 1, device=dev).unsqueeze(0) < cache.pad.unsqueeze(1))
         mask = mask[:, None, None, :]
-    logits = model(next_tokens.to(dev).unsqueeze(1), pos, mask, inference_context=cache.context,
-                   runtime_gather_output=True)
-    cache.context.increment_sequence_len_offset(1)
-    return _last_logits(logits)
+    return _last_logits(_forward(model, ctx, next_tokens.to(dev).unsqueeze(1), pos, mask))
 
 
 @torch.no_grad()
@@ -193,12 +252,9 @@ def extend(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     only_last = context.materialize_only_last_token_logits
     context.materialize_only_last_token_logits = False  # every new position's logits
     try:
-        logits = model(tokens.to(dev), pos, mask, inference_context=context,
-                       runtime_gather_output=True)
+        return _forward(model, context, tokens.to(dev), pos, mask)
     finally:
         context.materialize_only_last_token_logits = only_last
-    context.increment_sequence_len_offset(k)
-    return logits
 
 
 def rewind(cache: KVCache, length: int) -> None:
@@ -206,7 +262,7 @@ def rewind(cache: KVCache, length: int) -> None:
     if not 1 <= length <= cache.length:
         raise GenerationError(f"can only rewind the KV cache to a length in [1, {cache.length}], "
                               f"got {length}")
-    cache.context.sequence_len_offset = length
+    cache.context.set_length(length)
 
 
 # ----- high level: generate ----------------------------------------------------------------------
