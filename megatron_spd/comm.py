@@ -6,7 +6,9 @@ last two at import as ``dist_all_gather_func``/``dist_reduce_scatter_func``, so 
 attributes are patched too). Only collectives on the tensor-parallel group are seen.
 
 - ``CollectiveCounter``: counts calls and bytes by kind, e.g. to check that an SPD block issues
-  one all-reduce where a dense block issues two, and measures the time spent inside them.
+  one all-reduce where a dense block issues two, and measures the time spent inside them (on a
+  GPU the clock is read after synchronising, before and after the collective, so the time is the
+  collective's and not its launch's or the queued compute's; clock.py).
 - ``simulate_link``: makes each TP collective take at least ``alpha + wire_bytes / beta`` for a
   named link profile, so high/low-bandwidth and multi-node settings can be reproduced on CPU.
   Wire bytes follow the ring algorithm: all-reduce 2(T-1)/T x payload, all-gather and
@@ -26,6 +28,8 @@ from typing import Callable, Iterator, Optional
 
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from . import clock
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -142,10 +146,11 @@ def _wrap(fn, kind: str):
             return fn(*args, **kwargs)
         tensor = _arg(args, kwargs, t_pos, t_name)
         nbytes = tensor.numel() * tensor.element_size()
-        start = time.perf_counter()
+        start = clock.now()
         result = fn(*args, **kwargs)
         if _arg(args, kwargs, g_pos + 1, "async_op", False):
             result.wait()
+        clock.sync()
         if _delays:
             _wait_until(start + max(d(kind, nbytes) for d in _delays))
         spent = time.perf_counter() - start

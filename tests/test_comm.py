@@ -98,3 +98,23 @@ def test_counter_and_simulator_on_two_ranks():
         assert r["sim_counted"] >= r["sim_expected"] - 1e-3
         assert r["sim_other_group"] < r["sim_expected"]  # bounded: no 340 ms delay added
         assert r["restored"] and r["sum_ok"]
+
+
+def test_clock_synchronises_cuda_before_reading(monkeypatch):
+    """On a GPU the collective timer and the benchmarks read the clock only after the queued
+    kernels finished (clock.now); never while a CUDA graph is being captured."""
+    import torch
+
+    from megatron_spd import clock
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    clock.now()
+    assert calls == ["sync"]
+    capturing[0] = True
+    clock.now()
+    assert calls == ["sync"]
