@@ -33,18 +33,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(tp: Optional[int] = None, *, seed: int = 1234,
-         timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def init(tp: Optional[int] = None, *, seed: int = 1234, timeout_s: float = DEFAULT_TIMEOUT_S,
+         backend: Optional[str] = None) -> None:
     """Initialise torch.distributed and megatron's parallel state: TP = ``tp`` (default: world
-    size), data parallel = world size / TP. Safe to call again with the same ``tp``."""
+    size), data parallel = world size / TP. Safe to call again with the same ``tp``.
+    ``backend``: default NCCL on GPU, gloo on CPU; gloo on a GPU lets several ranks share one
+    device (each local rank uses device ``LOCAL_RANK % device count``; NCCL refuses that itself)."""
     if not dist.is_initialized():
         if compat.on_gpu():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         timeout = datetime.timedelta(seconds=timeout_s)
+        backend = backend or compat.backend()
         if "RANK" in os.environ:  # torchrun (or run_ranks) environment
-            dist.init_process_group(compat.backend(), timeout=timeout)
+            dist.init_process_group(backend, timeout=timeout)
         else:  # a plain single process: a world of one, with an in-memory store (no port)
-            dist.init_process_group(compat.backend(), store=dist.HashStore(), rank=0,
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0,
                                     world_size=1, timeout=timeout)
     world = dist.get_world_size()
     tp = world if tp is None else tp

@@ -31,7 +31,8 @@ def _worker(rank: int, world: int, port: int, tp: int | None, threads: int, fn: 
     warnings.simplefilter("ignore", UserWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
     try:
-        distributed.init(tp, timeout_s=kwargs.pop("_timeout_s", 120))
+        distributed.init(tp, timeout_s=kwargs.pop("_timeout_s", 120),
+                         backend=kwargs.pop("_backend", None))
         result = fn(*args, **kwargs)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:
@@ -43,7 +44,8 @@ def _worker(rank: int, world: int, port: int, tp: int | None, threads: int, fn: 
 
 def run_ranks(fn: Callable, world: int, *args: Any, tp: int | None = None,
               timeout: float = 600, threads: int | None = None, **kwargs: Any) -> list[Any]:
-    """``fn(*args, **kwargs)`` on ``world`` fresh ranks (TP = ``tp``, default ``world``)."""
+    """``fn(*args, **kwargs)`` on ``world`` fresh ranks (TP = ``tp``, default ``world``).
+    ``_timeout_s`` and ``_backend`` in kwargs go to ``distributed.init``."""
     threads = threads or max(1, (os.cpu_count() or 1) // world)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="spd-ranks-") as out_dir:
@@ -69,3 +71,25 @@ def run_ranks(fn: Callable, world: int, *args: Any, tp: int | None = None,
         if bad:
             raise RuntimeError(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def logits_and_grads(cfg, plan, full_state_dict: dict, tokens: torch.Tensor,
+                     loss_weights: torch.Tensor, *, sequence_parallel: bool = False,
+                     prepare: Callable | None = None,
+                     **config_overrides: Any) -> tuple[torch.Tensor, dict]:
+    """Logits [b, s, V] (CPU) and full gradients of ``sum(logits * loss_weights)`` for ``cfg``
+    with ``plan`` and the given full weights at the current TP degree: the quantities every
+    exactness comparison (TP=N vs T=1, megatron vs tests/reference.py) is made on.
+    ``prepare(model)`` runs after the model is built (e.g. to register hooks)."""
+    from .grads import reduce_tp_partial_grads
+    from .model import forward_logits, gather_full_state_dict, load_full_state_dict
+    from .spec import build_model
+
+    model = build_model(cfg, plan, sequence_parallel=sequence_parallel, **config_overrides)
+    load_full_state_dict(model, full_state_dict)
+    if prepare is not None:
+        prepare(model)
+    logits = forward_logits(model, tokens)
+    (logits * loss_weights.to(logits.device)).sum().backward()
+    reduce_tp_partial_grads(model)
+    return logits.detach().cpu(), gather_full_state_dict(model, grads=True)

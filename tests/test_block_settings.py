@@ -101,24 +101,23 @@ def _count_calls(modules) -> list:
 def _train_step(overrides: dict) -> dict:
     """Logits, full gradients and per-module call counts (after forward, after backward) of one
     fp32 forward/backward of the SPD model with ``overrides``."""
-    from megatron_spd.grads import reduce_tp_partial_grads
-    from megatron_spd.model import forward_logits, gather_full_state_dict, load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.testing import logits_and_grads
 
-    model = build_model(LLAMA, PLAN, **overrides)
-    load_full_state_dict(model, random_full_state_dict(LLAMA, 3))
-    spd = [model.decoder.layers[i] for i in PLAN.spd_blocks]
-    watched = {"layer": spd, "mlp": [m.mlp for m in spd],
-               "norms": [n for m in spd for n in (m.input_layernorm, m.pre_mlp_layernorm)],
-               "core_attn": [m.self_attention.core_attention for m in spd]}
-    counts = {k: _count_calls(v) for k, v in watched.items()}
-    logits = forward_logits(model, TOKENS)
-    after_forward = {k: list(v) for k, v in counts.items()}
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7))
-    (logits * weights).sum().backward()
-    reduce_tp_partial_grads(model)
-    return {"logits": logits.detach(), "grads": gather_full_state_dict(model, grads=True),
-            "forward": after_forward, "backward": counts}
+    counts, after_forward = {}, {}
+
+    def watch(model):
+        spd = [model.decoder.layers[i] for i in PLAN.spd_blocks]
+        watched = {"layer": spd, "mlp": [m.mlp for m in spd],
+                   "norms": [n for m in spd for n in (m.input_layernorm, m.pre_mlp_layernorm)],
+                   "core_attn": [m.self_attention.core_attention for m in spd]}
+        counts.update({k: _count_calls(v) for k, v in watched.items()})
+        model.register_forward_hook(
+            lambda *_: after_forward.update({k: list(v) for k, v in counts.items()}))
+
+    weights = torch.randn(2, 8, LLAMA.vocab_size, generator=torch.Generator().manual_seed(7))
+    logits, grads = logits_and_grads(LLAMA, PLAN, random_full_state_dict(LLAMA, 3), TOKENS,
+                                     weights, prepare=watch, **overrides)
+    return {"logits": logits, "grads": grads, "forward": after_forward, "backward": counts}
 
 
 def _recompute_ranks() -> dict:
