@@ -54,7 +54,8 @@ OPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query
                   ffn_hidden_size=96, vocab_size=96, max_seq_length=32, normalization="LayerNorm",
                   activation="gelu", add_bias_linear=True, tie_word_embeddings=True)
 CASES = {"dense": (LLAMA, None), "g2": (LLAMA, SPDPlan(2, ["zs", "dense", "zs"])),
-         "g4": (LLAMA, SPDPlan(4, ["dense", "zs", "zs"])), "opt_g2": (OPT, SPDPlan(2, ["zs", "zs"]))}
+         "g4": (LLAMA, SPDPlan(4, ["dense", "zs", "zs"])),
+         "opt_g2": (OPT, SPDPlan(2, ["zs", "zs"]))}
 TOL_REFERENCE = {"logits_atol": 2e-5, "logits_rtol": 1e-5, "grad_atol_per_max": 4e-6,
                  "grad_rtol": 1e-4}
 TOL_TP = {"logits_atol": 1e-5, "logits_rtol": 1e-5, "grad_atol_per_max": 1e-6, "grad_rtol": 1e-4}
@@ -142,8 +143,8 @@ def check_exactness_t1(state: dict) -> dict:
         tokens, weights = _tokens_and_weights(cfg)
         ref = reference_logits(cfg, sd, tokens, plan)
         (ref * weights).sum().backward()
-        out["cases"][name] = _compare(state[name], (ref.detach(), {k: v.grad for k, v in sd.items()}),
-                                      TOL_REFERENCE)
+        ref_grads = {k: v.grad for k, v in sd.items()}
+        out["cases"][name] = _compare(state[name], (ref.detach(), ref_grads), TOL_REFERENCE)
     out["ok"] = all(c["ok"] for c in out["cases"].values())
     return out
 
@@ -163,8 +164,8 @@ def check_two_ranks(state: dict) -> dict:
     for name in CASES:
         per_rank = [_compare(r[name], state[name], TOL_TP) for r in ranks]
         out["cases"][name] = {"ok": all(p["ok"] for p in per_rank),
-                              "logits_max_abs_err": max(p["logits_max_abs_err"] for p in per_rank),
-                              "grad_max_err_per_max": max(p["grad_max_err_per_max"] for p in per_rank)}
+                              **{k: max(p[k] for p in per_rank)
+                                 for k in ("logits_max_abs_err", "grad_max_err_per_max")}}
     out["ok"] = all(c["ok"] for c in out["cases"].values())
     return out
 
@@ -342,7 +343,8 @@ def measure_decode(shapes: Shapes, state: dict) -> dict:
         for r in rows.values():
             if "ms_per_token" in r:
                 r["over_weight_read_bound"] = r["ms_per_token"] / out["weight_read_bound_ms"]
-                r["block_overhead_us"] = 1e3 * max(0.0, r["ms_per_token"] - bound_ms) / cfg.num_layers
+                excess_ms = max(0.0, r["ms_per_token"] - bound_ms)
+                r["block_overhead_us"] = 1e3 * excess_ms / cfg.num_layers
         eager, graphed = rows["tensorised_eager"], rows["tensorised_graphed"]
         ref = rows["megatron"]["tokens"]
         out["batches"][str(b)] = {

@@ -139,8 +139,8 @@ _GPU_FUSIONS = {
     "bias_activation_fusion": ("triton",),
     "bias_dropout_fusion": ("triton",),
     # fused_softmax.py imports these CUDA extensions when a shape qualifies
-    "masked_softmax_fusion": ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
-                              "scaled_softmax_cuda"),
+    "masked_softmax_fusion": ("scaled_upper_triang_masked_softmax_cuda",
+                              "scaled_masked_softmax_cuda", "scaled_softmax_cuda"),
     # transformer_config.py refuses it without Transformer Engine
     "apply_rope_fusion": ("transformer_engine",),
 }

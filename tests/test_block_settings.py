@@ -21,7 +21,8 @@ LLAMA = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=8, num_que
                     ffn_hidden_size=128, vocab_size=96, max_seq_length=32)
 OPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4,
                   ffn_hidden_size=96, vocab_size=96, normalization="LayerNorm",
-                  activation="gelu", add_bias_linear=True, position_embedding_type="learned_absolute")
+                  activation="gelu", add_bias_linear=True,
+                  position_embedding_type="learned_absolute")
 FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
            "apply_rope_fusion")
 # G=4 at TP=2: two SPD groups per rank (the group-stacked path). All blocks SPD: megatron
@@ -68,7 +69,7 @@ def test_transformer_config_uses_this_devices_flags():
     tcfg = LLAMA.transformer_config(1)
     for name, value in device_flags(LLAMA, on_gpu=torch.cuda.is_available()).items():
         assert getattr(tcfg, name) == value, name
-    assert LLAMA.transformer_config(1, bias_dropout_fusion=True).bias_dropout_fusion  # overrides win
+    assert LLAMA.transformer_config(1, bias_dropout_fusion=True).bias_dropout_fusion  # override
 
 
 def test_refuses_settings_it_cannot_honour():

@@ -19,7 +19,8 @@ TINY = ModelConfig(num_layers=4, hidden_size=48, num_attention_heads=4, num_quer
                    ffn_hidden_size=96, vocab_size=128, max_seq_length=32)
 OPT = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=4, num_query_groups=4,
                   ffn_hidden_size=96, vocab_size=128, max_seq_length=32, normalization="LayerNorm",
-                  activation="gelu", add_bias_linear=True, position_embedding_type="learned_absolute")
+                  activation="gelu", add_bias_linear=True,
+                  position_embedding_type="learned_absolute")
 CASES = {"dense": (TINY, None), "spd": (TINY, SPDPlan.from_spd_blocks(4, 2, [1, 3])),
          "opt_spd": (OPT, SPDPlan(2, ["zs", "zs"]))}
 PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16], [42]]

@@ -134,7 +134,9 @@ class CachedSelfAttention(SelfAttention):
     def _rope(self, query: torch.Tensor, key: torch.Tensor, rotary_pos_emb,
               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE at the cache slots, from megatron's table for the whole cache [max_seq, 1, 1, d]."""
-        q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+        if not isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
+        q_emb, k_emb = rotary_pos_emb
         mscale = _yarn_get_concentration_factor_from_config(self.config)
         cp = self.pg_collection.cp
         query = apply_rotary_pos_emb(query, q_emb.index_select(0, slots), config=self.config,
