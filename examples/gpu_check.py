@@ -387,7 +387,8 @@ def _host() -> dict:
     return {"device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
             "cuda": torch.version.cuda if gpu else None, "torch": torch.__version__,
             "megatron_core": megatron.core.__version__, "python": platform.python_version(),
-            "transformer_engine": compat.have_transformer_engine(), "apex": compat.have_apex(),
+            "transformer_engine": compat.importable("transformer_engine"),
+            "apex": compat.importable("apex"),
             "flash_attn": compat.importable("flash_attn"), "triton": compat.importable("triton"),
             "device_flags": device_flags(LLAMA, on_gpu=gpu)}
 

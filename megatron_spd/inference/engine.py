@@ -13,7 +13,7 @@ Both give the same logits (tests/test_decode_path.py); SPDTransformerLayer hands
 the attention like a dense layer does, so SPD blocks cache exactly like dense ones.
 
 Two levels:
-- low level (what the latency benchmark times): ``new_cache(max_batch, max_seq_len)``,
+- low level (what the latency benchmark times): ``new_cache(max_batch, max_seq_len, ...)``,
   ``prefill(model, cache, tokens, prompt_lengths) -> [b, V]`` and
   ``decode_step(model, cache, next_tokens) -> [b, V]``; full-vocabulary logits of the last
   position, identical on every TP rank.
@@ -280,6 +280,8 @@ class GenerationConfig:
     seed: int = option(1234, "sampling seed (prompt i draws from seed + i)")
     max_batch_size: int = option(8, "prompts per batch", flag="--batch-size")
     stop_on_eos: bool = option(True, "stop a prompt at its EOS token", flag="--no-eos")
+    cuda_graph: bool = option(True, "on GPU, replay each decode step from a CUDA graph",
+                              flag="--no-cuda-graph")
     add_bos: Optional[bool] = None  # None: the tokenizer's (source model's) default
 
     def __post_init__(self) -> None:
@@ -367,7 +369,8 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], config: GenerationC
         raise GenerationError(f"{len(indices)} indices for {len(prompt_ids)} prompts")
     size = config.max_batch_size
     longest = max(len(ids) for ids in prompt_ids)
-    cache = new_cache(min(size, len(prompt_ids)), longest + config.max_new_tokens)
+    cache = new_cache(min(size, len(prompt_ids)), longest + config.max_new_tokens,
+                      cuda_graph=config.cuda_graph)
     try:
         for start in range(0, len(prompt_ids), size):
             cache.reset()
