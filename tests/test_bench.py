@@ -123,3 +123,50 @@ def _free_port() -> int:
     from megatron_spd.distributed import free_port
 
     return free_port()
+
+
+def _gpu_check_report(mode: str = "full", graphed: bool = True) -> dict:
+    """The parts of an examples/gpu_check.py report the projection reads (synthetic values)."""
+    paths = {"tensorised_eager": {"block_overhead_us": 300.0, "graphed": False},
+             "tensorised_graphed": {"block_overhead_us": 4.0, "graphed": graphed,
+                                    "graph_error": None if graphed else "RuntimeError: x"}}
+    return {"format": "megatron-spd-gpu-check/1", "mode": mode, "host": {"device": "GPU-X"},
+            "checks": {"decode": {"batches": {"1": {"paths": paths}}}}}
+
+
+def test_projection_regimes_and_measured_overhead(tmp_path):
+    """Eager vs graphed per-block overhead (issue 14): the regime is stated, a gpu_check report
+    replaces the assumed overhead, and an unusable report is refused."""
+    import json
+
+    from megatron_spd.bench.analytic import REGIMES, Projection, projection
+
+    few = dict(models=("llama2-70b",), tps=(8,), links=("pcie",), batches=(1,),
+               ratios=(0.0, 0.7), new_tokens=8)
+    eager, graphed = Projection(**few), Projection(**few, regime="graphed")
+    assert eager.device_model().block_overhead_s == REGIMES["eager"]
+    assert graphed.device_model().block_overhead_s == REGIMES["graphed"]
+    assert "assumed" in graphed.regime_info()["source"]
+
+    def decode_at_70(p):
+        (row,) = [r for r in projection(p) if r["spd_ratio"] == 0.7]
+        return row["decode_s"], row["decode_reduction"]
+
+    (t_eager, red_eager), (t_graphed, red_graphed) = decode_at_70(eager), decode_at_70(graphed)
+    # less overhead: a shorter step of which the same dropped communication is a larger share
+    assert t_graphed < t_eager and red_graphed > red_eager
+    report = tmp_path / "gpu_check.json"
+    report.write_text(json.dumps(_gpu_check_report()))
+    measured = Projection(**few, gpu_check=str(report))
+    assert measured.device_model().block_overhead_s == pytest.approx(300e-6)
+    assert "measured" in measured.regime_info()["source"]
+    assert "GPU-X" in measured.regime_info()["source"]
+    assert Projection(**few, regime="graphed", gpu_check=str(report)).regime_info()[
+        "block_overhead_us"] == pytest.approx(4.0)
+    for bad, regime, message in ((_gpu_check_report("smoke"), "eager", "--smoke"),
+                                 (_gpu_check_report(graphed=False), "graphed", "capture")):
+        report.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            Projection(**few, regime=regime, gpu_check=str(report))
+    with pytest.raises(ValueError, match="does not exist"):
+        Projection(**few, gpu_check=str(tmp_path / "none.json"))

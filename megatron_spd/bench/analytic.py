@@ -5,7 +5,8 @@ sit on the critical path of every block):
 
 - compute, per rank and per transformer block, is a roofline plus a fixed overhead:
   ``max(FLOPs / flop_rate, bytes / mem_rate) + block_overhead`` (kernel launches and the gaps
-  between them: what dominates a small model's decode step on a GPU), with FLOPs = 2 x tokens
+  between them: what dominates a small model's decode step on a GPU; its size depends on the
+  regime, ``REGIMES``: eager, or replayed from a CUDA graph), with FLOPs = 2 x tokens
   x (the rank's 1/T of the block's weights) + attention's 4 x tokens x context x hidden / T,
   and bytes = the rank's weights plus the KV cache it reads. The LM head (only the last token's logits are materialised) is added once.
 - communication per step is, for each TP collective, ``alpha + wire_bytes / beta`` of a
@@ -14,12 +15,16 @@ sit on the critical path of every block):
 
 Device rates are *effective* rates, stated in ``DEVICES`` (peak x an assumed efficiency), so a
 prediction is only as good as those numbers; ``fit_rate`` replaces them by a rate fitted to a
-measured dense run, which is how the model is validated against the CPU + link simulator.
+measured dense run, which is how the model is validated against the CPU + link simulator. The
+per-block overhead is assumed per regime unless a GPU check report (examples/gpu_check.py)
+gives the measured one (``measured_block_overhead``).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Optional
 
 from ..cli import floats, ints, option, words
 from ..comm import LinkProfile, link_profile
@@ -43,14 +48,54 @@ class Device:
                 "block_overhead_us": self.block_overhead_s * 1e6}
 
 
-# Peak dense bf16 x 0.5 (typical matmul efficiency in inference), HBM peak x 0.8, and ~10
-# kernels per block at ~2 us each (launch + gap, no CUDA graphs).
+# Peak dense bf16 x 0.5 (typical matmul efficiency in inference), HBM peak x 0.8; the per-block
+# overhead comes from the regime (``device``).
 DEVICES = {
-    "a100": Device("A100-80GB (312 TFLOP/s bf16 x 0.5, 2.04 TB/s x 0.8, 20 us/block)",
-                   156e12, 1.63e12, 2, 20e-6),
-    "h100": Device("H100-SXM (989 TFLOP/s bf16 x 0.5, 3.35 TB/s x 0.8, 20 us/block)",
-                   495e12, 2.68e12, 2, 20e-6),
+    "a100": Device("A100-80GB (312 TFLOP/s bf16 x 0.5, 2.04 TB/s x 0.8)", 156e12, 1.63e12, 2),
+    "h100": Device("H100-SXM (989 TFLOP/s bf16 x 0.5, 3.35 TB/s x 0.8)", 495e12, 2.68e12, 2),
 }
+
+# Assumed per-block overhead (seconds) of a step in each regime, used unless a GPU check report
+# gives the measured one:
+# - eager: ~10 kernels per block at ~2 us each (launch + gap) -- a fused eager path; this
+#   package's own eager paths launch more kernels per block (gpu_check.py measures them);
+# - graphed: 0 -- a CUDA graph replays the whole step with one launch and the kernels' own time
+#   is what the roofline counts, so this regime is a lower bound on the step.
+REGIMES = {"eager": 20e-6, "graphed": 0.0}
+# which of gpu_check.py's decode paths measures each regime
+GPU_CHECK_PATHS = {"eager": "tensorised_eager", "graphed": "tensorised_graphed"}
+
+
+def device(name: str, regime: str = "eager", block_overhead_s: Optional[float] = None) -> Device:
+    """``DEVICES[name]`` in ``regime``: with its assumed per-block overhead, or the given one."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; known: {sorted(REGIMES)}")
+    overhead = REGIMES[regime] if block_overhead_s is None else block_overhead_s
+    return replace(DEVICES[name], block_overhead_s=overhead)
+
+
+def measured_block_overhead(report: dict, regime: str) -> float:
+    """Seconds per block above the memory bound in ``regime``, from a gpu_check.py report (its
+    decode at batch 1). Raises ValueError when the report has no such GPU measurement."""
+    if report.get("format") != "megatron-spd-gpu-check/1":
+        raise ValueError("not an examples/gpu_check.py report (format "
+                         f"{report.get('format')!r})")
+    if report.get("mode") != "full":
+        raise ValueError("a --smoke gpu_check report: its timings are not a GPU's; run "
+                         "examples/gpu_check.py on a GPU without --smoke")
+    decode = report.get("checks", {}).get("decode", {})
+    try:
+        row = decode["batches"]["1"]["paths"][GPU_CHECK_PATHS[regime]]
+    except KeyError:
+        raise ValueError(f"the gpu_check report has no decode measurement at batch 1 "
+                         f"({decode.get('error', 'missing')})") from None
+    if "block_overhead_us" not in row:
+        raise ValueError(f"the gpu_check report did not measure the {regime} regime: "
+                         f"{row.get('skipped') or row.get('error')}")
+    if regime == "graphed" and not row.get("graphed"):
+        raise ValueError("the gpu_check run could not capture its decode graph "
+                         f"({row.get('graph_error')}); its 'graphed' timing is eager")
+    return row["block_overhead_us"] * 1e-6
 
 # Public LLaMA-2 shapes (Touvron et al. 2023; HF config.json of meta-llama/Llama-2-*-hf).
 LLAMA2 = {
@@ -151,6 +196,11 @@ class Projection:
     new_tokens: int = option(128, "tokens generated for the request")
     ratios: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.7, 0.75, 1.0), "SPD ratios "
                                        "(comma-separated)", type=floats)
+    regime: str = option("eager", "per-block overhead regime: eager, or graphed (each step "
+                         "replayed from a CUDA graph)", choices=tuple(REGIMES))
+    gpu_check: Optional[str] = option(None, "examples/gpu_check.py report: take the regime's "
+                                      "per-block overhead from its measured decode (batch 1) "
+                                      "instead of the assumed one", type=str)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.models) - set(LLAMA2))
@@ -160,6 +210,28 @@ class Projection:
             link_profile(ln)  # a bad profile name is an error here
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; known: {sorted(DEVICES)}")
+        self.regime_info()  # a missing or unusable report is an error here
+
+    def _overhead(self) -> tuple[float, str]:
+        """The regime's per-block overhead (seconds) and where that number comes from."""
+        if self.gpu_check is None:
+            return REGIMES[self.regime], "assumed (bench.analytic.REGIMES)"
+        path = Path(self.gpu_check)
+        if not path.is_file():
+            raise ValueError(f"--gpu-check {path} does not exist; run examples/gpu_check.py")
+        report = json.loads(path.read_text())
+        return (measured_block_overhead(report, self.regime),
+                f"measured: {path} ({report['host']['device']}, decode at batch 1, "
+                f"{GPU_CHECK_PATHS[self.regime]})")
+
+    def regime_info(self) -> dict:
+        """The regime, its per-block overhead and where that number comes from."""
+        overhead, source = self._overhead()
+        return {"name": self.regime, "block_overhead_us": overhead * 1e6, "source": source}
+
+    def device_model(self) -> Device:
+        """The device with this projection's per-block overhead."""
+        return device(self.device, self.regime, self._overhead()[0])
 
 
 def speedup_curve(cfg: ModelConfig, tp: int, link: LinkProfile, device: Device, *,
@@ -181,7 +253,7 @@ def speedup_curve(cfg: ModelConfig, tp: int, link: LinkProfile, device: Device, 
 def projection(p: Projection = Projection()) -> list[dict]:
     """The speedup curves for every (batch, model, TP, link) combination, as flat JSON-able
     rows."""
-    dev = DEVICES[p.device]
+    dev = p.device_model()
     out = []
     for batch in p.batches:
         for name in p.models:

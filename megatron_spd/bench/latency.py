@@ -9,6 +9,11 @@ prefill (``inference.prefill``) and ``new_tokens`` decode steps (``inference.dec
 counts the TP collectives of each phase and the seconds spent inside them (``comm``). All the
 models point at one copy of the weights (``share_weights``), so a sweep costs one model's memory.
 
+Regime: every step runs eagerly (``new_cache(..., cuda_graph=False)``), also on a GPU: the
+collective counts and times and the link simulator live in Python hooks around each collective,
+which a CUDA graph replay would skip. The graphed regime is measured by examples/gpu_check.py.
+On a GPU every clock read waits for the device first (``clock.now``).
+
 What the measurements mean (per-plan statistics, the bound on what SPD can save, the analytic
 model's validation) is computed from these records in ``analysis.py``.
 """
@@ -18,7 +23,6 @@ import contextlib
 import os
 import platform
 import resource
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -28,7 +32,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from .. import compat, distributed
+from .. import clock, compat, distributed
 from ..cli import floats, option
 from ..comm import CollectiveCounter, LinkProfile, link_profile, simulate_link
 from ..config import ModelConfig
@@ -146,16 +150,16 @@ def _visit(model, cache, tokens: torch.Tensor, wl: Workload, links: LinkSetting)
     cache.reset()
     dist.barrier()
     with _maybe_link(links.link("prefill")), CollectiveCounter() as cpre:
-        t0 = time.perf_counter()
+        t0 = clock.now()
         logits = prefill(model, cache, tokens)
-        t_pre = time.perf_counter() - t0
+        t_pre = clock.now() - t0
     nxt = logits.argmax(-1)
     dist.barrier()
     with _maybe_link(links.link("decode")), CollectiveCounter() as cdec:
-        t0 = time.perf_counter()
+        t0 = clock.now()
         for _ in range(wl.new_tokens):
             nxt = decode_step(model, cache, nxt).argmax(-1)
-        t_dec = (time.perf_counter() - t0) / wl.new_tokens
+        t_dec = (clock.now() - t0) / wl.new_tokens
     return {"prefill_s": t_pre, "decode_s": t_dec,
             "prefill_coll": _per_step(cpre, 1), "decode_coll": _per_step(cdec, wl.new_tokens)}
 
@@ -180,7 +184,7 @@ def _calibrate(model, cache, tokens, wl: Workload, cfg: ModelConfig, links: Link
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # compute time of the slowest rank
         per_visit.append(t)
     local = torch.stack(per_visit).min(0).values  # the least disturbed visit
-    dev = analytic.DEVICES[links.device]
+    dev = analytic.device(links.device)  # the eager regime: this benchmark decodes eagerly
     link = link_profile(links.profile)
     ctx = {"prefill": (wl.prompt, (wl.prompt + 1) / 2),
            "decode": (1, wl.prompt + (wl.new_tokens + 1) / 2)}
@@ -247,7 +251,7 @@ def run_latency(source: WeightSource, wl: Workload, links: LinkSetting, *, name:
         models.append((plan, m))
     g = torch.Generator().manual_seed(wl.seed + 1)
     tokens = torch.randint(0, cfg.vocab_size, (wl.batch, wl.prompt), generator=g)
-    cache = new_cache(wl.batch, wl.prompt + wl.new_tokens + 1)
+    cache = new_cache(wl.batch, wl.prompt + wl.new_tokens + 1, cuda_graph=False)  # eager regime
     for _, m in models:
         for _ in range(wl.warmup):
             _visit(m, cache, tokens, wl, LinkSetting())
@@ -286,7 +290,8 @@ def host_info(tp: int) -> dict:
         pass
     import megatron.core
 
-    return {"device": "cuda" if compat.on_gpu() else "cpu", "cpu": cpu,
+    return {"device": torch.cuda.get_device_name() if compat.on_gpu() else "cpu", "cpu": cpu,
+            "regime": "eager",
             "cores": len(os.sched_getaffinity(0)), "ranks": dist.get_world_size(), "tp": tp,
             "threads_per_rank": torch.get_num_threads(), "backend": compat.backend(),
             "torch": torch.__version__, "megatron_core": megatron.core.__version__,

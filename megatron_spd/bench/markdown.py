@@ -100,7 +100,18 @@ def projection_table(proj: dict, ratio: float = 0.7) -> str:
 
 
 def projection_summary(proj: dict) -> str:
-    return f"{proj['device']['name']}; at 70% SPD:\n" + projection_table(proj)
+    return (f"{proj['device']['name']}; regime {regime_statement(proj)}; at 70% SPD:\n"
+            + projection_table(proj))
+
+
+def regime_statement(proj: dict) -> str:
+    """Which per-block overhead regime a projection assumes, and where its number comes from."""
+    reg = proj.get("regime") or {"name": "eager", "source": "assumed",  # projections before it
+                                 "block_overhead_us": proj["device"]["block_overhead_us"]}
+    what = {"eager": "every step launched kernel by kernel, no CUDA graph",
+            "graphed": "every step replayed from a CUDA graph"}[reg["name"]]
+    return (f"{reg['name']} ({what}), {reg['block_overhead_us']:.3g} us of kernel launches and "
+            f"gaps per block on top of the roofline, {reg['source']}")
 
 
 def _target_70b(proj: dict) -> list[dict]:
@@ -146,7 +157,7 @@ def write_markdown(measured: list[str], projection: str, out: str, *,
                           f"(max |error| {100 * v['max_abs_rel_error']:.1f}%).\n")
             elif v:
                 md.append(f"Analytic model, {ph}: not validated ({v.get('error')}).\n")
-    md += [PROJECTION_TEXT.format(device=proj["device"]["name"],
+    md += [PROJECTION_TEXT.format(device=proj["device"]["name"], regime=regime_statement(proj),
                                   prompt=proj["workload"]["prompt"],
                                   new=proj["workload"]["new_tokens"],
                                   links=", ".join(f"{k} {v['alpha_us']:g} us + {v['GBps']:g} GB/s"
@@ -197,6 +208,8 @@ METHOD = """## Method
   layers, no megatron_spd class). Every repeat visits every model once, in an order rotated per
   repeat; a visit is one prefill (`inference.prefill`: time to first token) and N decode steps
   (`inference.decode_step`: time per output token = their total / N). Warm-up visits run first.
+  Decode runs eagerly (no CUDA graph), the regime in which the collective hooks and the link
+  simulator see every collective.
   A step's time is the max over ranks (a step ends when its slowest rank ends); tables give the
   median over repeats with the quartiles.
 - **Collectives.** `comm.CollectiveCounter` counts every TP collective per step (expected per
@@ -222,17 +235,23 @@ METHOD = """## Method
   noisier and straggler waits grow, which the min-over-ranks collective time keeps out of the
   bound. The machine was shared with other jobs; the load average is in each header.
 - **Analytic model** (`bench.analytic`): per rank and block, compute = max(FLOPs / rate, bytes /
-  memory bandwidth) + a fixed per-block kernel overhead; communication = the link time of each
-  collective; no overlap. Validation here: fit one compute rate to the measured dense step, then
-  predict every SPD plan with the same link (the simulated one) and compare.
+  memory bandwidth) + a fixed per-block kernel overhead, whose size depends on the regime
+  (eager: assumed 20 us; graphed, i.e. replayed from a CUDA graph: assumed 0, a lower bound;
+  either measured on a GPU by `examples/gpu_check.py` when its report is given with
+  `--gpu-check`); communication = the link time of each collective; no overlap. Validation
+  here: fit one compute rate to the measured dense step, then predict every SPD plan with the
+  same link (the simulated one) and compare.
 """
 
 PROJECTION_TEXT = """
 ## Projection to LLaMA-2 (analytic)
 
-Device: {device}. Links: {links} (alpha is per collective). Workload: one request of {prompt}
+Device: {device}. Regime: {regime}. Links: {links} (alpha is per collective). Workload: one request of {prompt}
 prompt tokens and {new} generated tokens (end-to-end = prefill + all decode steps); batch 1 and
-16. `python tools/benchmark.py project` regenerates it. Reductions at 70% SPD:
+16. `python tools/benchmark.py project` regenerates it (`--regime graphed` for CUDA-graph
+decode, `--gpu-check REPORT` for a measured overhead). A smaller overhead makes communication a
+larger share of the step, so the graphed regime shows more of SPD's saving. Reductions at 70%
+SPD:
 """
 
 TARGETS_TEXT = """

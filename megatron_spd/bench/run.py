@@ -74,7 +74,7 @@ def project(p: analytic.Projection = analytic.Projection(), *,
     """The analytic projection for LLaMA-2 shapes (no ranks needed); prints its table and
     writes ``json_out`` with the PNG beside it."""
     out = {"format": "megatron-spd-projection/1",
-           "device": analytic.DEVICES[p.device].to_dict(),
+           "device": p.device_model().to_dict(), "regime": p.regime_info(),
            "links": {ln: analytic.link_profile(ln).to_dict() for ln in p.links},
            "workload": {"prompt": p.prompt, "new_tokens": p.new_tokens,
                         "batches": list(p.batches)},
