@@ -92,7 +92,6 @@ class KVCache:
         self.pad = None
         self.batch = 0
 
-
     def decode_step_for(self, model) -> DecodeStep:
         """The (captured, where possible) tensorised decode step of ``model`` for this batch."""
         key = (id(model), self.batch)
