@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     import torch
 
     from megatron_spd import distributed
-    from megatron_spd.checkpoint import load_weights
+    from megatron_spd.sources import load_weights
     from megatron_spd.data import calibration_batches, load_texts
     from megatron_spd.evaluate import PAPER_TASKS, evaluate_tasks, perplexity
     from megatron_spd.io import atomic_write_json

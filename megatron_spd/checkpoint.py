@@ -1,43 +1,61 @@
-"""Checkpoints: where a model comes from (HF dir, GGUF file, megatron-core checkpoint, default
-SmolLM2) and how a megatron-core checkpoint with its SPD plan inside is written and read.
+"""The checkpoint format: a Megatron-LM checkpoint with the SPD plan inline, read and written.
 
-A megatron-spd checkpoint is a directory:
+Every checkpoint the tools write is one Megatron-LM's ``--load`` reads as its own:
 
-    spd_checkpoint.json   format, model config, plan, tokenizer ref, saved TP, file sizes
-    tokenizer/            the vocabulary files (so the checkpoint is self-contained)
-    weights/              megatron.core.dist_checkpointing (torch_dist), TP-agnostic
+    CKPT/
+      latest_checkpointed_iteration.txt  "release" (Megatron-LM's tracker; model-only weights)
+      release/                           megatron.core.dist_checkpointing (torch_dist): *.distcp,
+                                         .metadata, metadata.json, common.pt = {args, iteration,
+                                         checkpoint_version}; ``args`` carry the model shape and
+                                         the plan inline (checkpoint_args.py)
+      spd_checkpoint.json                ours: format, tokenizer ref, dense origin, saved TP,
+                                         manifest (bytes and sha256 of every file)
+      tokenizer/                         the vocabulary files
 
-``dist_checkpointing`` stores every tensor globally (shards are views of it), so a checkpoint
-saved at any TP loads at any TP the plan allows (T dividing G); the plan check is
-``SPDPlan.validate_for`` via ``build_model``. Saves go to a temporary sibling directory that is
-swapped in only when complete (``io.replace_dir``), so a killed save leaves the old checkpoint;
-the manifest's file sizes turn a truncated file into a clear error instead of a deep stack trace.
+The args are the one source of the model shape and the plan; ``spd_checkpoint.json`` only adds
+what Megatron-LM has no place for. Reading also accepts an ``iter_*``/``release`` directory,
+Megatron-LM's own torch_dist checkpoints at any TP (optimizer and RNG tensors are ignored; the
+plan and shape come from their args; the tokenizer must then be given), and format-1 megatron-spd
+checkpoints (``spd_checkpoint.json`` with the config and plan + ``weights/``).
+
+dist_checkpointing stores every tensor globally, so a checkpoint written at any TP loads at any
+TP the plan allows. Saves go to a sibling ``.NAME.saving`` directory swapped in when complete
+(``io.replace_dir``); the weights are written in this process (``_InProcessTorchDistSave``), so
+a killed save leaves no writer process behind, and the next save removes the stale directory.
+``save_checkpoint`` never replaces anything but one of our checkpoints, and that only with
+``overwrite=True`` (``check_output_dir``). The manifest's sha256 turns a damaged file into a clear
+error at load; hashing reads every byte once more (about 1-2 s per GB on one core), so it can be
+skipped (``verify=False``) for very large checkpoints: the size check always runs.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import os
+import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import distributed
+from .checkpoint_args import CHECKPOINT_VERSION, args_from_config, config_from_args, \
+    plan_from_args
 from .config import ModelConfig
-from .convert.hf import ConversionError, FullStateDict, load_hf
-from .defaults import DEFAULT_GROUPS, default_gguf_path
-from .io import atomic_write_json, replace_dir
-from .plan import PlanError, SPDPlan
-from .tokenizer import Tokenizer, TokenizerError, hf_tokenizer_from_dir, load_tokenizer
+from .convert.hf import ConversionError, FullStateDict
+from .io import atomic_write_json, atomic_write_text, replace_dir
+from .plan import SPDPlan
+from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
-CKPT_FORMAT = "megatron-spd-checkpoint/1"
+CKPT_FORMAT = "megatron-spd-checkpoint/2"
+LEGACY_FORMAT = "megatron-spd-checkpoint/1"  # spd_checkpoint.json + weights/ (read only)
 META_FILE = "spd_checkpoint.json"
-WEIGHTS_DIR = "weights"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name
+RELEASE_DIR = "release"
+LEGACY_WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
-MAX_DEFAULT_GROUPS = 8  # one node's worth of ranks
+_ITER_DIR = re.compile(r"^(iter_\d{7}|release)$")
+_HASH_CHUNK = 1 << 24
+# what Megatron-LM's saver records about the sharded layout (_build_sharded_state_dict_metadata)
+_CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(ValueError):
@@ -45,218 +63,275 @@ class CheckpointError(ValueError):
 
 
 @dataclass
-class LoadedModel:
-    model: Any              # megatron.core GPTModel at the current TP degree
+class StoredCheckpoint:
+    """What a checkpoint on disk holds, read without a model or a process group."""
+
+    root: Path                       # the directory the user named (or its checkpoint root)
+    weights: Path                    # the torch_dist directory
     config: ModelConfig
-    plan: SPDPlan
-    tokenizer: Tokenizer
-    dense_source: Optional[str] = None  # recorded origin of changed weights (see dense_origin)
+    plan: Optional[SPDPlan]          # None: the args carry no plan (a dense Megatron-LM model)
+    tokenizer_ref: Any = None        # our ref, a path from Megatron-LM's args, or None
+    dense_source: Optional[str] = None
+    saved_tp: Optional[int] = None
+    layout: str = "megatron-lm"      # megatron-lm | legacy
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def tokenizer(self, override: Any = None) -> Tokenizer:
+        """``override`` (anything ``load_tokenizer`` takes), else the checkpoint's own."""
+        if override is not None:
+            return load_tokenizer(override)
+        if self.tokenizer_ref is None:
+            raise TokenizerError(f"{self.root} carries no tokenizer (a Megatron-LM checkpoint "
+                                 "keeps it outside): pass --tokenizer PATH (tokenizer.json, "
+                                 "tokenizer.model, a Hugging Face directory or a .gguf file)")
+        return load_tokenizer(self.tokenizer_ref, base_dir=self.root)
 
 
-# ----- sources ------------------------------------------------------------------------------
+# ----- where the weights are ---------------------------------------------------------------------
 
-#: How checkpoints name the bundled SmolLM2 as their dense origin (any tool's source argument).
-DEFAULT_SOURCE = "default"
+def is_checkpoint(path: str | Path) -> bool:
+    """A directory in a layout ``read_checkpoint`` understands (without reading it)."""
+    p = Path(path)
+    return p.is_dir() and ((p / META_FILE).is_file() or (p / TRACKER_FILE).is_file()
+                           or _is_dist_dir(p))
 
 
-def source_kind(source: str | Path | None) -> str:
-    """``default`` | ``gguf`` | ``hf`` | ``mcore`` for a source path (clear error otherwise).
-    None and ``"default"`` (unless a path of that name exists) are the bundled SmolLM2."""
-    if source is None or (str(source) == DEFAULT_SOURCE and not Path(source).exists()):
-        return "default"
-    path = Path(source)
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_dir() and (path / META_FILE).is_file():
-        return "mcore"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "hf"
+def _is_dist_dir(p: Path) -> bool:
+    return (p / "metadata.json").is_file() and (p / "common.pt").is_file()
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    """(checkpoint root, torch_dist weights directory) of whatever directory was named."""
+    if (path / TRACKER_FILE).is_file():
+        text = (path / TRACKER_FILE).read_text().strip()
+        if text == RELEASE_DIR:
+            name = RELEASE_DIR
+        elif text.isdigit():
+            name = f"iter_{int(text):07d}"
+        else:
+            raise CheckpointError(f"{path / TRACKER_FILE} holds {text!r}, neither an iteration "
+                                  "number nor 'release'; the checkpoint is damaged")
+        weights = path / name
+        if not weights.is_dir():
+            raise CheckpointError(f"{path / TRACKER_FILE} points to {name}/, which is missing; "
+                                  "the checkpoint is incomplete: copy it again")
+        if not _is_dist_dir(weights):
+            raise CheckpointError(
+                f"{weights} is not a torch_dist checkpoint (no metadata.json/common.pt): "
+                "megatron-spd reads Megatron-LM's torch_dist format only; convert legacy "
+                "'torch' checkpoints with Megatron-LM (--ckpt-format torch_dist "
+                "--ckpt-convert-format torch_dist)")
+        return path, weights
+    if _is_dist_dir(path):
+        root = path.parent if _ITER_DIR.match(path.name) else path
+        return root, path
+    raise CheckpointError(f"{path} holds no {TRACKER_FILE}, no {META_FILE} and no torch_dist "
+                          "weights: it is not a checkpoint (an interrupted save leaves none: "
+                          "save it again)")
+
+
+# ----- reading ---------------------------------------------------------------------------------
+
+def read_checkpoint(path: str | Path, *, verify: bool = True) -> StoredCheckpoint:
+    """Config, plan, tokenizer ref and weights location of a checkpoint, after checking every
+    file the manifest lists (size always; sha256 unless ``verify`` is False)."""
+    path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a Hugging Face model directory, a "
-                              ".gguf file or a megatron-spd checkpoint directory")
-    if path.is_dir() and (path / WEIGHTS_DIR).is_dir():
-        raise CheckpointError(f"{path} has no {META_FILE}: it is an incomplete megatron-spd "
-                              "checkpoint (interrupted save?); save it again")
-    raise CheckpointError(f"{path} is neither a .gguf file, a Hugging Face model directory "
-                          f"(config.json) nor a megatron-spd checkpoint ({META_FILE})")
-
-
-def default_plan_for(cfg: ModelConfig) -> SPDPlan:
-    """A dense plan whose G is the largest group count <= 8 the model's heads allow."""
-    g = math.gcd(math.gcd(cfg.num_attention_heads, cfg.num_query_groups), cfg.ffn_hidden_size)
-    groups = max(d for d in range(1, min(g, MAX_DEFAULT_GROUPS) + 1) if g % d == 0)
-    return SPDPlan.dense(cfg.num_layers, groups)
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF weights are cached ($MEGATRON_SPD_CACHE, else ~/.cache/megatron-spd)."""
-    env = os.environ.get("MEGATRON_SPD_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megatron-spd"
-
-
-def _gguf_cache_path(path: Path) -> Path:
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    return cache_dir() / f"{path.stem}-{key[:16]}"
-
-
-def _load_gguf_cached(path: Path, progress: bool) -> tuple[ModelConfig, FullStateDict, Tokenizer]:
-    """Dequantising a GGUF file takes ~10 s; its full state dict is cached as safetensors keyed
-    by the file's path, size and mtime (a changed file is converted again)."""
-    from safetensors.torch import load_file, save_file
-
-    from .convert.gguf import load_gguf, read_gguf
-    from .tokenizer import gguf_tokenizer
-
-    cached = _gguf_cache_path(path)
-    if (cached / "done").is_file():
-        try:
-            meta = json.loads((cached / "config.json").read_text())
-            cfg = ModelConfig.from_dict(meta["model_config"])
-            tok = load_tokenizer(meta["tokenizer"], base_dir=cached)
-            return cfg, load_file(str(cached / "model.safetensors")), tok
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            shutil.rmtree(cached, ignore_errors=True)
-    reader = read_gguf(path)
-    with distributed.progress(total=len(reader.tensors), desc=f"dequantising {path.name}",
-                              enabled=progress, unit="tensor", leave=False) as bar:
-        cfg, full = load_gguf(reader, progress=bar.update)
-    tok = gguf_tokenizer(reader)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        raise CheckpointError(f"{path} does not exist")
+    meta = _read_meta(path) if (path / META_FILE).is_file() else None
+    if meta is not None and meta.get("format") == LEGACY_FORMAT:
+        return _read_legacy(path, meta, verify)
+    root, weights = _locate(path)
+    if meta is None and root != path and (root / META_FILE).is_file():
+        meta = _read_meta(root)
+    if meta is not None and meta.get("weights") != weights.name:
+        meta = None  # Megatron-LM saved newer weights into our directory: the args rule
+    if meta is not None:
+        check_manifest(root, meta, verify)
+    args = _read_args(weights)
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(full, str(tmp / "model.safetensors"))
-        ref = tok.save(tmp)
-        atomic_write_json(tmp / "config.json", {"model_config": cfg.to_dict(), "tokenizer": ref,
-                                                "source": str(path)})
-        (tmp / "done").write_text("ok\n")
-        os.replace(tmp, cached)  # fails harmlessly if another process finished first
-    except OSError:
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cfg, full, tok
+        cfg = config_from_args(args, str(weights))
+        plan = plan_from_args(args, str(weights))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    tok_ref = meta.get("tokenizer") if meta else _tokenizer_from_args(args)
+    return StoredCheckpoint(root, weights, cfg, plan, tok_ref,
+                            meta.get("dense_source") if meta else None,
+                            getattr(args, "tensor_model_parallel_size", None), "megatron-lm",
+                            meta or {})
 
 
-def load_weights(source: str | Path | None = None, *, tokenizer: str | Path | None = None,
-                 progress: bool = True) -> tuple[ModelConfig, FullStateDict, Tokenizer, SPDPlan]:
-    """Config, full (TP=1, fp32) state dict, tokenizer and plan of ``source``: a Hugging Face
-    directory, a .gguf file, a megatron-spd checkpoint, or None for SmolLM2-135M-Instruct (dense
-    plan, G=3). HF and GGUF sources get a dense plan (``default_plan_for``). ``tokenizer``
-    (anything ``load_tokenizer`` takes) replaces the source's own."""
-    kind = source_kind(source)
-    if kind == "mcore":
-        cfg, full, tok, plan = _load_mcore_full(Path(source), tokenizer is None)
-    elif kind == "hf":
-        cfg, full = load_hf(source)
-        tok = hf_tokenizer_from_dir(source) if tokenizer is None else None
-        plan = default_plan_for(cfg)
-    else:
-        path = default_gguf_path() if kind == "default" else Path(source)
-        cfg, full, tok = _load_gguf_cached(path, progress)
-        plan = SPDPlan.dense(cfg.num_layers, DEFAULT_GROUPS) if kind == "default" \
-            else default_plan_for(cfg)
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    _check_vocab(cfg, tok, str(source or "default model"))
-    return cfg, full, tok, plan
+def _read_meta(root: Path) -> dict[str, Any]:
+    import json
 
-
-def _check_vocab(cfg: ModelConfig, tok: Tokenizer, source: str) -> None:
-    if tok.vocab_size > cfg.vocab_size:
-        raise TokenizerError(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model "
-                             f"only {cfg.vocab_size} embeddings; it belongs to another model")
-
-
-# ----- megatron-spd checkpoints -----------------------------------------------------------------
-
-def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint's JSON (format-checked) after a size check of every weight file."""
-    ckpt_dir = Path(ckpt_dir)
-    path = ckpt_dir / META_FILE
+    path = root / META_FILE
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir} is not a megatron-spd checkpoint: {META_FILE} is "
-                              "missing (an interrupted save never leaves one); save it again "
-                              "or convert with tools/convert_checkpoint.py") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is corrupt ({e}); the checkpoint cannot be trusted: "
                               "save or convert it again") from None
-    if meta.get("format") != CKPT_FORMAT:
+    if meta.get("format") not in (CKPT_FORMAT, LEGACY_FORMAT):
         raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {CKPT_FORMAT!r}")
-    for rel, size in meta.get("files", {}).items():
-        if not rel.startswith(WEIGHTS_DIR + "/"):
-            continue  # tokenizer files: load_tokenizer reports them (and they can be overridden)
-        f = ckpt_dir / rel
-        if not f.is_file():
-            raise CheckpointError(f"{ckpt_dir}: file {rel} is missing; the checkpoint is "
-                                  "incomplete: copy it again or re-save it")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{ckpt_dir}: file {rel} has {f.stat().st_size} bytes but "
-                                  f"{size} were written; the checkpoint is truncated or corrupt:"
-                                  " copy it again or re-save it")
     return meta
 
 
-def _meta_parts(ckpt_dir: Path, meta: dict[str, Any], with_tokenizer: bool = True
-                ) -> tuple[ModelConfig, SPDPlan, Optional[Tokenizer]]:
+def _read_legacy(root: Path, meta: dict[str, Any], verify: bool) -> StoredCheckpoint:
+    check_manifest(root, meta, verify)
+    weights = root / LEGACY_WEIGHTS_DIR
     cfg = ModelConfig.from_dict(meta["model_config"])
-    plan = SPDPlan.from_dict(meta["plan"], source=str(ckpt_dir / META_FILE))
-    tok = load_tokenizer(meta["tokenizer"], base_dir=ckpt_dir) if with_tokenizer else None
-    return cfg, plan, tok
+    plan = SPDPlan.from_dict(meta["plan"], source=str(root / META_FILE))
+    return StoredCheckpoint(root, weights, cfg, plan, meta["tokenizer"], meta.get("dense_source"),
+                            meta.get("saved_tp"), "legacy", meta)
 
 
-def _file_sizes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size
+def _read_args(weights: Path):
+    import torch
+
+    try:
+        common = torch.load(weights / "common.pt", map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise CheckpointError(f"{weights}/common.pt refers to a module this environment lacks "
+                              f"({e}); install it or re-save the checkpoint") from None
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"{weights}/common.pt cannot be read ({type(e).__name__}: {e}); "
+                              "the checkpoint is damaged: copy or save it again") from None
+    if not isinstance(common, dict) or common.get("args") is None:
+        raise CheckpointError(f"{weights}/common.pt has no 'args': it was not saved by "
+                              "Megatron-LM or megatron-spd, so the model shape is unknown")
+    return common["args"]
+
+
+def _tokenizer_from_args(args) -> Optional[str]:
+    """A Megatron-LM run's tokenizer path when it is one we can read and it still exists."""
+    model = getattr(args, "tokenizer_model", None)
+    if getattr(args, "tokenizer_type", None) in ("HuggingFaceTokenizer", "SentencePieceTokenizer",
+                                                 "Llama2Tokenizer", "GPTSentencePieceTokenizer") \
+            and model and Path(model).exists():
+        return str(model)
+    return None
+
+
+def check_manifest(root: Path, meta: dict[str, Any], verify: bool = True) -> None:
+    """Every file the manifest lists exists with its size (and sha256 when ``verify``)."""
+    for rel, entry in meta.get("files", {}).items():
+        if rel.startswith(TOKENIZER_DIR + "/"):
+            continue  # load_tokenizer reports these (and they can be overridden)
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["bytes"],
+                                                                     entry.get("sha256"))
+        f = root / rel
+        if not f.is_file():
+            raise CheckpointError(f"{root}: file {rel} is missing; the checkpoint is "
+                                  "incomplete: copy it again or re-save it")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{root}: file {rel} has {f.stat().st_size} bytes but "
+                                  f"{size} were written; the checkpoint is truncated or corrupt:"
+                                  " copy it again or re-save it")
+        if verify and digest is not None and sha256_file(f) != digest:
+            raise CheckpointError(f"{root}: file {rel} does not match the sha256 recorded when "
+                                  "it was saved; its content is damaged: copy the checkpoint "
+                                  "again or re-save it (--no-verify skips this check)")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(root: Path) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def dense_origin(source: str | Path | None) -> str:
-    """The dense model whose weights ``source`` derives from, as a source any tool opens.
+# ----- weights: without a model, or into one ---------------------------------------------------
 
-    B2B, head grouping and fine-tuning change weights so that they serve the SPD plan: run
-    densely they are no longer the original model (SmolLM2 after B2B of every block: perplexity
-    101 instead of 22.5), so they make a bad dense teacher. Checkpoints written after such steps
-    record the original under ``dense_source``; any other source holds dense weights itself."""
-    if source_kind(source) == "mcore":
-        recorded = read_meta(source).get("dense_source")
-        if recorded:
-            return recorded
-    if source_kind(source) == "default":
-        return DEFAULT_SOURCE
-    return str(Path(source).absolute())
+def read_full_state_dict(ckpt: StoredCheckpoint) -> FullStateDict:
+    """The full (TP=1, fp32) state dict, read with no process group; only the model's tensors
+    are read (a Megatron-LM checkpoint's optimizer state stays on disk)."""
+    from .convert.mcore import mcore_plain_to_full
+
+    try:
+        return mcore_plain_to_full(ckpt.weights, ckpt.config)
+    except ConversionError as e:
+        raise CheckpointError(f"{ckpt.root}: {e}") from None
+
+
+def load_into(model, ckpt: StoredCheckpoint) -> None:
+    """Load the checkpoint's weights into ``model`` (built at any TP; every rank calls it)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    legacy = ckpt.layout == "legacy"
+    request = model.sharded_state_dict() if legacy else {"model": model.sharded_state_dict()}
+    try:
+        state = dist_checkpointing.load(request, str(ckpt.weights))
+        model.load_state_dict(state if legacy else state["model"])
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{ckpt.root}: the weights could not be loaded into the model its "
+                              f"args describe ({type(e).__name__}: {str(e)[:300]}); the config "
+                              "does not match the weights or a weight file is corrupt: re-save "
+                              "or re-convert the checkpoint") from e
+
+
+# ----- writing ---------------------------------------------------------------------------------
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> None:
+    """Raise CheckpointError unless a checkpoint may be written at ``path``: it does not exist,
+    is an empty directory, or is one of our checkpoints and ``overwrite`` is set. Cheap, so
+    tools call it while parsing arguments, before any work."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"output {path} is an existing file; choose another output path")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    if not (path / META_FILE).is_file():
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise CheckpointError(f"output {path} exists and is not a megatron-spd checkpoint (it "
+                              f"holds {shown}); it is never replaced: choose another output path")
+    if not overwrite:
+        raise CheckpointError(f"output {path} already holds a megatron-spd checkpoint; pass "
+                              "--overwrite (overwrite=True) to replace it, or choose another path")
 
 
 def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SPDPlan,
-                    tokenizer: Tokenizer, dense_source: Optional[str] = None) -> None:
-    """Write ``model`` (any TP) as a megatron-spd checkpoint; every rank calls it. Atomic: the
-    weights go to a temporary sibling directory that replaces ``out_dir`` only when complete.
-    ``dense_source``: the original dense model when these weights were changed for SPD
-    (``dense_origin``)."""
-    from megatron.core import parallel_state
+                    tokenizer: Tokenizer, dense_source: Optional[str] = None,
+                    overwrite: bool = False) -> None:
+    """Write ``model`` (any TP) as a Megatron-LM checkpoint with the plan inline; every rank
+    calls it. Atomic: written to ``.NAME.saving`` and swapped in when complete. An existing
+    ``out_dir`` is replaced only if it is one of ours and ``overwrite`` is set.
+    ``dense_source``: the original dense model when these weights were changed for SPD."""
+    from megatron.core import dist_checkpointing, parallel_state
 
     from .distributed import barrier, is_rank0
 
     out_dir = Path(out_dir).absolute()
     tmp = out_dir.with_name(f".{out_dir.name}.saving")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     if is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a killed save
-        (tmp / WEIGHTS_DIR).mkdir(parents=True)
+        check_output_dir(out_dir, overwrite)
+        if tmp.exists():
+            print(f"[megatron-spd] removing {tmp}, left by an interrupted save", flush=True)
+            shutil.rmtree(tmp)
+        (tmp / RELEASE_DIR).mkdir(parents=True)
     barrier()
-    _write_weights(model.sharded_state_dict(), str(tmp / WEIGHTS_DIR))
+    args = args_from_config(config, plan, tp=tp, **_tokenizer_args(tokenizer, out_dir))
+    state = {"model": model.sharded_state_dict(), "args": args, "iteration": 0,
+             "checkpoint_version": CHECKPOINT_VERSION}
+    _write_weights(state, str(tmp / RELEASE_DIR))
     barrier()
     if is_rank0():
         tok_ref = tokenizer.save(tmp / TOKENIZER_DIR)
         tok_ref["path"] = f"{TOKENIZER_DIR}/{tok_ref['path']}"
-        files = _file_sizes(tmp)
-        meta = {
-            "format": CKPT_FORMAT, "model_config": config.to_dict(), "plan": plan.to_dict(),
-            "tokenizer": tok_ref, "saved_tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "num_parameters": config.num_parameters(), "files": files,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(tmp / TRACKER_FILE, RELEASE_DIR + "\n")
+        meta = {"format": CKPT_FORMAT, "weights": RELEASE_DIR, "tokenizer": tok_ref,
+                "saved_tp": tp, "num_parameters": config.num_parameters(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": _manifest(tmp)}
         if dense_source:
             meta["dense_source"] = dense_source
         atomic_write_json(tmp / META_FILE, meta)
@@ -264,74 +339,49 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     barrier()
 
 
-def _write_weights(sharded_state_dict: dict, directory: str) -> None:
+def _tokenizer_args(tokenizer: Tokenizer, out_dir: Path) -> dict[str, Optional[str]]:
+    """Megatron-LM's --tokenizer-type/--tokenizer-model for the copy saved in the checkpoint."""
+    kind = getattr(tokenizer, "kind", None)
+    if kind == "sentencepiece":
+        return {"tokenizer_type": "SentencePieceTokenizer",
+                "tokenizer_model": str(out_dir / TOKENIZER_DIR / "tokenizer.model")}
+    if kind in ("hf", "gguf"):
+        return {"tokenizer_type": "HuggingFaceTokenizer",
+                "tokenizer_model": str(out_dir / TOKENIZER_DIR)}
+    return {}
+
+
+def _write_weights(state: dict, directory: str) -> None:
     """The one call that writes weights (tests replace it to simulate a save killed midway)."""
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(sharded_state_dict, directory)
+    dist_checkpointing.save(state, directory, sharded_strategy=_in_process_strategy(),
+                            content_metadata=dict(_CONTENT_METADATA))
 
 
-def _dist_load(model, weights: Path, ckpt_dir: Path) -> None:
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+def _in_process_strategy():
+    """megatron's torch_dist save strategy, its files written in this process.
 
-    try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
-        model.load_state_dict(state)
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"{ckpt_dir}: the weights could not be loaded into the model its "
-                              f"{META_FILE} describes ({type(e).__name__}: {str(e)[:300]}); the "
-                              "config does not match the weights or a weight file is corrupt: "
-                              "re-save or re-convert the checkpoint") from e
+    ``TorchDistSaveShardedStrategy`` (megatron.core 0.16.1, strategies/filesystem_async.py) forks
+    one writer process per file and starts a multiprocessing Manager that lives as long as the
+    saver; a saver killed with SIGKILL orphans them. Here the same translation and planner feed
+    torch.distributed.checkpoint's synchronous ``FileSystemWriter`` (same files, same metadata,
+    read by megatron's torch_dist load strategy), so no process outlives a killed save. This
+    re-states the few lines of ``TorchDistSaveShardedStrategy.async_save`` that prepare the
+    state dict, because megatron offers no synchronous writer.
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 
+    class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                  self.keep_only_main_replica)
+            dcp.save(mcore_to_pyt_state_dict(sd, False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=MCoreSavePlanner(dedup_replicated_tensors=False,
+                                              flatten_state_dict=False))
 
-def _load_mcore_full(ckpt_dir: Path, with_tokenizer: bool = True
-                     ) -> tuple[ModelConfig, FullStateDict, Optional[Tokenizer], SPDPlan]:
-    """Full state dict of a checkpoint without a process group: read the global tensors."""
-    from .convert.mcore import mcore_plain_to_full
-
-    meta = read_meta(ckpt_dir)
-    cfg, plan, tok = _meta_parts(ckpt_dir, meta, with_tokenizer)
-    try:
-        full = mcore_plain_to_full(ckpt_dir / WEIGHTS_DIR, cfg)
-    except ConversionError as e:
-        raise CheckpointError(f"{ckpt_dir}: {e}") from None
-    return cfg, full, tok, plan
-
-
-def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path | None = None,
-               sequence_parallel: bool = False,
-               tokenizer: str | Path | None = None) -> LoadedModel:
-    """Build the model at the current TP degree (``distributed.init(tp)`` first) with ``plan``
-    (default: the source's own plan) and load its weights; megatron-spd checkpoints load through
-    dist_checkpointing and reshard to any TP the plan allows. ``tokenizer`` replaces the
-    source's own."""
-    from .distributed import barrier, is_rank0
-    from .model import load_full_state_dict
-    from .spec import build_model
-
-    if plan is not None and not isinstance(plan, SPDPlan):
-        plan = SPDPlan.load(plan)
-    kind = source_kind(source)
-    if kind == "mcore":
-        ckpt_dir = Path(source)
-        meta = read_meta(ckpt_dir)
-        cfg, ckpt_plan, tok = _meta_parts(ckpt_dir, meta, tokenizer is None)
-        tok = tok or load_tokenizer(tokenizer)
-        _check_vocab(cfg, tok, str(ckpt_dir))
-        plan = plan or ckpt_plan
-        try:
-            model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
-        except PlanError as e:
-            raise PlanError(f"cannot open checkpoint {ckpt_dir}: {e}") from None
-        _dist_load(model, ckpt_dir / WEIGHTS_DIR, ckpt_dir)
-        return LoadedModel(model, cfg, plan, tok, meta.get("dense_source"))
-    if kind in ("default", "gguf") and not is_rank0():
-        barrier()  # rank 0 fills the conversion cache first; the others then read it
-    cfg, full, tok, src_plan = load_weights(source, tokenizer=tokenizer)
-    if kind in ("default", "gguf") and is_rank0():
-        barrier()
-    plan = plan or src_plan
-    model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
-    load_full_state_dict(model, full)
-    return LoadedModel(model, cfg, plan, tok)
+    return InProcessTorchDistSave("torch_dist", 1)

@@ -128,7 +128,8 @@ def test_hf_layout_round_trip_bf16_and_errors(tmp_path):
 
 def _open_save_logits(hf_dirs, ckpt_dirs, tokens):
     """On each of 2 TP ranks: open HF dirs at TP=2, logits, save as megatron-spd checkpoints."""
-    from megatron_spd.checkpoint import open_model, save_checkpoint
+    from megatron_spd.checkpoint import save_checkpoint
+    from megatron_spd.factory import open_model
     from megatron_spd.model import forward_logits
 
     out = []
@@ -186,7 +187,7 @@ N_WINDOWS, CTX = 8, 512
 
 def _smollm2_logits_and_nll(short, windows):
     """Logits of ``short`` and per-token NLL of ``windows`` at the current TP (default model)."""
-    from megatron_spd.checkpoint import open_model
+    from megatron_spd.factory import open_model
     from megatron_spd.model import forward_logits
 
     lm = open_model(None)
@@ -201,7 +202,7 @@ def _smollm2_logits_and_nll(short, windows):
 
 @pytest.mark.real_model
 def test_smollm2_gguf_matches_hf_reference_tp1_tp3():
-    from megatron_spd.checkpoint import load_weights
+    from megatron_spd.sources import load_weights
     from megatron_spd.convert.hf import hf_config_from_model_config
     from megatron_spd.data import load_texts, token_stream
 

@@ -132,7 +132,7 @@ def _losses(report):
 
 
 def test_resume_continues_the_same_trajectory(tiny_runs):
-    from megatron_spd.checkpoint import load_weights
+    from megatron_spd.sources import load_weights
 
     work, res = tiny_runs
     full, resumed = res["full"], res["resumed"]
@@ -168,7 +168,7 @@ def test_vocab_parallel_distillation_matches_full_vocab(tiny_runs):
 
 def test_dp2_tp2_equals_tp2_with_twice_the_batch(tiny_runs):
     """Also with sequence parallel: the DP=2 x TP=2 + SP run must give the same update too."""
-    from megatron_spd.checkpoint import load_weights
+    from megatron_spd.sources import load_weights
 
     work, res = tiny_runs
     runs = run_ranks(_four_rank_run, 4, str(work), tp=2, timeout=1200)[0]

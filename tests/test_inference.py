@@ -269,7 +269,7 @@ REAL_SPD_BLOCKS = range(15, 30)
 
 
 def _real_generation() -> dict:
-    from megatron_spd.checkpoint import open_model
+    from megatron_spd.factory import open_model
     from megatron_spd.inference import GenerationConfig, generate
 
     out = {}

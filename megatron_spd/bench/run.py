@@ -39,7 +39,7 @@ def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] =
     also prints its summary and writes ``json_out`` with the PNG beside it.
 
     ``model``: a preset name (random weights, ``PRESETS``), ``default`` (SmolLM2-135M) or a
-    checkpoint / HF directory / .gguf that ``checkpoint.load_weights`` reads (ranks read in
+    checkpoint / HF directory / .gguf that ``sources.load_weights`` reads (ranks read in
     turn, so one full copy of the weights is in memory at a time).
     """
     torch.set_num_threads(threads or threads_per_rank())
@@ -62,7 +62,7 @@ def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] =
 def _checkpoint_source(path: Optional[str], groups: Optional[int]) -> WeightSource:
     """Weights of a checkpoint, HF directory or .gguf (None: SmolLM2-135M) and its plan's G."""
     def source():
-        from ..checkpoint import load_weights
+        from ..sources import load_weights
 
         cfg, full, _, plan = load_weights(path, progress=False)
         return cfg, groups or plan.groups, full

@@ -5,10 +5,12 @@ leading dimension (``decoder.layers.self_attention.linear_qkv.weight`` is [L, ..
 norms under Transformer Engine names (``...linear_qkv.layer_norm_weight`` is the input norm).
 Reading the global tensors and undoing those two renamings gives the full state dict, so a
 checkpoint can be exported (e.g. to Hugging Face) or inspected at any TP without building a model.
+Only the model's tensors are read: a Megatron-LM checkpoint's optimizer state stays on disk.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Optional
 
 import torch
 
@@ -20,6 +22,7 @@ _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.wei
              "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
              "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
+_TE_NAMES = {plain: te for te, plain in _TE_NORMS.items()}
 _STACKED = "decoder.layers."
 
 
@@ -67,10 +70,19 @@ def check_full(full: FullStateDict, cfg: ModelConfig, source: str) -> None:
                                   f"config implies {shape}; the config does not match the weights")
 
 
-def read_global_tensors(weights_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a dist_checkpointing (torch_dist) directory at its global shape, read with
-    torch.distributed.checkpoint's single-process path: no process group, nothing collective, so
-    one rank of a running job may call it alone."""
+def sharded_key(full_key: str) -> str:
+    """The dist_checkpointing key a full-state-dict entry is stored under (layers stacked)."""
+    if not full_key.startswith(_STACKED):
+        return full_key
+    suffix = full_key[len(_STACKED):].split(".", 1)[1]
+    return _STACKED + _TE_NAMES.get(suffix, suffix)
+
+
+def read_global_tensors(weights_dir: str | Path,
+                        keys: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+    """Tensors of a dist_checkpointing (torch_dist) directory at their global shape (all, or
+    ``keys``), read with torch.distributed.checkpoint's single-process path: no process group,
+    nothing collective, so one rank of a running job may call it alone."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -80,12 +92,21 @@ def read_global_tensors(weights_dir: str | Path) -> dict[str, torch.Tensor]:
     reader = dcp.FileSystemReader(str(weights_dir))
     try:
         meta = reader.read_metadata()
-        plain = {k: torch.empty(v.size, dtype=v.properties.dtype)
-                 for k, v in meta.state_dict_metadata.items()
-                 if isinstance(v, TensorStorageMetadata)}
+        stored = {k: v for k, v in meta.state_dict_metadata.items()
+                  if isinstance(v, TensorStorageMetadata)}
+        wanted = stored if keys is None else {k: None for k in keys}
+        missing = sorted(set(wanted) - set(stored))
+        if missing:
+            raise ConversionError(f"{weights_dir} lacks the tensors {missing[:3]}"
+                                  f"{'...' if len(missing) > 3 else ''}; the weights do not "
+                                  "match the model config (num_layers? tied embeddings?)")
+        plain = {k: torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
+                 for k in wanted}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*no_dist|.*single process")  # intended
             dcp.load(plain, storage_reader=reader, no_dist=True)
+    except ConversionError:
+        raise
     except (Exception, CheckpointException) as e:
         raise ConversionError(f"{weights_dir} could not be read ({type(e).__name__}: "
                               f"{str(e)[:200]}); a weight file is corrupt or missing") from e
@@ -93,8 +114,10 @@ def read_global_tensors(weights_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def mcore_plain_to_full(weights_dir: str | Path, cfg: ModelConfig) -> FullStateDict:
-    """The full state dict stored in a dist_checkpointing directory, checked against ``cfg``."""
-    plain = read_global_tensors(weights_dir)
+    """The full state dict of ``cfg`` stored in a dist_checkpointing directory; other tensors
+    there (a Megatron-LM checkpoint's optimizer state) are not read."""
+    want = expected_shapes(cfg)
+    plain = read_global_tensors(weights_dir, sorted({sharded_key(k) for k in want}))
     full: FullStateDict = {}
     for key in list(plain):
         t = plain.pop(key)  # free each stacked tensor once it is split
@@ -107,5 +130,3 @@ def mcore_plain_to_full(weights_dir: str | Path, cfg: ModelConfig) -> FullStateD
             full[key] = t.float()
     check_full(full, cfg, str(weights_dir))
     return full
-
-

@@ -34,7 +34,8 @@ def format_summary(s: dict[str, Any]) -> str:
 def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Path | None = None,
              tokenizer: Optional[str] = None) -> dict[str, Any]:
     """Convert at the current TP (every rank calls it); returns the summary."""
-    from ..checkpoint import open_model, save_checkpoint
+    from ..checkpoint import save_checkpoint
+    from ..factory import open_model
     from ..distributed import tp_size
 
     t0 = time.perf_counter()
@@ -52,7 +53,7 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) atomically."""
     import torch
 
-    from ..checkpoint import load_weights
+    from ..sources import load_weights
     from ..io import replace_dir
     from .hf import save_hf
 

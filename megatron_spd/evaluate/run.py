@@ -119,7 +119,7 @@ def evaluate_source(source: str | Path | None = None, cfg: EvalConfig = EvalConf
     """Open ``source`` (None = SmolLM2-135M) at TP ``tp`` with ``plan`` (default: its own),
     evaluate it, pair it with ``baseline`` (a report of another model) if given, print the
     summary on rank 0 and save the report to ``json_out`` after every task."""
-    from ..checkpoint import open_model
+    from ..factory import open_model
     from ..io import atomic_write_json
     from .baseline import compare, load_baseline
 

@@ -85,7 +85,7 @@ def generate_source(source: str | Path | None, prompts: Sequence[str],
     generate after every prompt (``stream``: the first prompt's text as it is produced), list
     the outputs with their timings and write ``json_out`` on rank 0. Returns the results on
     global rank 0, None elsewhere."""
-    from ..checkpoint import open_model
+    from ..factory import open_model
     from ..io import atomic_write_json
 
     with distributed.running(tp, timeout_s=timeout_s):

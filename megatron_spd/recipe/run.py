@@ -62,7 +62,7 @@ def _finish(report: dict, json_out: Optional[str | Path]) -> dict:
 
 def _dense_inputs(source, calib: Calibration, groups: Optional[int]):
     """(weights, tokenizer, dense model, SPD model, calibration tokens, dense block inputs)."""
-    from ..checkpoint import load_weights
+    from ..sources import load_weights
     from . import activations
     from .sensitivity import build_pair
 
@@ -137,7 +137,8 @@ def recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None
     """HG on the plan's ``hg`` blocks (``hg_mlp``: headgroup.MLP_MODES, None = apply_plan's
     default), then (unless ``b2b`` is None) B2B on its ``b2b`` and ``hg`` blocks; saves the
     checkpoint at ``out``."""
-    from ..checkpoint import dense_origin, load_weights, save_checkpoint
+    from ..checkpoint import save_checkpoint
+    from ..sources import dense_origin, load_weights
     from ..plan import SPDPlan
     from . import autoplan
 

@@ -4,7 +4,7 @@
 1. If ``save_dir`` holds a training checkpoint, resume from it (model from that checkpoint,
    optimizer/schedule/RNG from its trainer files, data order from the step number); otherwise
    open ``source`` with its own plan (or ``plan``).
-2. Optionally open the teacher: the source's dense origin (``checkpoint.dense_origin``: the
+2. Optionally open the teacher: the source's dense origin (``sources.dense_origin``: the
    model itself, or the original a B2B/HG/fine-tuned checkpoint records) with a dense plan of
    the same G (the issue's "logit distillation from the dense teacher").
 3. Text through ``megatron_spd.data`` (bundled Wikipedia paragraphs or a local file): the
@@ -28,9 +28,11 @@ import torch
 from megatron.core import parallel_state
 
 from .. import data, distributed
-from ..checkpoint import dense_origin, open_model, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..cli import option
 from ..distributed import dp_rank_size, is_rank0
+from ..factory import open_model
+from ..sources import dense_origin
 from ..io import atomic_write_json
 from ..plan import SPDPlan
 from . import state

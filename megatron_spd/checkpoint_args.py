@@ -1,0 +1,173 @@
+"""The ``args`` of a Megatron-LM checkpoint: ModelConfig and SPDPlan to and from them.
+
+Megatron-LM stores its parsed command line (an ``argparse.Namespace``) in every checkpoint's
+``common.pt``; ``load_args_from_checkpoint`` (``--use-checkpoint-args``) and
+``check_checkpoint_args`` read the model shape back from it (megatron/training/checkpointing.py
+at core_v0.16.1). Our checkpoints carry the same namespace, so Megatron-LM reads them as its
+own, and we read Megatron-LM's with the inverse mapping. The SPD plan travels inline as JSON
+(``spd_plan_json``), the way Megatron-LM stores ``heterogeneous_layers_config_encoded_json``.
+
+``_FIELDS`` is the whole mapping: one line per ModelConfig field (a test fails when a field has
+none). Arguments the SPD model cannot express are refused by ``_UNSUPPORTED`` when reading.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from typing import Any, Callable, Optional
+
+from .config import ModelConfig
+from .plan import SPDPlan
+
+#: The argument holding the plan inline (JSON); ``--spd-plan`` (a path) sets it in Megatron-LM.
+PLAN_ARG = "spd_plan_json"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
+
+# Megatron-LM's defaults (arguments.py) for arguments an older checkpoint may lack.
+_DEFAULTS: dict[str, Any] = {
+    "group_query_attention": False, "num_query_groups": None, "ffn_hidden_size": None,
+    "kv_channels": None, "normalization": "LayerNorm", "norm_epsilon": 1e-5, "swiglu": False,
+    "squared_relu": False, "add_bias_linear": True, "add_qkv_bias": False,
+    "untie_embeddings_and_output_weights": False, "position_embedding_type": "learned_absolute",
+    "rotary_base": 10000, "rotary_percent": 1.0, "rotary_interleaved": False,
+    "apply_layernorm_1p": False, "qk_layernorm": False, "num_experts": None,
+    "multi_latent_attention": False, "use_rope_scaling": False, "mtp_num_layers": None,
+    "heterogeneous_layers_config_encoded_json": None, "is_hybrid_model": False,
+    "experimental_attention_variant": None, "tensor_model_parallel_size": 1,
+    "pipeline_model_parallel_size": 1, PLAN_ARG: None,
+}
+
+
+def _arg(args: argparse.Namespace, name: str) -> Any:
+    if hasattr(args, name):
+        return getattr(args, name)
+    if name in _DEFAULTS:
+        return _DEFAULTS[name]
+    raise KeyError(name)
+
+
+def _same(arg: str, field: Optional[str] = None) -> tuple[Callable, Callable]:
+    """A field stored under one argument unchanged (``field`` defaults to ``arg``)."""
+    return (lambda c: {arg: getattr(c, field or arg)}, lambda a: _arg(a, arg))
+
+
+# ModelConfig field -> (config -> {argument: value}, args -> field value)
+_FIELDS: dict[str, tuple[Callable, Callable]] = {
+    "num_layers": _same("num_layers"),
+    "hidden_size": _same("hidden_size"),
+    "num_attention_heads": _same("num_attention_heads"),
+    "num_query_groups": (
+        lambda c: {"num_query_groups": c.num_query_groups,
+                   "group_query_attention": c.num_query_groups != c.num_attention_heads},
+        lambda a: _arg(a, "num_query_groups") if _arg(a, "group_query_attention")
+        else a.num_attention_heads),
+    "ffn_hidden_size": (lambda c: {"ffn_hidden_size": c.ffn_hidden_size},
+                        lambda a: _arg(a, "ffn_hidden_size") or 4 * a.hidden_size),
+    "vocab_size": _same("padded_vocab_size", "vocab_size"),
+    "max_seq_length": _same("max_position_embeddings", "max_seq_length"),
+    "rope_theta": (lambda c: {"rotary_base": c.rope_theta},
+                   lambda a: float(_arg(a, "rotary_base"))),
+    "norm_eps": _same("norm_epsilon", "norm_eps"),
+    "normalization": _same("normalization"),
+    "activation": (lambda c: {"swiglu": c.activation == "swiglu"},
+                   lambda a: "swiglu" if _arg(a, "swiglu") else "gelu"),
+    "add_bias_linear": (lambda c: {"add_bias_linear": c.add_bias_linear,
+                                   "add_qkv_bias": c.add_bias_linear},
+                        lambda a: _arg(a, "add_bias_linear")),
+    "tie_word_embeddings": (
+        lambda c: {"untie_embeddings_and_output_weights": not c.tie_word_embeddings},
+        lambda a: not _arg(a, "untie_embeddings_and_output_weights")),
+    "position_embedding_type": (
+        lambda c: {"position_embedding_type": c.position_embedding_type,
+                   "use_rotary_position_embeddings": c.position_embedding_type == "rope"},
+        lambda a: _arg(a, "position_embedding_type")),
+}
+
+# (argument, is it acceptable?, what to say): settings an SPD model built from ModelConfig
+# cannot reproduce; reading such a checkpoint is refused rather than converted wrongly.
+_UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("num_experts", lambda v: not v, "MoE models are not supported"),
+    ("multi_latent_attention", lambda v: not v, "multi-latent attention is not supported"),
+    ("qk_layernorm", lambda v: not v, "QK layernorm is not supported yet"),
+    ("squared_relu", lambda v: not v, "squared-ReLU MLPs are not supported"),
+    ("apply_layernorm_1p", lambda v: not v, "--apply-layernorm-1p is not supported"),
+    ("rotary_percent", lambda v: v == 1.0, "partial rotary embeddings are not supported"),
+    ("rotary_interleaved", lambda v: not v, "interleaved rotary embeddings are not supported"),
+    ("use_rope_scaling", lambda v: not v, "RoPE scaling is not supported"),
+    ("mtp_num_layers", lambda v: not v, "multi-token prediction is not supported"),
+    ("is_hybrid_model", lambda v: not v, "hybrid (Mamba) models are not supported"),
+    ("heterogeneous_layers_config_encoded_json", lambda v: not v,
+     "heterogeneous layer configs are not supported"),
+    ("experimental_attention_variant", lambda v: not v,
+     "experimental attention variants are not supported"),
+    ("position_embedding_type", lambda v: v in ("rope", "learned_absolute"),
+     "only rope and learned_absolute position embeddings are supported"),
+)
+
+
+def args_from_config(cfg: ModelConfig, plan: Optional[SPDPlan], *, tp: int,
+                     tokenizer_type: Optional[str] = None,
+                     tokenizer_model: Optional[str] = None) -> argparse.Namespace:
+    """The args namespace Megatron-LM would have saved for this model at TP degree ``tp``,
+    with the plan inline. Model-only checkpoint: no optimizer or RNG state (``no_save_*``)."""
+    out: dict[str, Any] = {}
+    for write, _ in _FIELDS.values():
+        out.update(write(cfg))
+    out.update(
+        kv_channels=cfg.head_dim, seq_length=cfg.max_seq_length, add_position_embedding=True,
+        rotary_percent=1.0, rotary_interleaved=False, squared_relu=False,
+        apply_layernorm_1p=False, make_vocab_size_divisible_by=128, hidden_dropout=0.0,
+        attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
+        world_size=tp, data_parallel_size=1, data_parallel_random_init=False,
+        ckpt_format="torch_dist", use_dist_ckpt=True, transformer_impl="local",
+        no_save_optim=True, no_save_rng=True, consumed_train_samples=0,
+        consumed_valid_samples=0, iteration=0, tokenizer_type=tokenizer_type,
+        tokenizer_model=tokenizer_model, spd_plan=None,
+        **{PLAN_ARG: None if plan is None else plan_json(plan)})
+    return argparse.Namespace(**out)
+
+
+def plan_json(plan: SPDPlan) -> str:
+    """The inline form of a plan (compact JSON; the same plan always gives the same text)."""
+    return json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def config_from_args(args: argparse.Namespace, source: str) -> ModelConfig:
+    """ModelConfig of a checkpoint's args; ValueError naming any setting it cannot express."""
+    problems = [f"{msg} ({name}={_arg(args, name)!r})" for name, ok, msg in _UNSUPPORTED
+                if not ok(_arg(args, name))]
+    try:
+        values = {name: read(args) for name, (_, read) in _FIELDS.items()}
+    except (KeyError, AttributeError) as e:
+        raise ValueError(f"{source}: the checkpoint args lack {e}; it is not a complete "
+                         "Megatron-LM GPT checkpoint") from None
+    heads, hidden = values["num_attention_heads"], values["hidden_size"]
+    kv_channels = _arg(args, "kv_channels")
+    if kv_channels not in (None, hidden // heads):
+        problems.append(f"kv_channels={kv_channels} differs from hidden_size/heads "
+                        f"{hidden // heads}")
+    if _arg(args, "add_qkv_bias") and not values["add_bias_linear"]:
+        problems.append("a QKV bias without the other linear biases (add_qkv_bias=True, "
+                        "add_bias_linear=False) is not supported")
+    if problems:
+        raise ValueError(f"{source}: megatron-spd cannot open this model: " + "; ".join(problems))
+    return ModelConfig(**values)
+
+
+def plan_from_args(args: argparse.Namespace, source: str) -> Optional[SPDPlan]:
+    """The inline plan, or None when the checkpoint carries none (a dense Megatron-LM model)."""
+    text = _arg(args, PLAN_ARG)
+    if not text:
+        return None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: args.{PLAN_ARG} is not valid JSON ({e})") from None
+    return SPDPlan.from_dict(d, source=f"{source} (args.{PLAN_ARG})")
+
+
+def unmapped_config_fields() -> list[str]:
+    """ModelConfig fields without an args mapping (must be empty: tests check it)."""
+    return [f.name for f in fields(ModelConfig) if f.name not in _FIELDS]

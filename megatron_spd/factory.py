@@ -1,0 +1,80 @@
+"""``open_model``: any source -> a megatron-core GPTModel at the current TP degree, plan applied.
+
+Checkpoints load through dist_checkpointing and reshard to any TP the plan allows; other sources
+(HF, GGUF, the bundled default) are read as full state dicts and sliced per rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .checkpoint import StoredCheckpoint, load_into, read_checkpoint
+from .config import ModelConfig
+from .plan import PlanError, SPDPlan
+from .sources import check_vocab, default_plan_for, load_weights, source_kind
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: Any              # megatron.core GPTModel at the current TP degree
+    config: ModelConfig
+    plan: SPDPlan
+    tokenizer: Tokenizer
+    dense_source: Optional[str] = None  # recorded origin of changed weights (sources.dense_origin)
+
+
+def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path | None = None,
+               sequence_parallel: bool = False, tokenizer: str | Path | None = None,
+               verify: bool = True) -> LoadedModel:
+    """Build the model at the current TP degree (``distributed.init(tp)`` first) with ``plan``
+    (default: the source's own plan) and load its weights; every rank calls it. ``tokenizer``
+    replaces the source's own; ``verify=False`` skips the checksum check of a checkpoint."""
+    from .distributed import barrier, is_rank0
+    from .model import load_full_state_dict
+    from .spec import build_model
+
+    if plan is not None and not isinstance(plan, SPDPlan):
+        plan = SPDPlan.load(plan)
+    kind = source_kind(source)
+    if kind == "mcore":
+        ckpt = _read_on_rank0_first(source, verify)
+        tok = ckpt.tokenizer(tokenizer)
+        check_vocab(ckpt.config, tok, str(ckpt.root))
+        plan = plan or ckpt.plan or default_plan_for(ckpt.config)
+        try:
+            model = build_model(ckpt.config, plan, sequence_parallel=sequence_parallel)
+        except PlanError as e:
+            raise PlanError(f"cannot open checkpoint {ckpt.root}: {e}") from None
+        load_into(model, ckpt)
+        return LoadedModel(model, ckpt.config, plan, tok, ckpt.dense_source)
+    if kind in ("default", "gguf") and not is_rank0():
+        barrier()  # rank 0 fills the conversion cache first; the others then read it
+    cfg, full, tok, src_plan = load_weights(source, tokenizer=tokenizer)
+    if kind in ("default", "gguf") and is_rank0():
+        barrier()
+    plan = plan or src_plan
+    model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
+    load_full_state_dict(model, full)
+    return LoadedModel(model, cfg, plan, tok)
+
+
+def _read_on_rank0_first(source, verify: bool) -> StoredCheckpoint:
+    """Rank 0 checks the files (checksums are costly: once per job, not once per rank); every
+    rank then reads the small metadata, and all raise the same error if rank 0 found one."""
+    import torch.distributed as dist
+
+    from .distributed import is_rank0
+
+    error = [None]
+    if is_rank0():
+        try:
+            read_checkpoint(source, verify=verify)
+        except Exception as e:  # re-raised on every rank below
+            error = [e]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+    return read_checkpoint(source, verify=False)
