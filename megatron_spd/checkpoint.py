@@ -312,8 +312,8 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     out_dir = Path(out_dir).absolute()
     tmp = out_dir.with_name(f".{out_dir.name}.saving")
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    check_output_dir(out_dir, overwrite)  # on every rank: all refuse together, before any work
     if is_rank0():
-        check_output_dir(out_dir, overwrite)
         if tmp.exists():
             print(f"[megatron-spd] removing {tmp}, left by an interrupted save", flush=True)
             shutil.rmtree(tmp)

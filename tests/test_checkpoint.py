@@ -1,5 +1,6 @@
-"""megatron-spd checkpoints: resharding between TP degrees with an SPD plan inside, the plan's
-TP check, atomic saves and clear errors for damaged checkpoints.
+"""Checkpoints: the Megatron-LM layout with the plan inline in the args, written and read back at
+TP 1 and 3; resharding; Megatron-LM's own checkpoints (iter_*, optimizer tensors, no tokenizer);
+format-1 checkpoints; atomic saves; never replacing a user's files; checksums.
 
 A tiny random LLaMA (6 heads, 3 KV heads, G=3, blocks 1-2 SPD) keeps it fast. Logits of the same
 weights at TP=1 and TP=3 agree to |d| <= 1e-5 + 1e-5*|ref| (fp32); weights read back from any
@@ -7,6 +8,7 @@ checkpoint are bit-identical to what was saved.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -55,64 +57,108 @@ def _reinit(tp: int) -> None:
     distributed.init(tp)
 
 
+def save_like_megatron_lm(model, directory, args, iteration: int) -> None:
+    """What Megatron-LM's save_checkpoint writes for torch_dist (checkpointing.py,
+    core_v0.16.1): {model, optimizer, args, iteration, checkpoint_version} through megatron's
+    default save strategy into iter_%07d, then the tracker. The optimizer entries mirror every
+    weight (Adam's exp_avg), so a reader must ignore them."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_spd.distributed import barrier, is_rank0
+
+    sd = model.sharded_state_dict()
+    optim = {f"exp_avg.{k}": dataclasses.replace(v, key=f"optimizer.state.exp_avg.{v.key}",
+                                                 data=torch.full_like(v.data, 7.0))
+             for k, v in sd.items() if isinstance(v, ShardedTensor)}
+    it_dir = directory / f"iter_{iteration:07d}"
+    if is_rank0():
+        it_dir.mkdir(parents=True)
+    barrier()
+    dist_checkpointing.save({"model": sd, "optimizer": optim, "args": args,
+                             "iteration": iteration, "checkpoint_version": 3.0}, str(it_dir))
+    if is_rank0():
+        (directory / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    barrier()
+
+
 def _reshard_and_atomic(full, tok_path, tmp):
-    """world 3: save at TP=3 -> load at TP=1 -> save at TP=1 -> load at TP=3, plus a failed
-    save over an existing checkpoint and a config/weights mismatch."""
+    """world 3: save at TP=3 -> load at TP=1 -> save at TP=1 -> load at TP=3; a Megatron-LM
+    iter_* checkpoint with optimizer tensors saved at TP=3 -> TP=1; a killed save; refusals."""
+    from pathlib import Path
+
     from megatron_spd import checkpoint
-    from megatron_spd.checkpoint import CheckpointError, open_model, save_checkpoint
+    from megatron_spd.checkpoint import CheckpointError, save_checkpoint
+    from megatron_spd.checkpoint_args import args_from_config
+    from megatron_spd.distributed import barrier, is_rank0
+    from megatron_spd.factory import open_model
     from megatron_spd.model import load_full_state_dict
     from megatron_spd.spec import build_model
     from megatron_spd.tokenizer import load_tokenizer
 
+    tmp = Path(tmp)
     tok = load_tokenizer(tok_path)
     out = {}
     model = build_model(CFG, PLAN)
     load_full_state_dict(model, full)
     out["tp3_built"] = _logits(model)
-    save_checkpoint(model, f"{tmp}/ck3", config=CFG, plan=PLAN, tokenizer=tok)
+    save_checkpoint(model, tmp / "ck3", config=CFG, plan=PLAN, tokenizer=tok)
+    # Megatron-LM's own layout (no spd_checkpoint.json, no tokenizer, optimizer state)
+    mlm_args = args_from_config(CFG, PLAN, tp=3)
+    mlm_args.no_save_optim, mlm_args.lr = None, 3e-4  # what a training run records
+    save_like_megatron_lm(model, tmp / "mlm", mlm_args, iteration=20)
 
     _reinit(1)
-    lm = open_model(f"{tmp}/ck3")
+    lm = open_model(tmp / "ck3")
     out["plan_at_tp1"] = lm.plan.to_dict()
     out["tp1_from_tp3"] = _logits(lm.model)
-    save_checkpoint(lm.model, f"{tmp}/ck1", config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer,
+    out["tp1_from_mlm"] = _logits(open_model(tmp / "mlm", tokenizer=tok_path).model)
+    out["tp1_from_mlm_iter"] = _logits(open_model(tmp / "mlm" / "iter_0000020",
+                                                  tokenizer=tok_path).model)
+    save_checkpoint(lm.model, tmp / "ck1", config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer,
                     dense_source=ORIGIN)
 
-    # a save that dies half-way leaves the old checkpoint as it was
+    # replacing one of ours needs overwrite=True; a killed save leaves the old one as it was
+    try:
+        save_checkpoint(lm.model, tmp / "ck1", config=lm.config, plan=PLAN, tokenizer=tok)
+    except CheckpointError as e:
+        out["no_overwrite"] = str(e)
     real_save = checkpoint._write_weights
-    def dying_save(sharded, directory):
-        real_save(sharded, directory)
+
+    def dying_save(state, directory):
+        real_save(state, directory)
         raise KeyboardInterrupt("killed during save")
     checkpoint._write_weights = dying_save
     try:
-        save_checkpoint(lm.model, f"{tmp}/ck1", config=lm.config, plan=PLAN, tokenizer=tok)
+        save_checkpoint(lm.model, tmp / "ck1", config=lm.config, plan=PLAN, tokenizer=tok,
+                        overwrite=True)
     except KeyboardInterrupt:
         out["killed"] = True
     finally:
         checkpoint._write_weights = real_save
-    out["tp1_after_kill"] = _logits(open_model(f"{tmp}/ck1").model)
+    out["tp1_after_kill"] = _logits(open_model(tmp / "ck1").model)
 
-    # a checkpoint whose config does not match its weights
-    from megatron_spd.distributed import barrier, is_rank0
+    # args that do not match the weights
     if is_rank0():
-        shutil.copytree(f"{tmp}/ck1", f"{tmp}/bad")
-        meta = json.loads(open(f"{tmp}/bad/spd_checkpoint.json").read())
-        meta["model_config"]["ffn_hidden_size"] = 120
-        open(f"{tmp}/bad/spd_checkpoint.json", "w").write(json.dumps(meta))
+        shutil.copytree(tmp / "ck1", tmp / "bad")
+        common = torch.load(tmp / "bad/release/common.pt", weights_only=False)
+        common["args"].ffn_hidden_size = 120
+        torch.save(common, tmp / "bad/release/common.pt")
+        (tmp / "bad/spd_checkpoint.json").unlink()  # its manifest would (rightly) refuse first
     barrier()
     try:
-        open_model(f"{tmp}/bad")
+        open_model(tmp / "bad", tokenizer=tok_path)
     except CheckpointError as e:
         out["mismatch"] = str(e)
 
     _reinit(3)
-    lm = open_model(f"{tmp}/ck1")
+    lm = open_model(tmp / "ck1")
     out["tp3_from_tp1"], out["ck1_dense_source"] = _logits(lm.model), lm.dense_source
     return out
 
 
 def _open_at_tp2(ckpt):
-    from megatron_spd.checkpoint import open_model
+    from megatron_spd.factory import open_model
 
     try:
         open_model(ckpt)
@@ -121,60 +167,176 @@ def _open_at_tp2(ckpt):
     return None
 
 
-def test_reshard_plan_check_and_atomic_save(tmp_path):
-    from megatron_spd.checkpoint import CheckpointError, load_weights, read_meta
-    from megatron_spd.tokenizer import TokenizerError
-
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
     full = random_full_state_dict(CFG, seed=5)
-    tok_path = write_tokenizer(tmp_path / "tok")
-    res = run_ranks(_reshard_and_atomic, 3, full, tok_path, str(tmp_path))
+    tok_path = write_tokenizer(tmp / "tok")
+    res = run_ranks(_reshard_and_atomic, 3, full, tok_path, str(tmp))
+    return tmp, full, tok_path, res
+
+
+def test_reshard_megatron_lm_layout_and_atomic_save(saved):
+    from megatron_spd.checkpoint import CheckpointError, read_checkpoint
+    from megatron_spd.sources import dense_origin, load_weights, source_kind
+
+    tmp, full, _, res = saved
     ref = res[0]["tp3_built"]
+    keys = ("tp3_built", "tp1_from_tp3", "tp1_from_mlm", "tp1_from_mlm_iter", "tp1_after_kill",
+            "tp3_from_tp1")
     for r in range(3):
-        for key in ("tp3_built", "tp1_from_tp3", "tp1_after_kill", "tp3_from_tp1"):
+        for key in keys:
             torch.testing.assert_close(res[r][key], ref, atol=1e-5, rtol=1e-5)
     print(f"\nmax|dlogits| TP=3 save -> TP=1 load {(res[0]['tp1_from_tp3'] - ref).abs().max():.2e}"
-          f", TP=1 save -> TP=3 load {(res[0]['tp3_from_tp1'] - ref).abs().max():.2e}")
+          f", TP=1 save -> TP=3 load {(res[0]['tp3_from_tp1'] - ref).abs().max():.2e}, "
+          f"Megatron-LM TP=3 -> TP=1 {(res[0]['tp1_from_mlm'] - ref).abs().max():.2e}")
     assert res[0]["plan_at_tp1"] == PLAN.to_dict()
-    assert res[0]["killed"] and not (tmp_path / ".ck1.saving" / "spd_checkpoint.json").exists()
-    assert "config does not match the weights" in res[0]["mismatch"]
+    assert "already holds a megatron-spd checkpoint" in res[0]["no_overwrite"]
+    assert "--overwrite" in res[0]["no_overwrite"]
+    assert res[0]["killed"] and not (tmp / ".ck1.saving" / "spd_checkpoint.json").exists()
+    assert "could not be loaded" in res[0]["mismatch"]
 
-    # weights read back without a model are bit-identical, from either TP
-    for name in ("ck3", "ck1"):
-        cfg, back, tok, plan = load_weights(tmp_path / name)
+    # the Megatron-LM layout, its args and our metadata, at TP 3 and 1
+    for name, tp in (("ck3", 3), ("ck1", 1)):
+        ck = tmp / name
+        assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+        common = torch.load(ck / "release" / "common.pt", weights_only=False)
+        assert common["iteration"] == 0 and common["checkpoint_version"] == 3.0
+        args = common["args"]
+        assert (args.num_layers, args.hidden_size, args.num_attention_heads,
+                args.num_query_groups, args.group_query_attention, args.ffn_hidden_size,
+                args.kv_channels, args.padded_vocab_size, args.max_position_embeddings,
+                args.normalization, args.swiglu, args.position_embedding_type, args.rotary_base,
+                args.untie_embeddings_and_output_weights, args.add_bias_linear,
+                args.tensor_model_parallel_size, args.ckpt_format) == \
+            (3, 48, 6, 3, True, 96, 8, 96, 64, "RMSNorm", True, "rope", 10000.0, True, False,
+             tp, "torch_dist")
+        assert json.loads(args.spd_plan_json) == PLAN.to_dict()
+        assert args.tokenizer_type == "HuggingFaceTokenizer"
+        stored = read_checkpoint(ck)
+        assert stored.config == CFG and stored.plan.to_dict() == PLAN.to_dict()
+        assert stored.saved_tp == tp and stored.layout == "megatron-lm"
+        # weights read back without a model are bit-identical, from either TP
+        cfg, back, tok, plan = load_weights(ck)
         assert cfg == CFG and plan.to_dict() == PLAN.to_dict() and tok.bos_id == 1
         assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
-    assert read_meta(tmp_path / "ck3")["saved_tp"] == 3
+
+    # Megatron-LM's checkpoint: optimizer tensors ignored, tokenizer must be given
+    mlm = read_checkpoint(tmp / "mlm")
+    assert mlm.weights.name == "iter_0000020" and mlm.plan.to_dict() == PLAN.to_dict()
+    _, back, _, _ = load_weights(tmp / "mlm", tokenizer=tmp / "tok" / "tokenizer.json")
+    assert all(torch.equal(back[k], full[k]) for k in full)
+    with pytest.raises(Exception, match="carries no tokenizer.*--tokenizer"):
+        load_weights(tmp / "mlm")
 
     # the dense origin: recorded by recovered checkpoints, else the source itself
-    from megatron_spd.checkpoint import dense_origin, source_kind
-
-    assert res[0]["ck1_dense_source"] == ORIGIN == dense_origin(tmp_path / "ck1")
-    assert dense_origin(tmp_path / "ck3") == str((tmp_path / "ck3").absolute())
-    assert "dense_source" not in read_meta(tmp_path / "ck3")
+    assert res[0]["ck1_dense_source"] == ORIGIN == dense_origin(tmp / "ck1")
+    assert dense_origin(tmp / "ck3") == str((tmp / "ck3").absolute())
     assert dense_origin(None) == "default" == source_kind("default")
+    assert source_kind(tmp / "mlm") == source_kind(tmp / "ck3" / "release") == "mcore"
+    with pytest.raises(CheckpointError, match="not a checkpoint|neither"):
+        source_kind(tmp / "tok")
 
     # a G=3 SPD checkpoint refuses TP=2 with a message naming the allowed TPs
-    msg = run_ranks(_open_at_tp2, 2, str(tmp_path / "ck3"))[0]
+    msg = run_ranks(_open_at_tp2, 2, str(tmp / "ck3"))[0]
     assert msg is not None and "TP=2 does not divide G=3" in msg and "[1, 3]" in msg
 
-    # damaged checkpoints
-    bad = tmp_path / "bad"
-    with pytest.raises(CheckpointError, match="does not match"):
+
+def test_damaged_checkpoints_give_clear_errors(saved):
+    from megatron_spd.checkpoint import CheckpointError, read_checkpoint
+    from megatron_spd.sources import load_weights
+    from megatron_spd.tokenizer import TokenizerError
+
+    tmp = saved[0]
+    bad = tmp / "damaged"
+
+    def fresh():
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(tmp / "ck3", bad)
+        return sorted((bad / "release").glob("*.distcp"))[0]
+
+    shard = fresh()  # bytes flipped inside a shard, size unchanged: only the checksum sees it
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp does not match the sha256.*"
+                                              r"--no-verify"):
         load_weights(bad)
-    shutil.rmtree(bad)
-    shutil.copytree(tmp_path / "ck3", bad)
-    shard = sorted((bad / "weights").glob("*.distcp"))[0]
+    read_checkpoint(bad, verify=False)  # the opt-out skips the checksum (sizes still checked)
+    shard = fresh()
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        load_weights(bad)
-    shutil.rmtree(bad)
-    shutil.copytree(tmp_path / "ck3", bad)
+        read_checkpoint(bad, verify=False)
+    fresh()
     (bad / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="tokenizer file .* is missing"):
         load_weights(bad)
     (bad / "spd_checkpoint.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_weights(bad)
-    (bad / "spd_checkpoint.json").unlink()
-    with pytest.raises(CheckpointError, match="incomplete"):
+    fresh()
+    (bad / "latest_checkpointed_iteration.txt").write_text("12")
+    with pytest.raises(CheckpointError, match="points to iter_0000012/, which is missing"):
         load_weights(bad)
+    shutil.rmtree(bad)
+
+
+def test_output_dir_check_never_replaces_user_files(saved, tmp_path):
+    from megatron_spd.checkpoint import CheckpointError, check_output_dir
+
+    check_output_dir(tmp_path / "new")  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is an existing file"):
+        check_output_dir(tmp_path / "file", overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(CheckpointError, match=r"not a megatron-spd checkpoint \(it holds "
+                                              r"thesis.tex\)"):
+        check_output_dir(tmp_path / "mine", overwrite=True)
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        check_output_dir(saved[0] / "ck3")
+    check_output_dir(saved[0] / "ck3", overwrite=True)
+    # a Megatron-LM checkpoint is not ours to replace either
+    with pytest.raises(CheckpointError, match="not a megatron-spd checkpoint"):
+        check_output_dir(saved[0] / "mlm", overwrite=True)
+
+
+def test_format_1_checkpoints_still_load(saved, tmp_path):
+    """spd_checkpoint.json (config + plan) beside weights/ with an empty common.pt."""
+    from megatron_spd.checkpoint import read_checkpoint
+    from megatron_spd.sources import load_weights
+
+    tmp, full, _, _ = saved
+    old = tmp_path / "v1"
+    old.mkdir()
+    shutil.copytree(tmp / "ck3" / "release", old / "weights")
+    torch.save({}, old / "weights" / "common.pt")
+    shutil.copytree(tmp / "ck3" / "tokenizer", old / "tokenizer")
+    meta = json.loads((tmp / "ck3" / "spd_checkpoint.json").read_text())
+    files = {str(p.relative_to(old)): p.stat().st_size for p in old.rglob("*") if p.is_file()}
+    (old / "spd_checkpoint.json").write_text(json.dumps({
+        "format": "megatron-spd-checkpoint/1", "model_config": CFG.to_dict(),
+        "plan": PLAN.to_dict(), "tokenizer": meta["tokenizer"], "saved_tp": 3, "files": files}))
+    assert read_checkpoint(old).layout == "legacy"
+    cfg, back, _, plan = load_weights(old)
+    assert cfg == CFG and plan.to_dict() == PLAN.to_dict()
+    assert all(torch.equal(back[k], full[k]) for k in full)
+
+
+def test_every_model_config_field_maps_to_megatron_lm_args():
+    from megatron_spd.checkpoint_args import args_from_config, config_from_args, \
+        unmapped_config_fields
+
+    assert unmapped_config_fields() == []
+    for cfg in (CFG, dataclasses.replace(CFG, normalization="LayerNorm", activation="gelu",
+                                         add_bias_linear=True, tie_word_embeddings=True,
+                                         position_embedding_type="learned_absolute",
+                                         num_query_groups=6, norm_eps=1e-6, rope_theta=5e5)):
+        assert config_from_args(args_from_config(cfg, None, tp=1), "x") == cfg
+    args = args_from_config(CFG, None, tp=1)
+    args.qk_layernorm, args.num_experts = True, 8
+    with pytest.raises(ValueError, match="MoE.*; QK layernorm"):
+        config_from_args(args, "ckpt")

@@ -66,7 +66,8 @@ def save(save_dir: str | Path, step: int, *, loaded, trainer, state: dict[str, A
     move ``latest`` to it; keeps the newest ``keep`` checkpoints (0 = all)."""
     out = step_dir(save_dir, step)
     save_checkpoint(trainer.model, out, config=loaded.config, plan=loaded.plan,
-                    tokenizer=loaded.tokenizer, dense_source=loaded.dense_source)
+                    tokenizer=loaded.tokenizer, dense_source=loaded.dense_source,
+                    overwrite=True)  # a step re-saved after a kill: this run's own directory
     tdir = out / TRAINER_DIR
     if is_rank0():
         tdir.mkdir(exist_ok=True)
