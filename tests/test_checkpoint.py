@@ -340,3 +340,120 @@ def test_every_model_config_field_maps_to_megatron_lm_args():
     args.qk_layernorm, args.num_experts = True, 8
     with pytest.raises(ValueError, match="MoE.*; QK layernorm"):
         config_from_args(args, "ckpt")
+
+
+# ----- a save killed with SIGKILL ----------------------------------------------------------------
+
+def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str = "ours") -> None:
+    """Run in a fresh interpreter: save a small model to ``out``. With ``marker``, announce the
+    start of the weight write there and save in a loop (the test kills this process)."""
+    import os
+    from pathlib import Path
+
+    from megatron_spd import checkpoint, distributed
+    from megatron_spd.model import load_full_state_dict
+    from megatron_spd.spec import build_model
+    from megatron_spd.tokenizer import load_tokenizer
+
+    distributed.init(1)
+    cfg = dataclasses.replace(CFG, hidden_size=384, ffn_hidden_size=1536, num_layers=6)
+    model = build_model(cfg, SPDPlan.dense(6, 3))
+    load_full_state_dict(model, random_full_state_dict(cfg, seed=1))
+    if strategy == "megatron":  # only to show the test catches megatron's forking writer
+        checkpoint._in_process_strategy = lambda: None
+    real = checkpoint._write_weights
+
+    def announced(state, directory):
+        Path(marker).write_text(str(os.getpid()))
+        real(state, directory)
+    if marker:
+        checkpoint._write_weights = announced
+    while True:
+        checkpoint.save_checkpoint(model, out, config=cfg, plan=SPDPlan.dense(6, 3),
+                                   tokenizer=load_tokenizer(tok_path), overwrite=True)
+        if not marker:
+            return
+
+
+def _descendants(pid: int) -> set[int]:
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill_a_save(tmp_path, tok_path: str, strategy: str = "ours") -> set[int]:
+    """SIGKILL the saving process while it writes weights; the descendants it had then that
+    are still alive a moment later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "saving.pid"
+    code = ("import sys; sys.path.insert(0, '.'); from tests.test_checkpoint import "
+            f"save_in_subprocess as s; s({str(tmp_path / 'out')!r}, {tok_path!r}, "
+            f"{str(marker)!r}, {strategy!r})")
+    from tests.conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE)
+    seen: set[int] = set()
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the save never started"
+            time.sleep(0.05)
+        for _ in range(20):  # watch the write for a moment, remembering every descendant
+            seen |= _descendants(proc.pid)
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(1.0)
+    return {p for p in seen if _alive(p)}
+
+
+def test_killed_save_leaves_no_process_and_the_next_save_cleans_up(tmp_path, capfd):
+    """kill -9 during the weight write: no process it started survives, a stale .out.saving
+    is left, and the next save removes it with a message and succeeds."""
+    import subprocess
+    import sys
+
+    from megatron_spd.checkpoint import read_checkpoint
+    from tests.conftest import ROOT
+
+    tok_path = write_tokenizer(tmp_path / "tok")
+    survivors = kill_a_save(tmp_path, tok_path)
+    assert survivors == set(), f"processes of the killed save still run: {survivors}"
+    assert (tmp_path / ".out.saving").is_dir()
+    code = ("import sys; sys.path.insert(0, '.'); from tests.test_checkpoint import "
+            f"save_in_subprocess as s; s({str(tmp_path / 'out')!r}, {tok_path!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"removing {tmp_path / '.out.saving'}, left by an interrupted save" in r.stdout
+    assert not (tmp_path / ".out.saving").exists()
+    assert read_checkpoint(tmp_path / "out").config.num_layers == 6
