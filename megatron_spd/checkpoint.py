@@ -29,6 +29,7 @@ skipped (``verify=False``) for very large checkpoints: the size check always run
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
 import shutil
@@ -182,6 +183,15 @@ def _read_legacy(root: Path, meta: dict[str, Any], verify: bool) -> StoredCheckp
     plan = SPDPlan.from_dict(meta["plan"], source=str(root / META_FILE))
     return StoredCheckpoint(root, weights, cfg, plan, meta["tokenizer"], meta.get("dense_source"),
                             meta.get("saved_tp"), "legacy", meta)
+
+
+def read_args(path: str | Path) -> Optional[argparse.Namespace]:
+    """The args namespace of the checkpoint at ``path`` (None if ``path`` holds none yet, e.g.
+    a fresh training run's --save directory that is also its --load)."""
+    path = Path(path)
+    if not path.is_dir() or not ((path / TRACKER_FILE).is_file() or _is_dist_dir(path)):
+        return None
+    return _read_args(_locate(path)[1])
 
 
 def _read_args(weights: Path):

@@ -42,6 +42,7 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
         ckpt = _read_on_rank0_first(source, verify)
         tok = ckpt.tokenizer(tokenizer)
         check_vocab(ckpt.config, tok, str(ckpt.root))
+        _note_unrecovered(plan, ckpt.plan, str(ckpt.root))
         plan = plan or ckpt.plan or default_plan_for(ckpt.config)
         try:
             model = build_model(ckpt.config, plan, sequence_parallel=sequence_parallel)
@@ -54,10 +55,35 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
     cfg, full, tok, src_plan = load_weights(source, tokenizer=tokenizer)
     if kind in ("default", "gguf") and is_rank0():
         barrier()
+    _note_unrecovered(plan, src_plan, str(source or "the default model"))
     plan = plan or src_plan
     model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
     load_full_state_dict(model, full)
     return LoadedModel(model, cfg, plan, tok)
+
+
+def unrecovered_note(plan: SPDPlan, weights_plan: Optional[SPDPlan], source: str
+                     ) -> Optional[str]:
+    """``b2b``/``hg`` say how a block's weights were recovered for SPD; a plan applied to weights
+    not recovered that way (their own plan says otherwise) runs those blocks zero-shot. Every
+    route (our tools, Megatron-LM's scripts) says so in these words; None when nothing to say."""
+    own = weights_plan.strategies if weights_plan is not None \
+        and weights_plan.num_layers == plan.num_layers else ["dense"] * plan.num_layers
+    blocks = [i for i, s in enumerate(plan.strategies) if s in ("b2b", "hg") and own[i] != s]
+    if not blocks:
+        return None
+    return (f"blocks {blocks} are b2b/hg in the plan but the weights from {source} were not "
+            "recovered that way: they run as zero-shot SPD blocks until recovered "
+            "(tools/spd.py distill, or fine-tuning)")
+
+
+def _note_unrecovered(plan: Optional[SPDPlan], weights_plan: Optional[SPDPlan],
+                      source: str) -> None:
+    from .distributed import is_rank0
+
+    note = unrecovered_note(plan, weights_plan, source) if plan is not None else None
+    if note and is_rank0():
+        print(f"[megatron-spd] {note}", flush=True)
 
 
 def _read_on_rank0_first(source, verify: bool) -> StoredCheckpoint:

@@ -1,9 +1,14 @@
-"""Glue for Megatron-LM's own launch script (``pretrain_gpt.py``), used by patches/.
+"""Glue for Megatron-LM's own scripts (``pretrain_gpt.py``, ``tools/run_text_generation_server.py``),
+called by the patch in patches/.
 
-Megatron-LM trains with its own loop; three hooks make it train an SPD model (patches/README.md):
-- ``add_arguments``: ``--spd-plan PLAN.json`` (pretrain_gpt.py's ``extra_args_provider``);
-- ``layer_spec``: the per-block layer specs of the plan (gpt_builders.py, in place of the stock
-  local spec), after checking that the run's settings are ones SPD blocks support;
+- ``add_arguments``: ``--spd-plan PLAN.json`` and the inline form ``--spd-plan-json`` that
+  checkpoints carry (both scripts' ``extra_args_provider``).
+- ``resolve_plan``: the run's plan, from ``--spd-plan`` or restored from the checkpoint being
+  loaded (``--load``, ``--pretrained-checkpoint``, or ``--use-checkpoint-args``); a checkpoint with
+  SPD blocks and another plan is refused. The plan is put inline in ``args.spd_plan_json``, so
+  every checkpoint Megatron-LM saves carries it. Settings SPD blocks cannot honour are refused.
+- ``layer_spec``: the per-block layer specs of the plan (gpt_builders.py).
+- ``check_checkpoint_plan``: part of Megatron-LM's ``check_checkpoint_args``.
 - ``wrap_finalize``: megatron's ``finalize_model_grads`` followed by the TP sum of the gradients
   SPD blocks leave partial per rank (training.py; design.md 3). Without it the replicated norm
   weights of SPD blocks drift apart across TP ranks (with --sequence-parallel megatron's own
@@ -13,43 +18,129 @@ Nothing here imports Megatron-LM's ``megatron.training``: it receives ``args`` o
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+from .checkpoint_args import PLAN_ARG, plan_from_args, plan_json
 from .grads import reduce_tp_partial_grads
 from .plan import PlanError, SPDPlan
 from .spec import block_spec
+
+# what makes two plans build different models (the rest is provenance)
+_STRUCTURAL_KEYS = ("groups", "strategies", "compensation")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group(title="megatron-spd")
     group.add_argument("--spd-plan", type=str, default=None,
                        help="megatron-spd plan JSON: blocks it marks SPD drop their attention "
-                            "all-reduce (needs --transformer-impl local)")
+                            "all-reduce (needs --transformer-impl local). Without it, the plan "
+                            "stored in the --load checkpoint is used")
+    group.add_argument("--spd-plan-json", dest=PLAN_ARG, type=str, default=None,
+                       help="the plan inline (JSON), as checkpoints store it; normally set from "
+                            "--spd-plan or the checkpoint, not by hand")
     return parser
 
 
+def _structure(plan: Optional[SPDPlan]) -> Optional[dict]:
+    if plan is None or not plan.spd_blocks:
+        return None  # no SPD block: the stock dense model
+    d = plan.to_dict()
+    return {k: d.get(k) for k in _STRUCTURAL_KEYS}
+
+
+def _unsupported(args: Any) -> list[str]:
+    """Settings under which SPD blocks would be dropped or built wrong; each names its fix."""
+    checks = (
+        (getattr(args, "use_legacy_models", False), "drop --use-legacy-models (SPD blocks are "
+         "megatron-core layers)"),
+        (getattr(args, "transformer_impl", "local") != "local",
+         "pass --transformer-impl local (SPD layers subclass the local linears)"),
+        (getattr(args, "spec", None) is not None, "drop --spec: the plan chooses the layer specs"),
+        (getattr(args, "pipeline_model_parallel_size", 1) != 1,
+         "pipeline parallelism is not supported: use --pipeline-model-parallel-size 1"),
+        (getattr(args, "context_parallel_size", 1) != 1,
+         "context parallelism is not supported: use --context-parallel-size 1"),
+        (getattr(args, "num_experts", None), "MoE models are not supported (drop --num-experts)"),
+        (getattr(args, "mtp_num_layers", None),
+         "multi-token prediction is not supported (drop --mtp-num-layers)"),
+        (getattr(args, "multi_latent_attention", False),
+         "multi-latent attention is not supported (drop --multi-latent-attention)"),
+        (getattr(args, "experimental_attention_variant", None) is not None,
+         "experimental attention variants are not supported (drop "
+         "--experimental-attention-variant)"),
+        (getattr(args, "heterogeneous_layers_config_path", None) is not None
+         or getattr(args, "heterogeneous_layers_config_encoded_json", None) is not None,
+         "heterogeneous layer configs are not supported (drop "
+         "--heterogeneous-layers-config-path)"),
+        (getattr(args, "qk_layernorm", False),
+         "--qk-layernorm is not supported by this megatron-spd version's SPD layer spec"),
+    )
+    return [fix for bad, fix in checks if bad]
+
+
+def _checkpoint_plan(args: Any) -> tuple[Optional[SPDPlan], Optional[str]]:
+    """The plan stored with the model this run starts from, and where it was found."""
+    from .checkpoint import read_args
+
+    if getattr(args, PLAN_ARG, None):  # restored by --use-checkpoint-args
+        return plan_from_args(args, "--use-checkpoint-args"), "the checkpoint args"
+    for flag in ("load", "pretrained_checkpoint"):
+        path = getattr(args, flag, None)
+        ckpt_args = read_args(path) if path else None
+        if ckpt_args is not None:
+            return plan_from_args(ckpt_args, str(path)), f"--{flag.replace('_', '-')} {path}"
+    return None, None
+
+
+def resolve_plan(args: Any) -> Optional[SPDPlan]:
+    """The plan this run builds (None: stock dense model), stored inline in ``args`` so that
+    Megatron-LM's saves carry it. Raises PlanError for a plan that contradicts the checkpoint's
+    or for settings SPD blocks cannot honour."""
+    flag_plan = SPDPlan.load(args.spd_plan) if getattr(args, "spd_plan", None) else None
+    stored, where = _checkpoint_plan(args)
+    if flag_plan is not None and _structure(stored) not in (None, _structure(flag_plan)):
+        raise PlanError(f"--spd-plan {args.spd_plan} differs from the plan stored in {where} "
+                        f"(groups/strategies {_structure(stored)}); its weights were made for "
+                        "that plan: drop --spd-plan to use it, or convert the checkpoint to "
+                        "the new plan first (tools/convert_checkpoint.py --plan)")
+    plan = flag_plan or stored
+    if plan is not None and plan.spd_blocks:
+        problems = _unsupported(args)
+        if problems:
+            raise PlanError("megatron-spd plan: " + "; ".join(problems))
+        if flag_plan is None:
+            print(f"[megatron-spd] SPD plan restored from {where}: SPD blocks {plan.spd_blocks}, "
+                  f"G={plan.groups}", flush=True)
+        from .factory import unrecovered_note
+
+        note = unrecovered_note(plan, stored, where or "the initial weights")
+        if note:
+            print(f"[megatron-spd] {note}", flush=True)
+    setattr(args, PLAN_ARG, None if plan is None else plan_json(plan))
+    return plan
+
+
 def layer_spec(args: Any, config) -> Any:
-    """TransformerBlockSubmodules for ``args.spd_plan``; a clear error for settings SPD blocks
-    do not support."""
-    problems = []
-    if getattr(args, "transformer_impl", "local") != "local":
-        problems.append("pass --transformer-impl local (SPD layers subclass the local linears)")
-    if getattr(args, "pipeline_model_parallel_size", 1) != 1:
-        problems.append("pipeline parallelism is not supported: use "
-                        "--pipeline-model-parallel-size 1")
-    if getattr(args, "num_experts", None):
-        problems.append("MoE models are not supported (drop --num-experts)")
-    if getattr(args, "mtp_num_layers", None):
-        problems.append("multi-token prediction is not supported (drop --mtp-num-layers)")
-    if getattr(args, "context_parallel_size", 1) != 1:
-        problems.append("context parallelism is not supported: use --context-parallel-size 1")
-    if problems:
-        raise PlanError(f"--spd-plan {args.spd_plan}: " + "; ".join(problems))
-    plan = SPDPlan.load(args.spd_plan)
+    """TransformerBlockSubmodules for the run's plan (set inline by ``resolve_plan``), checked
+    against the model and TP degree."""
+    plan = plan_from_args(args, "args")
+    if plan is None:
+        raise PlanError("layer_spec needs the run's plan: call resolve_plan(args) first")
     heads = config.num_attention_heads
     plan.validate_for(config.num_layers, heads, config.num_query_groups or heads,
                       config.ffn_hidden_size, config.tensor_model_parallel_size)
     return block_spec(config, plan)
+
+
+def check_checkpoint_plan(checkpoint_args: Any, args: Any) -> None:
+    """Refuse loading a checkpoint with SPD blocks into a model built with another (or no) plan
+    (Megatron-LM's check_checkpoint_args)."""
+    stored = plan_from_args(checkpoint_args, "the checkpoint")
+    run = plan_from_args(args, "this run")
+    if _structure(stored) not in (None, _structure(run)):
+        raise PlanError(f"the checkpoint was saved with SPD plan {_structure(stored)} but this "
+                        f"model was built with {_structure(run) or 'no SPD blocks'}; drop "
+                        "--spd-plan (the checkpoint's plan is then used) or pass that plan")
 
 
 def wrap_finalize(finalize: Callable) -> Callable:

@@ -1,29 +1,51 @@
-"""The Megatron-LM patch (patches/) applies to the sources it targets and its hooks work.
+"""The Megatron-LM patch (patches/): it applies, its hooks carry the plan, and Megatron-LM's own
+code round-trips our checkpoints.
 
-``git apply --check`` needs a Megatron-LM checkout of the targeted version (core_v0.16.1); CI has
-no network, so point ``MEGATRON_LM_DIR`` at one (a clone, or the three patched files exported
-with ``git show core_v0.16.1:<path>``); without it that test is skipped and says so. The hooks the
-patched files call (``megatron_spd.megatron_lm``) are tested here without Megatron-LM.
+Without Megatron-LM (CI): the hooks the patched files call (``megatron_spd.megatron_lm``) are
+tested on ``args`` namespaces: the plan from ``--spd-plan`` or restored from the ``--load``
+checkpoint, a mismatched plan refused, settings SPD blocks cannot honour refused.
+
+With ``MEGATRON_LM_DIR`` (a checkout of tag core_v0.16.1; skipped otherwise): ``git apply --check``,
+then, in a subprocess on a patched copy, Megatron-LM's own ``parse_args``/``validate_args``,
+``load_args_from_checkpoint`` (--use-checkpoint-args), the patched ``gpt_builder``,
+``load_checkpoint`` and ``save_checkpoint`` on CPU: our checkpoint loads with its plan restored
+and the same logits as ours (fp32, exact: the same modules and weights, |d| = 0 expected; the
+test allows 1e-6), Megatron-LM's saved checkpoint opens in our tools with the plan, a different
+``--spd-plan`` is refused, and the text generation server's parser accepts ``--spd-plan``.
+Megatron-LM's ``megatron.training`` imports ``six`` and ``triton`` (not in the venv): put a
+directory holding them on ``MEGATRON_LM_DEPS`` (``pip install --target DIR six triton``).
 """
 import argparse
 import ast
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from megatron_spd.checkpoint_args import args_from_config, plan_json
+from megatron_spd.config import ModelConfig
+from megatron_spd.plan import PlanError, SPDPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "patches" / "megatron-lm-core_v0.16.1-spd.patch"
-PATCHED_FILES = ("pretrain_gpt.py", "gpt_builders.py", "megatron/training/training.py")
+PATCHED_FILES = ("pretrain_gpt.py", "gpt_builders.py", "megatron/training/training.py",
+                 "megatron/training/checkpointing.py", "tools/run_text_generation_server.py")
+MLM_DEPS = ("six", "triton")
+CFG = ModelConfig(num_layers=3, hidden_size=48, num_attention_heads=6, num_query_groups=6,
+                  ffn_hidden_size=96, vocab_size=96, max_seq_length=64)
 
 
 def _megatron_lm_dir() -> Path:
     env = os.environ.get("MEGATRON_LM_DIR")
     if not env:
-        pytest.skip("MEGATRON_LM_DIR is not set: the patch check needs a Megatron-LM checkout of "
-                    "tag core_v0.16.1 (no network in CI); set MEGATRON_LM_DIR=/path/to/Megatron-LM")
+        pytest.skip("MEGATRON_LM_DIR is not set: these checks need a Megatron-LM checkout of tag "
+                    "core_v0.16.1 (no network in CI); set MEGATRON_LM_DIR=/path/to/Megatron-LM "
+                    f"and MEGATRON_LM_DEPS=a directory with {', '.join(MLM_DEPS)}")
     path = Path(env)
     missing = [f for f in PATCHED_FILES if not (path / f).is_file()]
     if missing:
@@ -49,41 +71,109 @@ def test_patch_applies_cleanly_and_patched_files_parse(tmp_path):
         assert "megatron_spd.megatron_lm" in text
 
 
+# ----- the hooks, without Megatron-LM ------------------------------------------------------------
+
 def _args(**kw):
-    base = dict(spd_plan=None, transformer_impl="local", pipeline_model_parallel_size=1,
-                num_experts=None, mtp_num_layers=None, context_parallel_size=1)
+    base = dict(spd_plan=None, spd_plan_json=None, transformer_impl="local",
+                pipeline_model_parallel_size=1, num_experts=None, mtp_num_layers=None,
+                context_parallel_size=1, spec=None, load=None, pretrained_checkpoint=None)
     return argparse.Namespace(**{**base, **kw})
+
+
+def _fake_checkpoint(path: Path, plan) -> Path:
+    """What resolve_plan reads of a --load checkpoint: the tracker and common.pt's args."""
+    (path / "release").mkdir(parents=True)
+    (path / "latest_checkpointed_iteration.txt").write_text("release")
+    torch.save({"args": args_from_config(CFG, plan, tp=1), "iteration": 0},
+               path / "release" / "common.pt")
+    (path / "release" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    return path
+
+
+def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp_path, capsys):
+    from megatron_spd.megatron_lm import check_checkpoint_plan, resolve_plan
+
+    spd = SPDPlan(3, ["zs", "dense", "b2b"])
+    other = SPDPlan(3, ["dense", "zs", "zs"])
+    spd.save(tmp_path / "spd.json")
+    other.save(tmp_path / "other.json")
+    ckpt = _fake_checkpoint(tmp_path / "ck", spd)
+    dense_ckpt = _fake_checkpoint(tmp_path / "dense", None)
+
+    args = _args(load=str(ckpt))  # no --spd-plan: restored from the checkpoint
+    assert resolve_plan(args).to_dict() == spd.to_dict()
+    assert json.loads(args.spd_plan_json) == spd.to_dict()  # inline: Megatron-LM saves carry it
+    assert "SPD plan restored from --load" in capsys.readouterr().out
+    args = _args(spd_plan_json=plan_json(spd))  # --use-checkpoint-args restored it
+    assert resolve_plan(args).to_dict() == spd.to_dict()
+    args = _args(spd_plan=str(tmp_path / "other.json"), load=str(ckpt))
+    with pytest.raises(PlanError, match="differs from the plan stored in --load"):
+        resolve_plan(args)
+    args = _args(spd_plan=str(tmp_path / "other.json"), spd_plan_json=plan_json(spd))
+    with pytest.raises(PlanError, match="differs from the plan stored in the checkpoint args"):
+        resolve_plan(args)
+    spd_noted = SPDPlan(3, spd.strategies, {"provenance": {"tool": "x"}})  # same structure
+    spd_noted.save(tmp_path / "noted.json")
+    assert resolve_plan(_args(spd_plan=str(tmp_path / "noted.json"), load=str(ckpt))) is not None
+    # a dense checkpoint takes any plan; its b2b block was not recovered, which is said
+    args = _args(spd_plan=str(tmp_path / "spd.json"), load=str(dense_ckpt))
+    assert resolve_plan(args).to_dict() == spd.to_dict()
+    assert "blocks [2] are b2b/hg in the plan but the weights from --load" in \
+        capsys.readouterr().out
+    assert resolve_plan(_args(load=str(dense_ckpt))) is None  # stock dense model
+    assert resolve_plan(_args(load=str(tmp_path / "fresh"))) is None  # nothing saved yet
+
+    # Megatron-LM's check_checkpoint_args part
+    ck_args = args_from_config(CFG, spd, tp=1)
+    check_checkpoint_plan(ck_args, _args(spd_plan_json=plan_json(spd)))
+    with pytest.raises(PlanError, match="saved with SPD plan .* built with no SPD blocks"):
+        check_checkpoint_plan(ck_args, _args())
+    check_checkpoint_plan(args_from_config(CFG, None, tp=1), _args(spd_plan_json=plan_json(spd)))
+
+
+def test_unrecovered_blocks_are_named_the_same_way_on_every_route():
+    from megatron_spd.factory import unrecovered_note
+
+    plan = SPDPlan(3, ["zs", "hg", "b2b"])
+    assert unrecovered_note(plan, plan, "ck") is None
+    note = unrecovered_note(plan, SPDPlan(3, ["zs", "hg", "zs"]), "ck")
+    assert note.startswith("blocks [2] are b2b/hg in the plan but the weights from ck")
+    assert "blocks [1, 2]" in unrecovered_note(plan, None, "hf")
 
 
 def test_hooks_build_the_plan_specs_and_refuse_unsupported_settings(tmp_path):
     from megatron_spd.block import SPDTransformerLayer
-    from megatron_spd.config import ModelConfig
-    from megatron_spd.megatron_lm import add_arguments, layer_spec
-    from megatron_spd.plan import PlanError, SPDPlan
+    from megatron_spd.megatron_lm import add_arguments, layer_spec, resolve_plan
 
     parser = add_arguments(argparse.ArgumentParser())
     assert parser.parse_args(["--spd-plan", "p.json"]).spd_plan == "p.json"
-    assert parser.parse_args([]).spd_plan is None
+    assert parser.parse_args([]).spd_plan is None and parser.parse_args([]).spd_plan_json is None
 
-    cfg = ModelConfig(num_layers=3, hidden_size=48, num_attention_heads=6, num_query_groups=6,
-                      ffn_hidden_size=96, vocab_size=64)
     plan_path = tmp_path / "plan.json"
     SPDPlan(3, ["zs", "dense", "hg"]).save(plan_path)
-    spec = layer_spec(_args(spd_plan=str(plan_path)), cfg.transformer_config(3))
-    kinds = [s.module is SPDTransformerLayer for s in spec.layer_specs]
-    assert kinds == [True, False, True]
 
-    with pytest.raises(PlanError, match="transformer-impl local"):
-        layer_spec(_args(spd_plan=str(plan_path), transformer_impl="transformer_engine"),
-                   cfg.transformer_config(1))
-    with pytest.raises(PlanError, match="pipeline"):
-        layer_spec(_args(spd_plan=str(plan_path), pipeline_model_parallel_size=2),
-                   cfg.transformer_config(1))
+    def spec(tp=3, **kw):
+        args = _args(spd_plan=str(plan_path), **kw)
+        resolve_plan(args)
+        return layer_spec(args, CFG.transformer_config(tp))
+
+    kinds = [s.module is SPDTransformerLayer for s in spec().layer_specs]
+    assert kinds == [True, False, True]
+    for setting, message in ((dict(transformer_impl="transformer_engine"), "transformer-impl local"),
+                             (dict(pipeline_model_parallel_size=2), "pipeline"),
+                             (dict(spec="my.spec"), "drop --spec"),
+                             (dict(use_legacy_models=True), "use-legacy-models"),
+                             (dict(multi_latent_attention=True), "multi-latent"),
+                             (dict(heterogeneous_layers_config_path="h.json"), "heterogeneous"),
+                             (dict(experimental_attention_variant="x"), "experimental"),
+                             (dict(qk_layernorm=True), "qk-layernorm")):
+        with pytest.raises(PlanError, match=message):
+            spec(**setting)
     with pytest.raises(PlanError, match="TP=2 does not divide G=3"):
-        layer_spec(_args(spd_plan=str(plan_path)), cfg.transformer_config(2))
+        spec(tp=2)
     SPDPlan(3, ["zs"] * 4).save(plan_path)
     with pytest.raises(PlanError, match="4 blocks but the model has 3"):
-        layer_spec(_args(spd_plan=str(plan_path)), cfg.transformer_config(1))
+        spec(tp=1)
 
 
 def test_wrap_finalize_runs_megatron_finalize_then_the_spd_reduction(monkeypatch):
@@ -102,3 +192,141 @@ def test_wrap_finalize_runs_megatron_finalize_then_the_spd_reduction(monkeypatch
     assert wrapped(["chunk0", "chunk1"], 7, pg_collection=None, force_all_reduce=True) == "result"
     assert log == [("finalize", ("chunk0", "chunk1"), 7, True),
                    ("spd", "chunk0", False), ("spd", "chunk1", False)]
+
+
+# ----- Megatron-LM's own code on our checkpoints (MEGATRON_LM_DIR) ------------------------------
+
+def megatron_lm_round_trip(work: str) -> None:
+    """Run in a subprocess whose path starts with the patched Megatron-LM copy: Megatron-LM's
+    argument parsing, builder, loader and saver on CPU. Results go to work/result.json."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import pretrain_gpt
+    import run_text_generation_server
+    from megatron.training import arguments as mlm_args
+    from megatron.training import checkpointing
+    from megatron.training.global_vars import set_global_variables
+
+    from megatron_spd import distributed
+    from megatron_spd.checkpoint import save_checkpoint
+    from megatron_spd.factory import open_model
+    from megatron_spd.model import forward_logits, load_full_state_dict
+    from megatron_spd.spec import build_model
+    from megatron_spd.tokenizer import load_tokenizer
+    from tests.reference import random_full_state_dict
+    from tests.test_checkpoint import write_tokenizer
+
+    work = Path(work)
+    plan = SPDPlan(3, ["dense", "zs", "zs"])
+    other = work / "other.json"
+    SPDPlan(3, ["zs", "zs", "dense"]).save(other)
+    distributed.init(1)
+    tok = write_tokenizer(work / "tok")
+    ours = build_model(CFG, plan)
+    load_full_state_dict(ours, random_full_state_dict(CFG, seed=3))
+    save_checkpoint(ours, work / "ours", config=CFG, plan=plan, tokenizer=load_tokenizer(tok))
+    tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = forward_logits(open_model(work / "ours").model, tokens)
+
+    # the test's CPU shims for Megatron-LM code written for CUDA (checkpointing.read_metadata
+    # all-reduces a device='cuda' tensor; save_checkpoint always reads the CUDA RNG state)
+    cuda_tensor = torch.tensor
+    torch.tensor = lambda *a, **k: cuda_tensor(*a, **{**k, "device": "cpu"}) \
+        if str(k.get("device")) == "cuda" else cuda_tensor(*a, **k)
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+
+    def megatron_args(script_args, extra_args_provider=pretrain_gpt.extra_args_provider):
+        sys.argv = ["pretrain_gpt.py", "--transformer-impl", "local", "--micro-batch-size", "1",
+                    "--tokenizer-type", "NullTokenizer", "--vocab-size", "96", "--mock-data",
+                    "--use-cpu-initialization", "--no-gradient-accumulation-fusion",
+                    "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
+                    "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+                    "--ckpt-format", "torch_dist", "--train-iters", "1", "--save-interval", "1",
+                    "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng",
+                    *script_args]
+        args = mlm_args.parse_args(extra_args_provider)
+        if args.use_checkpoint_args:
+            checkpointing.load_args_from_checkpoint(args)
+        mlm_args.validate_args(args, {})
+        set_global_variables(args, build_tokenizer=False)
+        return args
+
+    def build(args):
+        import gpt_builders
+
+        config = mlm_args.core_transformer_config_from_args(args)
+        return gpt_builders.gpt_builder(args, True, True, config=config)
+
+    out = {}
+    # 1. our checkpoint -> --use-checkpoint-args + patched builder + Megatron-LM's loader
+    args = megatron_args(["--load", str(work / "ours"), "--use-checkpoint-args",
+                          "--save", str(work / "mlm")])
+    out["restored_plan"] = json.loads(args.spd_plan_json)
+    model = build(args)
+    out["spd_layers"] = [type(m).__name__ for m in model.decoder.layers]
+    checkpointing.load_checkpoint([model], None, None, strict=True)
+    with torch.no_grad():
+        out["mlm_vs_ours"] = (forward_logits(model, tokens) - ref).abs().max().item()
+    # 2. Megatron-LM's saver -> our tools (plan inline, no tokenizer: passed explicitly)
+    checkpointing.save_checkpoint(7, [model], None, None, num_floating_point_operations_so_far=0)
+    back = open_model(work / "mlm", tokenizer=tok)
+    out["mlm_saved_plan"] = back.plan.to_dict()
+    with torch.no_grad():
+        out["ours_from_mlm"] = (forward_logits(back.model, tokens) - ref).abs().max().item()
+    # 3. --load without --use-checkpoint-args (e.g. --finetune): the plan comes from --load
+    args = megatron_args(["--load", str(work / "ours"), "--finetune"])
+    out["plan_from_load"] = [type(m).__name__ for m in build(args).decoder.layers]
+    # 4. another plan for that checkpoint is refused before any weight is loaded
+    try:
+        build(megatron_args(["--load", str(work / "ours"), "--spd-plan", str(other)]))
+    except PlanError as e:
+        out["mismatch"] = str(e)
+    # 5. the text generation server's parser (it allows no unknown arguments)
+    sys.argv = ["run_text_generation_server.py", "--spd-plan", str(other)]
+    out["server_spd_plan"] = mlm_args.parse_args(
+        run_text_generation_server.add_text_generate_args).spd_plan
+    (work / "result.json").write_text(json.dumps(out))
+
+
+def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
+    src = _megatron_lm_dir()
+    copy = tmp_path / "Megatron-LM"
+    shutil.copytree(src / "megatron", copy / "megatron",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "mamba_builders.py",
+              "tools/run_text_generation_server.py"):
+        (copy / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / f, copy / f)
+    subprocess.run(["git", "apply", str(PATCH)], cwd=copy, check=True)
+    deps = os.environ.get("MEGATRON_LM_DEPS", "")
+    path = os.pathsep.join(p for p in (str(copy), str(copy / "tools"), deps, str(ROOT)) if p)
+    probe = subprocess.run([sys.executable, "-c", "import megatron.training.checkpointing"],
+                           env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+                           text=True)
+    if probe.returncode:
+        pytest.skip(f"Megatron-LM's megatron.training does not import ({probe.stderr.strip()[-300:]}); "
+                    f"it needs {', '.join(MLM_DEPS)}: pip install --target DIR "
+                    f"{' '.join(MLM_DEPS)} and set MEGATRON_LM_DEPS=DIR")
+    work = tmp_path / "work"
+    work.mkdir()
+    code = ("from tests.test_patches import megatron_lm_round_trip as f; "
+            f"f({str(work)!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": path}, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    out = json.loads((work / "result.json").read_text())
+    plan = SPDPlan(3, ["dense", "zs", "zs"]).to_dict()
+    print(f"\nMegatron-LM vs ours max|dlogits| {out['mlm_vs_ours']:.1e}; "
+          f"ours from Megatron-LM's save {out['ours_from_mlm']:.1e}")
+    assert out["restored_plan"] == plan and out["mlm_saved_plan"] == plan
+    assert out["spd_layers"] == out["plan_from_load"] == \
+        ["TransformerLayer", "SPDTransformerLayer", "SPDTransformerLayer"]
+    assert out["mlm_vs_ours"] <= 1e-6 and out["ours_from_mlm"] <= 1e-6
+    assert "differs from the plan stored" in out["mismatch"]
+    assert out["server_spd_plan"].endswith("other.json")
