@@ -210,7 +210,7 @@ def megatron_lm_round_trip(work: str) -> None:
     import run_text_generation_server
     from megatron.training import arguments as mlm_args
     from megatron.training import checkpointing
-    from megatron.training.global_vars import set_global_variables
+    from megatron.training import global_vars
 
     from megatron_spd import distributed
     from megatron_spd.checkpoint import save_checkpoint
@@ -254,7 +254,12 @@ def megatron_lm_round_trip(work: str) -> None:
         if args.use_checkpoint_args:
             checkpointing.load_args_from_checkpoint(args)
         mlm_args.validate_args(args, {})
-        set_global_variables(args, build_tokenizer=False)
+        if args.padded_vocab_size is None:  # build_tokenizer's job, skipped here
+            args.padded_vocab_size = CFG.vocab_size
+        if global_vars._GLOBAL_ARGS is None:
+            global_vars.set_global_variables(args, build_tokenizer=False)
+        else:
+            global_vars.set_args(args)
         return args
 
     def build(args):
@@ -280,11 +285,15 @@ def megatron_lm_round_trip(work: str) -> None:
     with torch.no_grad():
         out["ours_from_mlm"] = (forward_logits(back.model, tokens) - ref).abs().max().item()
     # 3. --load without --use-checkpoint-args (e.g. --finetune): the plan comes from --load
-    args = megatron_args(["--load", str(work / "ours"), "--finetune"])
+    shape = ["--num-layers", "3", "--hidden-size", "48", "--num-attention-heads", "6",
+             "--ffn-hidden-size", "96", "--max-position-embeddings", "64", "--seq-length", "16",
+             "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+             "--untie-embeddings-and-output-weights", "--disable-bias-linear"]
+    args = megatron_args(["--load", str(work / "ours"), "--finetune", *shape])
     out["plan_from_load"] = [type(m).__name__ for m in build(args).decoder.layers]
     # 4. another plan for that checkpoint is refused before any weight is loaded
     try:
-        build(megatron_args(["--load", str(work / "ours"), "--spd-plan", str(other)]))
+        build(megatron_args(["--load", str(work / "ours"), "--spd-plan", str(other), *shape]))
     except PlanError as e:
         out["mismatch"] = str(e)
     # 5. the text generation server's parser (it allows no unknown arguments)
