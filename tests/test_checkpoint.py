@@ -344,9 +344,11 @@ def test_every_model_config_field_maps_to_megatron_lm_args():
 
 # ----- a save killed with SIGKILL ----------------------------------------------------------------
 
-def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str = "ours") -> None:
-    """Run in a fresh interpreter: save a small model to ``out``. With ``marker``, announce the
-    start of the weight write there and save in a loop (the test kills this process)."""
+def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str = "ours",
+                       tiny: bool = False) -> None:
+    """Run in a fresh interpreter: save a small (``tiny``: CFG) dense model to ``out``. With
+    ``marker``, announce the start of the weight write there and save in a loop (the test
+    kills this process)."""
     import os
     from pathlib import Path
 
@@ -356,8 +358,10 @@ def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str 
     from megatron_spd.tokenizer import load_tokenizer
 
     distributed.init(1)
-    cfg = dataclasses.replace(CFG, hidden_size=384, ffn_hidden_size=1536, num_layers=6)
-    model = build_model(cfg, SPDPlan.dense(6, 3))
+    cfg = CFG if tiny else dataclasses.replace(CFG, hidden_size=384, ffn_hidden_size=1536,
+                                               num_layers=6)
+    dense = SPDPlan.dense(cfg.num_layers, 3)
+    model = build_model(cfg, dense)
     load_full_state_dict(model, random_full_state_dict(cfg, seed=1))
     if strategy == "megatron":  # only to show the test catches megatron's forking writer
         checkpoint._in_process_strategy = lambda: None
@@ -369,7 +373,7 @@ def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str 
     if marker:
         checkpoint._write_weights = announced
     while True:
-        checkpoint.save_checkpoint(model, out, config=cfg, plan=SPDPlan.dense(6, 3),
+        checkpoint.save_checkpoint(model, out, config=cfg, plan=dense,
                                    tokenizer=load_tokenizer(tok_path), overwrite=True)
         if not marker:
             return
@@ -457,3 +461,46 @@ def test_killed_save_leaves_no_process_and_the_next_save_cleans_up(tmp_path, cap
     assert f"removing {tmp_path / '.out.saving'}, left by an interrupted save" in r.stdout
     assert not (tmp_path / ".out.saving").exists()
     assert read_checkpoint(tmp_path / "out").config.num_layers == 6
+
+
+# ----- the plan inline survives every tool that writes a checkpoint ------------------------------
+
+@pytest.mark.slow
+def test_plan_inline_survives_every_tool(tmp_path):
+    """convert, spd.py headgroup, spd.py distill and finetune each write a Megatron-LM-layout
+    checkpoint whose args carry the plan they were given (one process each, tiny model)."""
+    import subprocess
+    import sys
+
+    from megatron_spd.checkpoint import read_args
+    from megatron_spd.checkpoint_args import plan_from_args
+    from tests.conftest import ROOT
+    from tests.test_finetune import _write_corpus
+
+    plan = SPDPlan(3, ["hg", "b2b", "zs"])
+    plan.save(tmp_path / "plan.json")
+    code = ("import sys; sys.path.insert(0, '.'); from tests.test_checkpoint import "
+            f"save_in_subprocess as s; s({str(tmp_path / 'src')!r}, "
+            f"{write_tokenizer(tmp_path / 'tok')!r}, tiny=True)")
+    _write_corpus(tmp_path / "corpus.txt")
+
+    def run(*argv):
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run("-c", code)  # a dense source checkpoint
+    calib = ["--calib", str(tmp_path / "corpus.txt"), "--samples", "2", "--seq-len", "16",
+             "--micro-batch", "1"]
+    outs = {"convert": ["tools/convert_checkpoint.py", "--mcore", str(tmp_path / "src")],
+            "headgroup": ["tools/spd.py", "headgroup", "--ckpt", str(tmp_path / "src"), *calib],
+            "distill": ["tools/spd.py", "distill", "--ckpt", str(tmp_path / "src"), *calib,
+                        "--epochs", "1"]}
+    for name, argv in outs.items():
+        run(*argv, "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / name))
+    run("tools/finetune.py", "--ckpt", str(tmp_path / "distill"), "--out",
+        str(tmp_path / "finetune"), "--steps", "1", "--seq-len", "16", "--micro-batch", "1",
+        "--data", str(tmp_path / "corpus.txt"), "--eval-samples", "2", "--distill", "0")
+    for name in (*outs, "finetune"):
+        stored = plan_from_args(read_args(tmp_path / name), name)
+        assert stored.strategies == plan.strategies and stored.groups == 3, name
