@@ -83,8 +83,11 @@ class StoredCheckpoint:
             return load_tokenizer(override)
         if self.tokenizer_ref is None:
             raise TokenizerError(f"{self.root} carries no tokenizer (a Megatron-LM checkpoint "
-                                 "keeps it outside): pass --tokenizer PATH (tokenizer.json, "
-                                 "tokenizer.model, a Hugging Face directory or a .gguf file)")
+                                 "keeps it outside, and its --tokenizer-model path is not here):"
+                                 " pass --tokenizer PATH (tokenizer.json, tokenizer.model, a "
+                                 "Hugging Face directory or a .gguf file), e.g. "
+                                 "tools/convert_checkpoint.py --mcore CKPT --tokenizer PATH "
+                                 "--out NEW writes a checkpoint that carries it")
         return load_tokenizer(self.tokenizer_ref, base_dir=self.root)
 
 
