@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint_args import CHECKPOINT_VERSION, args_from_config, config_from_args, \
-    plan_from_args
+from .checkpoint_args import CHECKPOINT_VERSION, DENSE_SOURCE_ARG, args_from_config, \
+    config_from_args, plan_from_args
 from .config import ModelConfig
 from .convert.hf import ConversionError, FullStateDict
 from .io import atomic_write_json, atomic_write_text, replace_dir
@@ -122,9 +122,9 @@ def _locate(path: Path) -> tuple[Path, Path]:
         if not _is_dist_dir(weights):
             raise CheckpointError(
                 f"{weights} is not a torch_dist checkpoint (no metadata.json/common.pt): "
-                "megatron-spd reads Megatron-LM's torch_dist format only; convert legacy "
-                "'torch' checkpoints with Megatron-LM (--ckpt-format torch_dist "
-                "--ckpt-convert-format torch_dist)")
+                "megatron-spd reads Megatron-LM's torch_dist format only; convert a legacy "
+                "'torch' checkpoint with Megatron-LM (--ckpt-format torch "
+                "--ckpt-convert-format torch_dist --ckpt-convert-save NEW_DIR)")
         return path, weights
     if _is_dist_dir(path):
         root = path.parent if _ITER_DIR.match(path.name) else path
@@ -148,9 +148,8 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> StoredCheckpoin
     root, weights = _locate(path)
     if meta is None and root != path and (root / META_FILE).is_file():
         meta = _read_meta(root)
-    if meta is not None and meta.get("weights") != weights.name:
-        meta = None  # Megatron-LM saved newer weights into our directory: the args rule
-    if meta is not None:
+    meta = meta or {}
+    if meta.get("weights") == weights.name:  # else Megatron-LM saved newer weights beside ours
         check_manifest(root, meta, verify)
     args = _read_args(weights)
     try:
@@ -158,11 +157,10 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> StoredCheckpoin
         plan = plan_from_args(args, str(weights))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    tok_ref = meta.get("tokenizer") if meta else _tokenizer_from_args(args)
-    return StoredCheckpoint(root, weights, cfg, plan, tok_ref,
-                            meta.get("dense_source") if meta else None,
-                            getattr(args, "tensor_model_parallel_size", None), "megatron-lm",
-                            meta or {})
+    return StoredCheckpoint(
+        root, weights, cfg, plan, meta.get("tokenizer") or _tokenizer_from_args(args),
+        meta.get("dense_source") or getattr(args, DENSE_SOURCE_ARG, None),
+        getattr(args, "tensor_model_parallel_size", None), "megatron-lm", meta)
 
 
 def _read_meta(root: Path) -> dict[str, Any]:

@@ -22,6 +22,9 @@ from .plan import SPDPlan
 
 #: The argument holding the plan inline (JSON); ``--spd-plan`` (a path) sets it in Megatron-LM.
 PLAN_ARG = "spd_plan_json"
+#: Where Megatron-LM runs record the dense origin of SPD weights (megatron_lm.resolve_plan), so
+#: their saves keep it (our own checkpoints keep it in spd_checkpoint.json).
+DENSE_SOURCE_ARG = "spd_dense_source"
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 
 # Megatron-LM's defaults (arguments.py) for arguments an older checkpoint may lack.

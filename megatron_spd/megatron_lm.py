@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Optional
 
-from .checkpoint_args import PLAN_ARG, plan_from_args, plan_json
+from .checkpoint_args import DENSE_SOURCE_ARG, PLAN_ARG, plan_from_args, plan_json
 from .grads import reduce_tp_partial_grads
 from .plan import PlanError, SPDPlan
 from .spec import block_spec
@@ -78,18 +78,26 @@ def _unsupported(args: Any) -> list[str]:
     return [fix for bad, fix in checks if bad]
 
 
-def _checkpoint_plan(args: Any) -> tuple[Optional[SPDPlan], Optional[str]]:
-    """The plan stored with the model this run starts from, and where it was found."""
-    from .checkpoint import read_args
+def _checkpoint_plan(args: Any) -> tuple[Optional[SPDPlan], Optional[str], Optional[str]]:
+    """The plan stored with the model this run starts from, where it was found, and that
+    checkpoint's path. Checkpoints megatron-spd cannot read (legacy 'torch' format) carry no
+    plan: Megatron-LM loads them as before."""
+    from .checkpoint import CheckpointError, read_args
 
-    if getattr(args, PLAN_ARG, None):  # restored by --use-checkpoint-args
-        return plan_from_args(args, "--use-checkpoint-args"), "the checkpoint args"
-    for flag in ("load", "pretrained_checkpoint"):
-        path = getattr(args, flag, None)
-        ckpt_args = read_args(path) if path else None
+    paths = [(flag, getattr(args, flag, None)) for flag in ("load", "pretrained_checkpoint")]
+    for flag, path in paths:
+        try:
+            ckpt_args = read_args(path) if path else None
+        except CheckpointError:
+            ckpt_args = None
         if ckpt_args is not None:
-            return plan_from_args(ckpt_args, str(path)), f"--{flag.replace('_', '-')} {path}"
-    return None, None
+            if getattr(args, PLAN_ARG, None):  # restored by --use-checkpoint-args
+                return plan_from_args(args, "--use-checkpoint-args"), "the checkpoint args", path
+            return plan_from_args(ckpt_args, str(path)), f"--{flag.replace('_', '-')} {path}", \
+                path
+    if getattr(args, PLAN_ARG, None):
+        return plan_from_args(args, "args"), "the checkpoint args", None
+    return None, None, None
 
 
 def resolve_plan(args: Any) -> Optional[SPDPlan]:
@@ -97,7 +105,7 @@ def resolve_plan(args: Any) -> Optional[SPDPlan]:
     Megatron-LM's saves carry it. Raises PlanError for a plan that contradicts the checkpoint's
     or for settings SPD blocks cannot honour."""
     flag_plan = SPDPlan.load(args.spd_plan) if getattr(args, "spd_plan", None) else None
-    stored, where = _checkpoint_plan(args)
+    stored, where, path = _checkpoint_plan(args)
     if flag_plan is not None and _structure(stored) not in (None, _structure(flag_plan)):
         raise PlanError(f"--spd-plan {args.spd_plan} differs from the plan stored in {where} "
                         f"(groups/strategies {_structure(stored)}); its weights were made for "
@@ -116,6 +124,10 @@ def resolve_plan(args: Any) -> Optional[SPDPlan]:
         note = unrecovered_note(plan, stored, where or "the initial weights")
         if note:
             print(f"[megatron-spd] {note}", flush=True)
+        if path is not None:  # saves of this run record it: the fine-tuning teacher
+            from .sources import dense_origin
+
+            setattr(args, DENSE_SOURCE_ARG, dense_origin(path))
     setattr(args, PLAN_ARG, None if plan is None else plan_json(plan))
     return plan
 

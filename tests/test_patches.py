@@ -122,6 +122,9 @@ def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp
         capsys.readouterr().out
     assert resolve_plan(_args(load=str(dense_ckpt))) is None  # stock dense model
     assert resolve_plan(_args(load=str(tmp_path / "fresh"))) is None  # nothing saved yet
+    args = _args(load=str(ckpt))
+    resolve_plan(args)
+    assert args.spd_dense_source == str(ckpt)  # Megatron-LM's saves record the dense origin
 
     # Megatron-LM's check_checkpoint_args part
     ck_args = args_from_config(CFG, spd, tp=1)
@@ -282,6 +285,7 @@ def megatron_lm_round_trip(work: str) -> None:
     checkpointing.save_checkpoint(7, [model], None, None, num_floating_point_operations_so_far=0)
     back = open_model(work / "mlm", tokenizer=tok)
     out["mlm_saved_plan"] = back.plan.to_dict()
+    out["mlm_dense_source"] = back.dense_source
     with torch.no_grad():
         out["ours_from_mlm"] = (forward_logits(back.model, tokens) - ref).abs().max().item()
     # 3. --load without --use-checkpoint-args (e.g. --finetune): the plan comes from --load
@@ -334,6 +338,7 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
     print(f"\nMegatron-LM vs ours max|dlogits| {out['mlm_vs_ours']:.1e}; "
           f"ours from Megatron-LM's save {out['ours_from_mlm']:.1e}")
     assert out["restored_plan"] == plan and out["mlm_saved_plan"] == plan
+    assert out["mlm_dense_source"] == str(work / "ours")  # the teacher of a later fine-tune
     assert out["spd_layers"] == out["plan_from_load"] == \
         ["TransformerLayer", "SPDTransformerLayer", "SPDTransformerLayer"]
     assert out["mlm_vs_ours"] <= 1e-6 and out["ours_from_mlm"] <= 1e-6

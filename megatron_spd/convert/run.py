@@ -1,5 +1,5 @@
-"""One conversion as the command-line tool runs it: any source -> megatron-spd checkpoint at the
-current TP degree (with a plan inside), or -> Hugging Face directory. Kept out of the tool so
+"""One conversion as the command-line tool runs it: any source -> megatron-spd checkpoint (a
+Megatron-LM checkpoint with the plan inline) at the current TP degree, or -> Hugging Face directory. Kept out of the tool so
 tests and other scripts call the same code.
 """
 from __future__ import annotations
@@ -32,24 +32,27 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Path | None = None,
-             tokenizer: Optional[str] = None) -> dict[str, Any]:
-    """Convert at the current TP (every rank calls it); returns the summary."""
-    from ..checkpoint import save_checkpoint
-    from ..factory import open_model
+             tokenizer: Optional[str] = None, overwrite: bool = False,
+             verify: bool = True) -> dict[str, Any]:
+    """Convert at the current TP (every rank calls it) into a Megatron-LM-layout checkpoint
+    with the plan inline; returns the summary. ``out`` is checked before anything is read."""
+    from ..checkpoint import check_output_dir, save_checkpoint
     from ..distributed import tp_size
+    from ..factory import open_model
 
+    check_output_dir(out, overwrite)
     t0 = time.perf_counter()
-    lm = open_model(source, plan=plan, tokenizer=tokenizer)
+    lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
     t_load = time.perf_counter() - t0
     save_checkpoint(lm.model, out, config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer,
-                    dense_source=lm.dense_source)
+                    dense_source=lm.dense_source, overwrite=overwrite)
     return summary(lm.config, lm.plan, to="mcore", tp=tp_size(), out=str(out),
                    load_seconds=round(t_load, 2),
                    seconds=round(time.perf_counter() - t0, 2))
 
 
 def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = None,
-          dtype: str = "float32") -> dict[str, Any]:
+          dtype: str = "float32", verify: bool = True) -> dict[str, Any]:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) atomically."""
     import torch
 
@@ -58,7 +61,7 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
     from .hf import save_hf
 
     t0 = time.perf_counter()
-    cfg, full, tok, plan = load_weights(source, tokenizer=tokenizer)
+    cfg, full, tok, plan = load_weights(source, tokenizer=tokenizer, verify=verify)
     out = Path(out).absolute()
     tmp = out.with_name(f".{out.name}.saving")
     shutil.rmtree(tmp, ignore_errors=True)
