@@ -1,4 +1,4 @@
-"""Glue for Megatron-LM's own scripts (``pretrain_gpt.py``, ``tools/run_text_generation_server.py``),
+"""Glue for Megatron-LM's own scripts (``pretrain_gpt.py``, the text generation server),
 called by the patch in patches/.
 
 - ``add_arguments``: ``--spd-plan PLAN.json`` and the inline form ``--spd-plan-json`` that
@@ -121,7 +121,7 @@ def resolve_plan(args: Any) -> Optional[SPDPlan]:
                   f"G={plan.groups}", flush=True)
         from .factory import unrecovered_note
 
-        note = unrecovered_note(plan, stored, where or "the initial weights")
+        note = unrecovered_note(plan, stored, where or "random initialisation (nothing to load)")
         if note:
             print(f"[megatron-spd] {note}", flush=True)
         if path is not None:  # saves of this run record it: the fine-tuning teacher

@@ -162,7 +162,7 @@ def test_hooks_build_the_plan_specs_and_refuse_unsupported_settings(tmp_path):
 
     kinds = [s.module is SPDTransformerLayer for s in spec().layer_specs]
     assert kinds == [True, False, True]
-    for setting, message in ((dict(transformer_impl="transformer_engine"), "transformer-impl local"),
+    for setting, message in ((dict(transformer_impl="transformer_engine"), "impl local"),
                              (dict(pipeline_model_parallel_size=2), "pipeline"),
                              (dict(spec="my.spec"), "drop --spec"),
                              (dict(use_legacy_models=True), "use-legacy-models"),
@@ -323,8 +323,8 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
                            env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                            text=True)
     if probe.returncode:
-        pytest.skip(f"Megatron-LM's megatron.training does not import ({probe.stderr.strip()[-300:]}); "
-                    f"it needs {', '.join(MLM_DEPS)}: pip install --target DIR "
+        pytest.skip(f"Megatron-LM's megatron.training does not import "
+                    f"({probe.stderr.strip()[-300:]}); it needs {', '.join(MLM_DEPS)}: pip install --target DIR "
                     f"{' '.join(MLM_DEPS)} and set MEGATRON_LM_DEPS=DIR")
     work = tmp_path / "work"
     work.mkdir()

@@ -1,5 +1,6 @@
 """One conversion as the command-line tool runs it: any source -> megatron-spd checkpoint (a
-Megatron-LM checkpoint with the plan inline) at the current TP degree, or -> Hugging Face directory. Kept out of the tool so
+Megatron-LM checkpoint with the plan inline) at the current TP degree, or -> Hugging Face
+directory. Kept out of the tool so
 tests and other scripts call the same code.
 """
 from __future__ import annotations
