@@ -324,8 +324,8 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
                            text=True)
     if probe.returncode:
         pytest.skip(f"Megatron-LM's megatron.training does not import "
-                    f"({probe.stderr.strip()[-300:]}); it needs {', '.join(MLM_DEPS)}: pip install --target DIR "
-                    f"{' '.join(MLM_DEPS)} and set MEGATRON_LM_DEPS=DIR")
+                    f"({probe.stderr.strip()[-300:]}); it needs {', '.join(MLM_DEPS)}: "
+                    f"pip install --target DIR {' '.join(MLM_DEPS)}, MEGATRON_LM_DEPS=DIR")
     work = tmp_path / "work"
     work.mkdir()
     code = ("from tests.test_patches import megatron_lm_round_trip as f; "
