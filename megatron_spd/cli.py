@@ -3,7 +3,10 @@
 - ``parser(doc)``: every tool's (and subcommand's) ``argparse`` parser. ``allow_abbrev=False``:
   a shortened or misspelt flag is an error, never silently another flag.
 - Adders for the arguments several tools share, each defined once (``add_source`` for
-  ``--ckpt``, ``add_plan``, ``add_tp``, ``add_json``, ``add_timeout``, ``add_text_field``).
+  ``--ckpt`` with ``--tokenizer``/``--no-verify``, ``add_plan``, ``add_tp``, ``add_json``,
+  ``add_timeout``, ``add_text_field``).
+- Megatron-LM's flag names where they mean the same (``MEGATRON_LM_ALIASES``: e.g.
+  ``--tensor-model-parallel-size`` for ``--tp``, ``--load`` for ``--ckpt``).
 - ``add_config(p, SomeConfig)``: a config dataclass's fields as options whose defaults and help
   come from the dataclass (field metadata ``help``, optionally ``flag``, ``choices``, ``type``),
   so each default lives once, in the dataclass. After parsing, the namespace holds the built
@@ -11,9 +14,9 @@
   is a usage error that names the problem.
 - ``default_of(function, parameter)``: a tool option whose default is a package function's.
 
-Hooks for what comes later: every option is added through ``_add`` (the one place to attach
-alternative spellings of a flag, e.g. Megatron-LM's names) and every parser is a ``Parser``
-made by ``parser`` (the one place for tool-wide error handling and output-path checks).
+Every option is added through ``_add`` (the one place that attaches Megatron-LM's spellings)
+and every parser is a ``Parser`` made by ``parser`` (the one place for tool-wide error handling
+and output-path checks).
 """
 from __future__ import annotations
 
@@ -68,18 +71,59 @@ def subcommands(p: Parser, dest: str = "cmd") -> argparse._SubParsersAction:
     return p.add_subparsers(dest=dest, required=True, parser_class=Parser)
 
 
+#: Megatron-LM's names for options that mean the same thing here, accepted as aliases (a
+#: Megatron-LM user's habits work; ``--help`` lists both spellings).
+MEGATRON_LM_ALIASES = {
+    "--tp": "--tensor-model-parallel-size",
+    "--ckpt": "--load",
+    "--mcore": "--load",
+    "--tokenizer": "--tokenizer-model",
+    "--seq-len": "--seq-length",
+    "--micro-batch": "--micro-batch-size",
+    "--steps": "--train-iters",
+    "--warmup-steps": "--lr-warmup-iters",
+    "--max-new-tokens": "--num-tokens-to-generate",
+}
+
+
 def _add(p: argparse.ArgumentParser | argparse._ArgumentGroup, *flags: str,
          **kw: Any) -> argparse.Action:
-    """Every option of every tool is added here."""
-    return p.add_argument(*flags, **kw)
+    """Every option of every tool is added here (with its Megatron-LM alias, if any)."""
+    aliases = tuple(MEGATRON_LM_ALIASES[f] for f in flags if f in MEGATRON_LM_ALIASES)
+    return p.add_argument(*flags, *aliases, **kw)
 
 
 # ----- arguments several tools share --------------------------------------------------------------
 
 def add_source(p, required: bool = False, help: Optional[str] = None) -> None:
+    """``--ckpt`` and how to read it (``add_source_options``)."""
     _add(p, "--ckpt", required=required, default=None,
-         help=help or "megatron-spd checkpoint, Hugging Face directory or .gguf file "
-                      "(default: the bundled SmolLM2-135M-Instruct)")
+         help=help or "checkpoint (megatron-spd or Megatron-LM torch_dist: the directory, "
+                      "iter_* or release), Hugging Face directory or .gguf file (default: the "
+                      "bundled SmolLM2-135M-Instruct)")
+    add_source_options(p)
+
+
+def add_mcore(p) -> None:
+    """convert_checkpoint.py's checkpoint source (one of its mutually exclusive sources)."""
+    _add(p, "--mcore", metavar="DIR", help="checkpoint directory: megatron-spd or Megatron-LM "
+                                           "torch_dist (the directory, iter_* or release)")
+
+
+def add_source_options(p) -> None:
+    """``--tokenizer`` (a checkpoint without one: Megatron-LM's) and ``--no-verify``;
+    ``source_options(args)`` turns them into the keywords of ``open_model``/``load_weights``."""
+    _add(p, "--tokenizer", default=None, metavar="PATH",
+         help="tokenizer to use instead of the source's own (tokenizer.json, tokenizer.model, "
+              "a Hugging Face directory or a .gguf file); needed for a Megatron-LM checkpoint "
+              "whose tokenizer is not where its args say")
+    _add(p, "--no-verify", action="store_true",
+         help="skip the sha256 check of a checkpoint's files at load (it reads every byte once "
+              "more, ~1-2 s per GB; for very large checkpoints); sizes are still checked")
+
+
+def source_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tokenizer": args.tokenizer, "verify": not args.no_verify}
 
 
 def add_plan(p, required: bool = False, help: Optional[str] = None) -> None:

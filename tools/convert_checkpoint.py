@@ -1,5 +1,6 @@
-"""Convert a Hugging Face LLaMA directory, a GGUF file or a megatron-spd checkpoint into a
-megatron-spd checkpoint at TP degree T (with an SPD plan inside), or back to Hugging Face.
+"""Convert a Hugging Face LLaMA directory, a GGUF file or a checkpoint (megatron-spd's or
+Megatron-LM's) into a megatron-spd checkpoint, which is a Megatron-LM checkpoint with the SPD
+plan inside, at TP degree T, or back to Hugging Face.
 
     python tools/convert_checkpoint.py --gguf model.gguf --to mcore --out ckpt/        # T = 1
     torchrun --nproc-per-node 3 tools/convert_checkpoint.py --hf DIR --tp 3 --plan plan.json --out ckpt/
@@ -24,11 +25,11 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
     src.add_argument("--gguf", metavar="FILE", help="llama.cpp GGUF file (dequantised)")
-    src.add_argument("--mcore", metavar="DIR", help="megatron-spd checkpoint directory")
+    cli.add_mcore(src)
     p.add_argument("--to", choices=("mcore", "hf"), default=cli.default_of(convert, "to"))
     cli.add_tp(p)
     cli.add_plan(p, help="SPD plan to store (default: the source's plan, or a dense one)")
-    p.add_argument("--tokenizer", metavar="PATH", help="override the source's tokenizer")
+    cli.add_source_options(p)
     p.add_argument("--dtype", default=cli.default_of(to_hf, "dtype"),
                    choices=("float32", "bfloat16", "float16"),
                    help="tensor dtype of --to hf output")
@@ -39,10 +40,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from megatron_spd import cli
     from megatron_spd.convert.run import convert
 
     convert(args.hf or args.gguf or args.mcore, args.out, to=args.to, plan=args.plan,
-            tokenizer=args.tokenizer, dtype=args.dtype, tp=args.tp, json_out=args.json)
+            dtype=args.dtype, tp=args.tp, json_out=args.json, **cli.source_options(args))
 
 
 if __name__ == "__main__":

@@ -47,10 +47,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from megatron_spd import cli
     from megatron_spd.evaluate.run import evaluate_source
 
     return evaluate_source(args.ckpt, args.eval, plan=args.plan, tp=args.tp,
-                           baseline=args.baseline, json_out=args.json)
+                           baseline=args.baseline, json_out=args.json, **cli.source_options(args))
 
 
 if __name__ == "__main__":

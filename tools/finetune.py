@@ -39,13 +39,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_spd import distributed
+    from megatron_spd import cli, distributed
     from megatron_spd.train.loop import finetune
 
     with distributed.running(args.tp, seed=args.config.seed):
         finetune(args.ckpt, out=args.out, cfg=args.config, save_dir=args.save, plan=args.plan,
                  teacher_source=args.teacher, data_source=args.data, text_field=args.text_field,
-                 sequence_parallel=args.sequence_parallel, json_out=args.json, plot=args.plot)
+                 sequence_parallel=args.sequence_parallel, json_out=args.json, plot=args.plot,
+                 **cli.source_options(args))
 
 
 if __name__ == "__main__":

@@ -46,13 +46,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_spd import distributed
+    from megatron_spd import cli, distributed
     from megatron_spd.inference import GenerationError
     from megatron_spd.inference.run import generate_source
 
     try:
         generate_source(args.ckpt, args.prompts, args.generation, plan=args.plan, tp=args.tp,
-                        stream=not args.no_stream, timeout_s=args.timeout_s, json_out=args.json)
+                        stream=not args.no_stream, timeout_s=args.timeout_s, json_out=args.json,
+                        **cli.source_options(args))
     except (GenerationError, ValueError, FileNotFoundError) as e:
         print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr, flush=True)
         return 1

@@ -79,7 +79,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from megatron_spd.recipe import run
 
-    common = dict(source=args.ckpt, calib=args.calib, tp=args.tp, json_out=args.json)
+    from megatron_spd import cli
+
+    common = dict(source=args.ckpt, calib=args.calib, tp=args.tp, json_out=args.json,
+                  **cli.source_options(args))
     if args.cmd == "sensitivity":
         return run.sensitivity(groups=args.groups, mode=args.mode, png=args.png, **common)
     if args.cmd == "plan":

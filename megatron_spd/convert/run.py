@@ -75,7 +75,8 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
 def convert(source: Optional[str], out: str | Path, *, to: str = "mcore",
             plan: SPDPlan | str | Path | None = None, tokenizer: Optional[str] = None,
             dtype: str = "float32", tp: Optional[int] = None,
-            json_out: str | Path | None = None) -> Optional[dict[str, Any]]:
+            json_out: str | Path | None = None, verify: bool = True
+            ) -> Optional[dict[str, Any]]:
     """The whole of ``tools/convert_checkpoint.py``: ``to_mcore`` on every rank at TP ``tp``, or
     ``to_hf`` on rank 0 (Hugging Face output is TP-free, the other ranks idle); rank 0 prints
     the summary and writes it to ``json_out`` (else prints it as JSON) and returns it."""
@@ -87,11 +88,11 @@ def convert(source: Optional[str], out: str | Path, *, to: str = "mcore",
     if to == "hf":
         if plan or (tp or 1) > 1:
             print("note: --plan/--tp do not apply to --to hf (Hugging Face format is TP-free)")
-        result = to_hf(source, out, tokenizer=tokenizer, dtype=dtype) \
+        result = to_hf(source, out, tokenizer=tokenizer, dtype=dtype, verify=verify) \
             if distributed.is_rank0() else None
     else:
         with distributed.running(tp):
-            result = to_mcore(source, out, plan=plan, tokenizer=tokenizer)
+            result = to_mcore(source, out, plan=plan, tokenizer=tokenizer, verify=verify)
     if result is None or not distributed.is_rank0():
         return None
     print(format_summary(result))

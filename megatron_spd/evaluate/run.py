@@ -114,9 +114,10 @@ def summary(report: dict[str, Any]) -> str:
 
 def evaluate_source(source: str | Path | None = None, cfg: EvalConfig = EvalConfig(), *,
                     plan: str | Path | None = None, tp: Optional[int] = None,
-                    baseline: str | Path | None = None,
-                    json_out: str | Path | None = None) -> dict[str, Any]:
-    """Open ``source`` (None = SmolLM2-135M) at TP ``tp`` with ``plan`` (default: its own),
+                    baseline: str | Path | None = None, json_out: str | Path | None = None,
+                    tokenizer: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
+    """Open ``source`` (None = SmolLM2-135M; ``tokenizer``/``verify``: ``open_model``'s) at TP
+    ``tp`` with ``plan`` (default: its own),
     evaluate it, pair it with ``baseline`` (a report of another model) if given, print the
     summary on rank 0 and save the report to ``json_out`` after every task."""
     from ..factory import open_model
@@ -126,7 +127,7 @@ def evaluate_source(source: str | Path | None = None, cfg: EvalConfig = EvalConf
     if baseline:
         load_baseline(baseline, cfg.limit)  # fail now, not after the evaluation
     with distributed.running(tp):
-        lm = open_model(source, plan=plan)
+        lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
         header = {"ckpt": str(source) if source else "default (SmolLM2-135M-Instruct)",
                   "plan": lm.plan.to_dict(), "spd_ratio": lm.plan.spd_ratio,
                   "config": asdict(cfg)}

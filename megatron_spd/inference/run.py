@@ -80,8 +80,10 @@ def generate_source(source: str | Path | None, prompts: Sequence[str],
                     config: GenerationConfig = GenerationConfig(), *,
                     plan: str | Path | None = None, tp: Optional[int] = None,
                     stream: bool = True, timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
-                    json_out: str | Path | None = None) -> Optional[list[GenerationResult]]:
-    """Open ``source`` (None = SmolLM2-135M) at TP ``tp`` with ``plan`` (default: its own),
+                    json_out: str | Path | None = None, tokenizer: str | Path | None = None,
+                    verify: bool = True) -> Optional[list[GenerationResult]]:
+    """Open ``source`` (None = SmolLM2-135M; ``tokenizer``/``verify``: ``open_model``'s) at TP
+    ``tp`` with ``plan`` (default: its own),
     generate after every prompt (``stream``: the first prompt's text as it is produced), list
     the outputs with their timings and write ``json_out`` on rank 0. Returns the results on
     global rank 0, None elsewhere."""
@@ -90,7 +92,7 @@ def generate_source(source: str | Path | None, prompts: Sequence[str],
 
     with distributed.running(tp, timeout_s=timeout_s):
         rank0 = distributed.is_rank0()
-        lm = open_model(source, plan=plan)
+        lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
         if rank0:
             print(f"model: {source or 'SmolLM2-135M-Instruct (default)'}, "
                   f"TP={distributed.tp_size()}, SPD blocks {len(lm.plan.spd_blocks)}/"

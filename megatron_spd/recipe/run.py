@@ -60,13 +60,14 @@ def _finish(report: dict, json_out: Optional[str | Path]) -> dict:
     return report
 
 
-def _dense_inputs(source, calib: Calibration, groups: Optional[int]):
-    """(weights, tokenizer, dense model, SPD model, calibration tokens, dense block inputs)."""
+def _dense_inputs(source, calib: Calibration, groups: Optional[int], **source_options):
+    """(dense model, SPD model, calibration tokens, dense block inputs); ``source_options``:
+    ``load_weights``' tokenizer/verify."""
     from ..sources import load_weights
     from . import activations
     from .sensitivity import build_pair
 
-    cfg, full, tok, src_plan = load_weights(source)
+    cfg, full, tok, src_plan = load_weights(source, **source_options)
     dense, spd = build_pair(cfg, full, groups or src_plan.groups)
     tokens = calib.batches(tok)
     xs = activations.block_inputs(dense, tokens, micro_batch=calib.micro_batch)
@@ -76,7 +77,8 @@ def _dense_inputs(source, calib: Calibration, groups: Optional[int]):
 def sensitivity(source: str | Path | None = None, calib: Calibration = Calibration(), *,
                 groups: Optional[int] = None, mode: str = "cumulative",
                 tp: Optional[int] = None, json_out: Optional[str | Path] = None,
-                png: Optional[str | Path] = None) -> dict:
+                png: Optional[str | Path] = None, tokenizer: Optional[str | Path] = None,
+                verify: bool = True) -> dict:
     """Per-block sensitivity of ``source`` at G = ``groups`` (default: the source plan's) by one
     sweep ``mode`` (sensitivity.MODES) or ``"all"`` of them; the report is the sweep's dict, or
     ``{mode: dict}`` for all."""
@@ -84,7 +86,8 @@ def sensitivity(source: str | Path | None = None, calib: Calibration = Calibrati
 
     modes = list(sens.MODES) if mode == "all" else [mode]
     with distributed.running(tp):
-        dense, spd, tokens, xs = _dense_inputs(source, calib, groups)
+        dense, spd, tokens, xs = _dense_inputs(source, calib, groups, tokenizer=tokenizer,
+                                               verify=verify)
         results = [sens.sweep(dense, spd, tokens, mode=m, dense_inputs=xs,
                               micro_batch=calib.micro_batch) for m in modes]
         for r in results:
@@ -101,7 +104,8 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
          max_ppl_increase: Optional[float] = None, strategy: str = "auto",
          t1: Optional[float] = None, t2: Optional[float] = None,
          source: str | Path | None = None, calib: Calibration = Calibration(),
-         tp: Optional[int] = None, json_out: Optional[str | Path] = None) -> dict:
+         tp: Optional[int] = None, json_out: Optional[str | Path] = None,
+         tokenizer: Optional[str | Path] = None, verify: bool = True) -> dict:
     """Write the plan for a target ``ratio`` or a ``max_ppl_increase`` (exactly one) to ``out``;
     the perplexity budget is measured zero-shot on ``source``'s calibration text."""
     from . import autoplan
@@ -114,7 +118,8 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
         if ratio is not None:
             n = autoplan.n_for_ratio(sens.num_layers, ratio)
         else:
-            dense, spd, tokens, xs = _dense_inputs(source, calib, sens.groups)
+            dense, spd, tokens, xs = _dense_inputs(source, calib, sens.groups,
+                                                   tokenizer=tokenizer, verify=verify)
             measure = autoplan.zs_measure(dense, spd, tokens, xs, calib.micro_batch)
             n, ppl = autoplan.n_for_max_ppl(sens, max_ppl_increase, measure)
             _say(f"{n} SPD blocks keep zero-shot calibration ppl at {ppl:.3f} "
@@ -133,7 +138,8 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
 def recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None = None,
             calib: Calibration = Calibration(), b2b: Optional[B2BConfig] = B2BConfig(),
             hg_mlp: Optional[str] = None, tp: Optional[int] = None,
-            json_out: Optional[str | Path] = None) -> dict:
+            json_out: Optional[str | Path] = None, tokenizer: Optional[str | Path] = None,
+            verify: bool = True) -> dict:
     """HG on the plan's ``hg`` blocks (``hg_mlp``: headgroup.MLP_MODES, None = apply_plan's
     default), then (unless ``b2b`` is None) B2B on its ``b2b`` and ``hg`` blocks; saves the
     checkpoint at ``out``."""
@@ -143,7 +149,7 @@ def recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None
     from . import autoplan
 
     with distributed.running(tp):
-        cfg, full, tok, _ = load_weights(source)
+        cfg, full, tok, _ = load_weights(source, tokenizer=tokenizer, verify=verify)
         wanted = SPDPlan.load(plan_json)
         hg = {} if hg_mlp is None else {"hg_mlp": hg_mlp}
         model, _, done = autoplan.apply_plan(cfg, full, wanted, calib.batches(tok), b2b=b2b,

@@ -118,8 +118,10 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
              teacher_source: str | Path | None = None, data_source: str | Path | None = None,
              text_field: str = "text", sequence_parallel: bool = False,
              json_out: str | Path | None = None, plot: str | Path | None = None,
-             progress: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
+             progress: bool = True, stop_after: Optional[int] = None,
+             tokenizer: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
     """Fine-tune ``source`` (None = SmolLM2) and save it at ``out``; every rank calls it.
+    ``tokenizer``/``verify``: how ``open_model`` reads the source and the teacher.
 
     ``stop_after`` ends the run after that many steps as if killed (after any checkpoint due);
     tests use it to check that a resume continues the same trajectory. Returns the report.
@@ -134,7 +136,7 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
     settings = _settings(cfg, source, data_source, teacher_source if cfg.distill > 0 else None)
     if resume is not None:
         start, ckpt = resume
-        loaded = open_model(ckpt, sequence_parallel=sequence_parallel)
+        loaded = open_model(ckpt, sequence_parallel=sequence_parallel, verify=verify)
         if plan is not None:
             want = plan if isinstance(plan, SPDPlan) else SPDPlan.load(plan)
             if want.strategies != loaded.plan.strategies or want.groups != loaded.plan.groups:
@@ -142,13 +144,14 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
                                         "drop --plan to resume, or use a new --save directory")
     else:
         start, ckpt = 0, None
-        loaded = open_model(source, plan=plan, sequence_parallel=sequence_parallel)
+        loaded = open_model(source, plan=plan, sequence_parallel=sequence_parallel,
+                            tokenizer=tokenizer, verify=verify)
     loaded.dense_source = origin  # the fine-tuned weights serve SPD; record what they came from
     teacher = None
     if cfg.distill > 0:
         dense = SPDPlan.dense(loaded.config.num_layers, loaded.plan.groups)
-        teacher = open_model(teacher_source, plan=dense,
-                             sequence_parallel=sequence_parallel).model
+        teacher = open_model(teacher_source, plan=dense, sequence_parallel=sequence_parallel,
+                             tokenizer=tokenizer, verify=verify).model
     train = token_blocks(loaded.tokenizer, data_source, "train", cfg.seq_len, None, text_field)
     held_out = token_blocks(loaded.tokenizer, data_source, "eval", cfg.seq_len,
                             cfg.eval_samples, text_field)
