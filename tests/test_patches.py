@@ -344,3 +344,28 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
     assert out["mlm_vs_ours"] <= 1e-6 and out["ours_from_mlm"] <= 1e-6
     assert "differs from the plan stored" in out["mismatch"]
     assert out["server_spd_plan"].endswith("other.json")
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tools_take_megatron_lm_flag_names_and_no_abbreviations(tmp_path):
+    args = _tool("evaluate").parse_args(["--load", "ck", "--tensor-model-parallel-size", "3",
+                                         "--tokenizer-model", "tok.json", "--no-verify"])
+    assert (args.ckpt, args.tp, args.tokenizer, args.no_verify) == ("ck", 3, "tok.json", True)
+    cfg = _tool("finetune").parse_args(["--load", "ck", "--out", str(tmp_path / "o"),
+                                        "--seq-length", "64", "--micro-batch-size", "2",
+                                        "--train-iters", "5", "--lr-warmup-iters", "1"]).config
+    assert (cfg.seq_len, cfg.micro_batch, cfg.steps, cfg.warmup_steps) == (64, 2, 5, 1)
+    gen = _tool("generate").parse_args(["--prompt", "Hi", "--num-tokens-to-generate", "7"])
+    assert gen.generation.max_new_tokens == 7
+    conv = _tool("convert_checkpoint").parse_args(["--load", "mlm", "--out", "o"])
+    assert conv.mcore == "mlm"
+    with pytest.raises(SystemExit):  # an abbreviation is an error, never another flag
+        _tool("generate").parse_args(["--prompts", "Hello"])
