@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import shutil
 import time
@@ -165,8 +166,6 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> StoredCheckpoin
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
-    import json
-
     path = root / META_FILE
     try:
         meta = json.loads(path.read_text())

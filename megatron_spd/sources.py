@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from . import distributed
 from .checkpoint import CheckpointError, is_checkpoint, read_checkpoint, read_full_state_dict
