@@ -59,11 +59,12 @@ def _reinit(tp: int) -> None:
 
 def save_like_megatron_lm(model, directory, args, iteration: int) -> None:
     """What Megatron-LM's save_checkpoint writes for torch_dist (checkpointing.py,
-    core_v0.16.1): {model, optimizer, args, iteration, checkpoint_version} through megatron's
-    default save strategy into iter_%07d, then the tracker. The optimizer entries mirror every
-    weight (Adam's exp_avg), so a reader must ignore them."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
+    core_v0.16.1): {model, optimizer, rng_state, opt_param_scheduler, args, iteration,
+    checkpoint_version} through megatron's default save strategy into iter_%07d, then the
+    tracker. The optimizer entries mirror every weight (Adam's exp_avg) and the RNG state is a
+    per-rank sharded object, so a reader must ignore them."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
     from megatron_spd.distributed import barrier, is_rank0
 
@@ -75,8 +76,13 @@ def save_like_megatron_lm(model, directory, args, iteration: int) -> None:
     if is_rank0():
         it_dir.mkdir(parents=True)
     barrier()
-    dist_checkpointing.save({"model": sd, "optimizer": optim, "args": args,
-                             "iteration": iteration, "checkpoint_version": 3.0}, str(it_dir))
+    tp, tp_rank = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_tensor_model_parallel_rank())
+    rng = ShardedObject("rng_state", [{"torch_rng_state": torch.get_rng_state()}], (1, tp),
+                        (0, tp_rank), replica_id=parallel_state.get_data_parallel_rank())
+    dist_checkpointing.save({"model": sd, "optimizer": optim, "rng_state": rng, "args": args,
+                             "opt_param_scheduler": {"max_lr": 3e-4}, "iteration": iteration,
+                             "checkpoint_version": 3.0}, str(it_dir))
     if is_rank0():
         (directory / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     barrier()
