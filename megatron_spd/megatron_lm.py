@@ -116,13 +116,14 @@ def resolve_plan(args: Any) -> Optional[SPDPlan]:
         problems = _unsupported(args)
         if problems:
             raise PlanError("megatron-spd plan: " + "; ".join(problems))
-        if flag_plan is None:
-            print(f"[megatron-spd] SPD plan restored from {where}: SPD blocks {plan.spd_blocks}, "
-                  f"G={plan.groups}", flush=True)
+        from .distributed import is_rank0
         from .factory import unrecovered_note
 
         note = unrecovered_note(plan, stored, where or "random initialisation (nothing to load)")
-        if note:
+        if is_rank0() and flag_plan is None:
+            print(f"[megatron-spd] SPD plan restored from {where}: SPD blocks {plan.spd_blocks}, "
+                  f"G={plan.groups}", flush=True)
+        if is_rank0() and note:
             print(f"[megatron-spd] {note}", flush=True)
         if path is not None:  # saves of this run record it: the fine-tuning teacher
             from .sources import dense_origin
