@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,23 @@ FullStateDict = dict[str, torch.Tensor]
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer of the LLaMA family (or the biased LayerNorm/GeLU OPT style)."""
+    """A decoder-only transformer of the LLaMA family (Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, or
+    the biased LayerNorm/GeLU OPT style).
+
+    Fields beyond the plain shape carry megatron-core / Megatron-LM names and semantics (so a
+    checkpoint's config maps one to one onto Megatron-LM arguments):
+    ``kv_channels`` (per-head dimension; None = hidden_size / num_attention_heads),
+    ``add_qkv_bias`` (bias on the fused q/k/v projection only, Qwen2; ``add_bias_linear`` puts a
+    bias on every linear), ``qk_layernorm`` (a norm over head_dim on each head's query and key,
+    before RoPE, Qwen3), ``rope_scaling`` / ``rope_scaling_factor`` (GPTModel's Llama-3.x RoPE
+    frequency scaling, whose other constants megatron-core fixes at low_freq_factor 1,
+    high_freq_factor 4, original_max_position_embeddings 8192).
+
+    ``sliding_window`` records the source model's attention window (Mistral). megatron-core's
+    local attention cannot window, but attention over at most ``sliding_window`` tokens is full
+    attention, so such a model is accepted with its context (``max_seq_length``) capped to the
+    window, and a config asking for a longer context is refused.
+    """
 
     num_layers: int
     hidden_size: int
@@ -39,11 +55,21 @@ class ModelConfig:
     add_bias_linear: bool = False
     tie_word_embeddings: bool = False
     position_embedding_type: str = "rope"   # rope | learned_absolute
+    kv_channels: Optional[int] = None       # head_dim; None = hidden_size // num_attention_heads
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    rope_scaling: bool = False              # Llama-3.x RoPE scaling (megatron's GPTModel)
+    rope_scaling_factor: float = 8.0
+    sliding_window: Optional[int] = None    # the source's window; max_seq_length <= it
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+                             f"num_attention_heads {self.num_attention_heads}; give kv_channels "
+                             "(the head dimension) explicitly")
+        if self.kv_channels is not None and (self.kv_channels < 2 or self.kv_channels % 2):
+            raise ValueError(f"kv_channels (head dimension) must be an even number >= 2 for "
+                             f"RoPE, got {self.kv_channels}")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_query_groups {self.num_query_groups}")
@@ -54,10 +80,28 @@ class ModelConfig:
         if self.position_embedding_type not in ("rope", "learned_absolute"):
             raise ValueError("position_embedding_type must be rope or learned_absolute, "
                              f"got {self.position_embedding_type!r}")
+        if self.rope_scaling and (self.position_embedding_type != "rope"
+                                  or self.rope_scaling_factor <= 0):
+            raise ValueError("rope_scaling needs position_embedding_type 'rope' and a positive "
+                             f"rope_scaling_factor, got {self.position_embedding_type!r} and "
+                             f"{self.rope_scaling_factor}")
+        if self.sliding_window is not None and self.max_seq_length > self.sliding_window:
+            raise ValueError(
+                f"max_seq_length {self.max_seq_length} exceeds sliding_window "
+                f"{self.sliding_window}: megatron-core's local attention cannot restrict "
+                "attention to a window, and up to the window full attention is exact; set "
+                f"max_seq_length <= {self.sliding_window}")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Per-head dimension (megatron's ``kv_channels``); never derive it from hidden/heads."""
+        return self.kv_channels if self.kv_channels is not None \
+            else self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the fused q/k/v projection has a bias (megatron: add_bias_linear or add_qkv_bias)."""
+        return self.add_bias_linear or self.add_qkv_bias
 
     @property
     def gated(self) -> bool:
@@ -86,11 +130,11 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count of the full (unsharded) model."""
         h, f, hd = self.hidden_size, self.ffn_hidden_size, self.head_dim
-        norms = 2 * h * (2 if self.normalization == "LayerNorm" else 1)
-        biases = 0
+        ln = 2 if self.normalization == "LayerNorm" else 1
+        norms = 2 * h * ln + (2 * hd * ln if self.qk_layernorm else 0)
+        biases = (self.num_attention_heads + 2 * self.num_query_groups) * hd if self.qkv_bias else 0
         if self.add_bias_linear:
-            biases = (self.num_attention_heads + 2 * self.num_query_groups) * hd + h \
-                + (2 if self.gated else 1) * f + h
+            biases += h + (2 if self.gated else 1) * f + h
         per_layer = self.block_matmul_parameters() + norms + biases
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         pos = self.max_seq_length * h if self.position_embedding_type == "learned_absolute" else 0
@@ -118,7 +162,8 @@ class ModelConfig:
             gated_linear_unit=self.gated,
             activation_func=F.silu if self.gated else F.gelu,
             add_bias_linear=self.add_bias_linear,
-            add_qkv_bias=self.add_bias_linear,
+            add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             tensor_model_parallel_size=tp,

@@ -1,13 +1,16 @@
 """Summing the gradients that are partial per TP rank (design.md 3).
 
-Two kinds of replicated parameters get only their rank's share of the gradient:
+Three kinds of replicated parameters get only their rank's share of the gradient:
 - in SPD blocks without sequence parallel, the norms and the attention output bias (marked
   ``spd_tp_partial`` by block.py);
 - with sequence parallel, every parameter megatron marks ``sequence_parallel`` (norms, row-parallel
-  biases), in dense and SPD blocks alike.
-Megatron's ``finalize_model_grads`` sums the second kind for DDP-wrapped models; it knows nothing
-of the first. Call ``reduce_tp_partial_grads(model)`` after backward (and after
-``finalize_model_grads``, with ``include_sequence_parallel=False``, when using megatron DDP).
+  biases), in dense and SPD blocks alike;
+- with ``qk_layernorm``, the q/k norm weights (each rank normalises only its own heads), in dense
+  and SPD blocks alike.
+Megatron's ``finalize_model_grads`` sums the second and third kinds for DDP-wrapped models (the
+third by parameter name, as here); it knows nothing of the first. Call
+``reduce_tp_partial_grads(model)`` after backward (and after ``finalize_model_grads``, with
+``include_megatron_reduced=False``, when using megatron DDP).
 """
 from __future__ import annotations
 
@@ -17,24 +20,31 @@ from megatron.core import parallel_state
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def tp_partial_params(model, include_sequence_parallel: bool = True) -> list[torch.nn.Parameter]:
-    sp = bool(getattr(model.config, "sequence_parallel", False))
+def _megatron_reduced(name: str, p: torch.nn.Parameter, config) -> bool:
+    """The TP-partial parameters megatron's finalize_model_grads sums itself (same rule)."""
+    return (bool(getattr(config, "sequence_parallel", False))
+            and bool(getattr(p, "sequence_parallel", False))) or (
+        bool(getattr(config, "qk_layernorm", False))
+        and ("q_layernorm" in name or "k_layernorm" in name))
+
+
+def tp_partial_params(model, include_megatron_reduced: bool = True) -> list[torch.nn.Parameter]:
     out = []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if getattr(p, "spd_tp_partial", False) or (
-                include_sequence_parallel and sp and getattr(p, "sequence_parallel", False)):
+                include_megatron_reduced and _megatron_reduced(name, p, model.config)):
             out.append(p)
     return out
 
 
-def reduce_tp_partial_grads(model, include_sequence_parallel: bool = True) -> int:
+def reduce_tp_partial_grads(model, include_megatron_reduced: bool = True) -> int:
     """All-reduce (sum) over TP the grads of TP-partial parameters, coalesced into one
     collective. Uses ``main_grad`` where megatron DDP keeps it. Returns the number reduced."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return 0
-    params = tp_partial_params(model, include_sequence_parallel)
+    params = tp_partial_params(model, include_megatron_reduced)
     grads = [p.main_grad if hasattr(p, "main_grad") else p.grad for p in params]
     pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
     if not pairs:

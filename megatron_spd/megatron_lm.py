@@ -162,7 +162,7 @@ def wrap_finalize(finalize: Callable) -> Callable:
     def finalize_with_spd(model, *args: Any, **kwargs: Any):
         out = finalize(model, *args, **kwargs)
         for chunk in model:
-            reduce_tp_partial_grads(chunk, include_sequence_parallel=False)
+            reduce_tp_partial_grads(chunk, include_megatron_reduced=False)
         return out
 
     return finalize_with_spd

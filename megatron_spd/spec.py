@@ -27,22 +27,40 @@ from .layers import SPDColumnParallelLinear, SPDRowParallelLinear
 from .plan import SPDPlan
 
 
-def _norm(tcfg) -> type:
+def _local_spec(tcfg) -> ModuleSpec:
+    return get_gpt_layer_local_spec(normalization=tcfg.normalization,
+                                    qk_layernorm=tcfg.qk_layernorm)
+
+
+def _sp_capable(norm: type, tcfg) -> type:
     """The stock local norm, except where it cannot do sequence parallel (compat.TorchNorm)."""
-    norm = get_gpt_layer_local_spec(normalization=tcfg.normalization).submodules.input_layernorm
     if tcfg.sequence_parallel and norm is WrappedTorchNorm:
         return compat.TorchNorm
     return norm
 
 
+def _norm(tcfg) -> type:
+    return _sp_capable(_local_spec(tcfg).submodules.input_layernorm, tcfg)
+
+
 def dense_layer_spec(tcfg) -> ModuleSpec:
-    """megatron-core's local GPT layer spec (with an SP-capable norm where needed and the
-    engine's cached attention)."""
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=tcfg.normalization))
+    """megatron-core's local GPT layer spec (with SP-capable norms where needed and the
+    engine's cached attention).
+
+    With ``qk_layernorm`` the spec's q/k norms act on each head's query and key over head_dim
+    (SelfAttention builds them with ``hidden_size_per_attention_head``), before RoPE, exactly
+    Qwen3's q_norm/k_norm. Their weights are replicated but each TP rank normalises only its own
+    heads, so their gradients are partial per rank (grads.py sums them, as megatron's
+    ``finalize_model_grads`` does by name)."""
+    spec = copy.deepcopy(_local_spec(tcfg))
     spec.submodules.self_attention.module = CachedSelfAttention
     norm = _norm(tcfg)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    attn = spec.submodules.self_attention.submodules
+    if tcfg.qk_layernorm:
+        attn.q_layernorm = _sp_capable(attn.q_layernorm, tcfg)
+        attn.k_layernorm = _sp_capable(attn.k_layernorm, tcfg)
     return spec
 
 
@@ -93,5 +111,7 @@ def build_model(cfg: ModelConfig, plan: Optional[SPDPlan] = None, *,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rope_theta,
         rotary_percent=1.0,
+        rope_scaling=cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
     )
     return model.to(compat.device())

@@ -192,19 +192,35 @@ def sentencepiece_tokenizer(path: str | Path) -> SentencePieceTokenizer:
 
 # ----- GGUF-embedded vocabularies -------------------------------------------------------------
 
+#: The split regexes of the families' own tokenizer.json files (Llama-3's and Qwen2's, the latter
+#: also used by Qwen2.5 and Qwen3), keyed by the ``tokenizer.ggml.pre`` names llama.cpp gives them.
+GGUF_SPLIT_REGEXES = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
 # llama.cpp's ``tokenizer.ggml.pre`` names -> the pre-tokenizer the source tokenizer.json used.
 def _gguf_pre_tokenizer(pre: str):
-    from tokenizers import pre_tokenizers as pt
+    """Like the families' tokenizer.json: a regex split, then byte-level mapping without its own
+    regex. llama.cpp applies no Unicode normaliser for these (Qwen2's tokenizer.json has NFC;
+    a GGUF file carries none, so we follow llama.cpp)."""
+    from tokenizers import Regex, pre_tokenizers as pt
 
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder", "refact"):
         return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
     if pre in ("gpt-2", "gpt2", "default"):
         return byte_level
+    if pre in GGUF_SPLIT_REGEXES:
+        return pt.Sequence([pt.Split(Regex(GGUF_SPLIT_REGEXES[pre]), behavior="isolated"),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise TokenizerError(
         f"GGUF tokenizer pre-tokenizer {pre!r} is not supported (supported: smollm, starcoder, "
-        "refact, gpt-2, default); convert from the Hugging Face directory instead (--hf DIR), "
-        "whose tokenizer.json carries the exact pre-tokenizer")
+        f"refact, gpt-2, default, {', '.join(GGUF_SPLIT_REGEXES)}); convert from the Hugging Face "
+        "directory instead (--hf DIR), whose tokenizer.json carries the exact pre-tokenizer")
 
 
 def gguf_tokenizer(reader_or_path) -> HFTokenizer:

@@ -2,6 +2,9 @@
 
 Written from the formulas and the documented full-state-dict layout only (no megatron code), so
 that agreement with the megatron-core model checks both the layouts and the SPD semantics.
+Covers the families' features: head_dim independent of hidden/heads, q/k/v bias without output
+bias (Qwen2), per-head RMSNorm of q and k before RoPE (Qwen3), Llama-3.x RoPE frequency scaling
+(the Llama 3.1 formula with low/high frequency factors 1 and 4 and original context 8192).
 """
 from __future__ import annotations
 
@@ -36,8 +39,12 @@ def random_full_state_dict(cfg: ModelConfig, seed: int = 0, scale: float = 0.08)
         if ln:
             sd[p + "input_layernorm.bias"] = rnd(h, s=0.2)
             sd[p + "pre_mlp_layernorm.bias"] = rnd(h, s=0.2)
-        if cfg.add_bias_linear:
+        if cfg.qkv_bias:
             sd[p + "self_attention.linear_qkv.bias"] = rnd((np_ + 2 * ng) * hd, s=0.2)
+        if cfg.qk_layernorm:
+            sd[p + "self_attention.q_layernorm.weight"] = rnd(hd, center=1.0, s=0.2)
+            sd[p + "self_attention.k_layernorm.weight"] = rnd(hd, center=1.0, s=0.2)
+        if cfg.add_bias_linear:
             sd[p + "self_attention.linear_proj.bias"] = rnd(h, s=0.2)
             sd[p + "mlp.linear_fc1.bias"] = rnd((2 if cfg.gated else 1) * f, s=0.2)
             sd[p + "mlp.linear_fc2.bias"] = rnd(h, s=0.2)
@@ -49,15 +56,31 @@ def random_full_state_dict(cfg: ModelConfig, seed: int = 0, scale: float = 0.08)
     return sd
 
 
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
 def _norm(cfg, sd, key, x):
     if cfg.normalization == "LayerNorm":
         return F.layer_norm(x, x.shape[-1:], sd[key + ".weight"], sd[key + ".bias"], cfg.norm_eps)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[key + ".weight"]
+    return _rms(x, sd[key + ".weight"], cfg.norm_eps)
 
 
-def _rope(x, theta):  # x [b, heads, s, d]; non-interleaved (rotate-half) RoPE
+def _llama3_scaled(inv, factor, low=1.0, high=4.0, old_ctx=8192):
+    """Llama 3.1 RoPE scaling: long wavelengths divided by ``factor``, short ones kept, a linear
+    blend (in 1/frequency) in between."""
+    wavelen = 2 * math.pi / inv
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    return torch.where(wavelen < old_ctx / high, inv,
+                       torch.where(wavelen > old_ctx / low, inv / factor, blended))
+
+
+def _rope(x, cfg):  # x [b, heads, s, d]; non-interleaved (rotate-half) RoPE
     d, s = x.shape[-1], x.shape[-2]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if cfg.rope_scaling:
+        inv = _llama3_scaled(inv, cfg.rope_scaling_factor)
     ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -69,13 +92,16 @@ def _heads_context(cfg, sd, p, x):
     b, s, _ = x.shape
     np_, ng, hd = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
     qkv = x @ sd[p + "self_attention.linear_qkv.weight"].T
-    if cfg.add_bias_linear:
+    if cfg.qkv_bias:
         qkv = qkv + sd[p + "self_attention.linear_qkv.bias"]
     qkv = qkv.view(b, s, ng, np_ // ng + 2, hd)
     q = qkv[:, :, :, : np_ // ng].reshape(b, s, np_, hd).transpose(1, 2)
     k = qkv[:, :, :, np_ // ng].transpose(1, 2).repeat_interleave(np_ // ng, dim=1)
     v = qkv[:, :, :, np_ // ng + 1].transpose(1, 2).repeat_interleave(np_ // ng, dim=1)
-    q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+    if cfg.qk_layernorm:  # RMSNorm of each head's q and k over head_dim
+        q = _rms(q, sd[p + "self_attention.q_layernorm.weight"], cfg.norm_eps)
+        k = _rms(k, sd[p + "self_attention.k_layernorm.weight"], cfg.norm_eps)
+    q, k = _rope(q, cfg), _rope(k, cfg)
     att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
     att = att.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
     return (att.softmax(-1) @ v).transpose(1, 2)  # [b, s, np, hd]

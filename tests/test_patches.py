@@ -184,8 +184,8 @@ def test_wrap_finalize_runs_megatron_finalize_then_the_spd_reduction(monkeypatch
 
     log = []
     monkeypatch.setattr(megatron_lm, "reduce_tp_partial_grads",
-                        lambda chunk, include_sequence_parallel: log.append(
-                            ("spd", chunk, include_sequence_parallel)))
+                        lambda chunk, include_megatron_reduced: log.append(
+                            ("spd", chunk, include_megatron_reduced)))
 
     def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
         log.append(("finalize", tuple(model), num_tokens, force_all_reduce))

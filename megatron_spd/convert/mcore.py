@@ -43,9 +43,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                  "mlp.linear_fc2.weight": (h, f)}
         if ln:
             layer.update({"input_layernorm.bias": (h,), "pre_mlp_layernorm.bias": (h,)})
+        if cfg.qk_layernorm:
+            for n in ("q_layernorm", "k_layernorm"):
+                layer[f"self_attention.{n}.weight"] = (hd,)
+                if ln:
+                    layer[f"self_attention.{n}.bias"] = (hd,)
+        if cfg.qkv_bias:
+            layer["self_attention.linear_qkv.bias"] = (qkv,)
         if cfg.add_bias_linear:
-            layer.update({"self_attention.linear_qkv.bias": (qkv,),
-                          "self_attention.linear_proj.bias": (h,),
+            layer.update({"self_attention.linear_proj.bias": (h,),
                           "mlp.linear_fc1.bias": (fc1,), "mlp.linear_fc2.bias": (h,)})
         out.update({p + k: v for k, v in layer.items()})
     out["decoder.final_layernorm.weight"] = (h,)

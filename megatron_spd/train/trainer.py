@@ -105,7 +105,7 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             sums += torch.stack([loss.detach(), lm.detach(), kd.detach()]).double()
         finalize_model_grads([self.ddp])
-        reduce_tp_partial_grads(self.ddp.module, include_sequence_parallel=False)
+        reduce_tp_partial_grads(self.ddp.module, include_megatron_reduced=False)
         lr = self.optimizer.lr
         norm = self.optimizer.step()
         loss, lm, kd = (_dp_mean(sums / cfg.grad_accum)).tolist()
