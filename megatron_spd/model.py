@@ -103,10 +103,21 @@ def causal_mask(seq_len: int, device: Optional[torch.device] = None) -> torch.Te
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), 1)
 
 
+def check_context(model, length: int) -> None:
+    """Refuse sequences longer than the model's context (``max_seq_length``): past it a model
+    converted from a sliding-window source (config.py) would silently differ from the source."""
+    limit = getattr(model, "max_sequence_length", None)
+    if limit is not None and length > limit:
+        raise ValueError(f"sequences of {length} tokens exceed the model's context of {limit} "
+                         "(max_seq_length; capped to the sliding window for such models); use "
+                         "shorter windows")
+
+
 def forward_logits(model, tokens: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
     """Full-vocabulary logits [b, s, V] for ``tokens`` [b, s], identical on every TP rank."""
     dev = compat.device()
     tokens = tokens.to(dev)
     b, s = tokens.shape
+    check_context(model, position_offset + s)
     pos = torch.arange(position_offset, position_offset + s, device=dev).unsqueeze(0).expand(b, s)
     return model(tokens, pos, causal_mask(s, dev), runtime_gather_output=True)
