@@ -116,12 +116,41 @@ def test_hf_layout_round_trip_bf16_and_errors(tmp_path):
         hf_to_full(sd, model_config_from_hf({**hf_cfg, "intermediate_size": 80}))
     with pytest.raises(ConversionError, match="lm_head.weight.*missing"):
         hf_to_full(sd, model_config_from_hf({**hf_cfg, "tie_word_embeddings": False}))
-    with pytest.raises(ConversionError, match="RoPE scaling"):
-        model_config_from_hf({**hf_cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert model_config_from_hf({**hf_cfg, "rope_scaling": llama3}).rope_scaling_factor == 8.0
+    _refusals(hf_cfg, llama3)
     (tmp_path / "m" / "model.safetensors").write_bytes(
         (tmp_path / "m" / "model.safetensors").read_bytes()[:-100])
     with pytest.raises(ConversionError, match="corrupt or truncated"):
         load_hf(tmp_path / "m")
+
+
+def _refusals(hf_cfg: dict, llama3: dict) -> None:
+    """What megatron-core cannot express is refused, naming the config field."""
+    cases = [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type 'yarn'"),
+        ({"rope_parameters": {**llama3, "rope_theta": 5e5, "low_freq_factor": 2.0}},
+         "rope_parameters.low_freq_factor is 2.0 but megatron-core"),
+        ({"rope_scaling": {**llama3, "original_max_position_embeddings": 4096}},
+         "rope_scaling.original_max_position_embeddings is 4096"),
+        ({"attention_bias": True, "mlp_bias": False}, "attention_bias=True but mlp_bias has none"),
+        ({"model_type": "qwen3", "attention_bias": True}, "attention_bias=True but the MLP"),
+        ({"model_type": "gemma"}, "model_type 'gemma'.*supported: llama"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ConversionError, match=message):
+            model_config_from_hf({**hf_cfg, **change})
+    # export: a combination no HF architecture has
+    from megatron_spd.config import ModelConfig
+    from megatron_spd.convert.hf import hf_config_from_model_config
+
+    odd = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=96, vocab_size=96, qk_layernorm=True, add_qkv_bias=True)
+    with pytest.raises(ConversionError, match="no Hugging Face architecture"):
+        hf_config_from_model_config(odd)
 
 
 # ----- HF -> mcore (TP=2, dist checkpoint) -> HF ----------------------------------------------

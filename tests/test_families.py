@@ -3,8 +3,9 @@ transformers builds and saves (tests/families.py: Llama-3 RoPE scaling + tied em
 q/k/v biases; Qwen3 QK-norm + head_dim 24 != 64/4; Mistral sliding window 16 + sentencepiece):
 
 - HF directory -> megatron-core: logits at TP=1 and TP=2 equal transformers';
-- an SPD plan (G=2) at T=2 equals its T=1 emulation, and that equals tests/reference.py (logits
-  and gradients); the sensitivity sweep, head grouping and B2B run on every family;
+- an SPD plan (G=2) at T=2 (with and without sequence parallel) equals its T=1 emulation, and
+  that equals tests/reference.py (logits and gradients); the sensitivity sweep, head grouping
+  and B2B run on every family;
 - HF -> megatron-spd checkpoint (saved at TP=2) -> HF is bit-exact, and transformers loads it;
 - perplexity through tools/evaluate.py equals transformers' on the same tokens;
 - KV-cache decode equals recompute; Mistral refuses sequences beyond its window;
@@ -65,13 +66,14 @@ def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
     with torch.no_grad():
         out["dense"] = forward_logits(lm.model, TOKENS)
     full = gather_full_state_dict(lm.model)
-    spd = build_model(lm.config, PLAN)
-    load_full_state_dict(spd, full)
-    logits = forward_logits(spd, TOKENS)
-    (logits * _loss_weights()).sum().backward()
-    reduce_tp_partial_grads(spd)
-    out["spd"] = (logits.detach(), gather_full_state_dict(spd, grads=True))
-    spd.eval()
+    for sp in (True, False) if ckpt is not None else (False,):  # sequence parallel at T=2
+        spd = build_model(lm.config, PLAN, sequence_parallel=sp)
+        load_full_state_dict(spd, full)
+        logits = forward_logits(spd, TOKENS)
+        (logits * _loss_weights()).sum().backward()
+        reduce_tp_partial_grads(spd)
+        out["spd_sp" if sp else "spd"] = (logits.detach(), gather_full_state_dict(spd, grads=True))
+    spd.eval()  # the one without sequence parallel: decoding cannot split one token
     cache = new_cache(TOKENS.shape[0], WINDOW)
     steps = [prefill(spd, cache, TOKENS[:, :PROMPT])]
     steps += [decode_step(spd, cache, TOKENS[:, t]) for t in range(PROMPT, WINDOW - 1)]
@@ -203,9 +205,10 @@ def test_spd_t2_equals_emulation_and_reference(models, ranks, family):
 
     t1_logits, t1_grads = ranks[1][family]["spd"]
     for r in ranks[2]:
-        t2_logits, t2_grads = r[family]["spd"]
-        torch.testing.assert_close(t2_logits, t1_logits, **LOGIT_TOL)
-        _assert_grads(t2_grads, t1_grads, GRAD_TOL, f"{family} T=2")
+        for key in ("spd", "spd_sp"):  # without and with sequence parallel
+            t2_logits, t2_grads = r[family][key]
+            torch.testing.assert_close(t2_logits, t1_logits, **LOGIT_TOL)
+            _assert_grads(t2_grads, t1_grads, GRAD_TOL, f"{family} T=2 {key}")
     assert (t1_logits - ranks[1][family]["dense"]).abs().max() > 1e-3, "SPD must change the model"
     cfg, full = load_hf(models[family][0])
     sd = {k: v.clone().requires_grad_() for k, v in full.items()}
@@ -256,7 +259,10 @@ def test_hf_mcore_hf_round_trip_bit_exact(models, ranks, family, tmp_path):
 
     src, model = models[family]
     out = tmp_path / "hf"
-    to_hf(ranks["ckpts"][family], out)
+    summary = to_hf(ranks["ckpts"][family], out)
+    assert summary["context"] == (WINDOW if family == "mistral" else 128)
+    assert any(f"sliding window {WINDOW}" in x for x in summary["features"]) == \
+        (family == "mistral")
     back, orig = load_file(str(out / "model.safetensors")), load_file(str(src / "model.safetensors"))
     assert back.keys() == orig.keys()
     assert all(torch.equal(back[k], orig[k]) for k in orig)

@@ -44,12 +44,14 @@ LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 def _rope(hf: dict[str, Any]) -> tuple[float, bool, float]:
     """(rope_theta, rope_scaling, rope_scaling_factor) from ``rope_parameters`` (transformers 5)
     or the older ``rope_scaling`` + ``rope_theta``; refuses what megatron-core cannot compute."""
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = hf.get(key) or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type in ("default", None):
+    theta = float((hf.get("rope_parameters") or {}).get("rope_theta",
+                                                         hf.get("rope_theta", 10000.0)))
+    scaled = [(key, hf[key]) for key in ("rope_parameters", "rope_scaling") if hf.get(key)
+              and hf[key].get("rope_type", hf[key].get("type", "default")) != "default"]
+    if not scaled:
         return theta, False, 8.0
+    key, params = scaled[0]
+    rope_type = params.get("rope_type", params.get("type"))
     if rope_type != "llama3":
         raise ConversionError(
             f"{key}.rope_type {rope_type!r} is not supported: megatron-core's GPTModel implements "

@@ -14,21 +14,41 @@ from ..config import ModelConfig
 from ..plan import SPDPlan
 
 
+def features(cfg: ModelConfig) -> list[str]:
+    """The architecture features beyond plain LLaMA, as a user reads them."""
+    out = []
+    if cfg.rope_scaling:
+        out.append(f"llama3 RoPE scaling x{cfg.rope_scaling_factor:g}")
+    if cfg.add_qkv_bias and not cfg.add_bias_linear:
+        out.append("q/k/v bias")
+    if cfg.add_bias_linear:
+        out.append("biases")
+    if cfg.qk_layernorm:
+        out.append("QK-norm")
+    if cfg.sliding_window is not None:
+        out.append(f"sliding window {cfg.sliding_window}: context capped to it (full attention "
+                   "is exact up to the window; longer inputs are refused)")
+    return out
+
+
 def summary(cfg: ModelConfig, plan: SPDPlan, **extra: Any) -> dict[str, Any]:
-    """What a user checks after a conversion: size, shape, G and the SPD blocks."""
+    """What a user checks after a conversion: size, shape, context, features, G, SPD blocks."""
     return {"params": cfg.num_parameters(), "layers": cfg.num_layers,
             "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
-            "kv_heads": cfg.num_query_groups, "ffn": cfg.ffn_hidden_size,
-            "vocab": cfg.vocab_size, "tied_embeddings": cfg.tie_word_embeddings,
-            "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps, "G": plan.groups,
-            "spd_blocks": plan.spd_blocks, **extra}
+            "kv_heads": cfg.num_query_groups, "head_dim": cfg.head_dim,
+            "ffn": cfg.ffn_hidden_size, "vocab": cfg.vocab_size,
+            "tied_embeddings": cfg.tie_word_embeddings, "context": cfg.max_seq_length,
+            "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps, "features": features(cfg),
+            "G": plan.groups, "spd_blocks": plan.spd_blocks, **extra}
 
 
 def format_summary(s: dict[str, Any]) -> str:
     spd = s["spd_blocks"]
     return (f"params {s['params']:,} | layers {s['layers']} | hidden {s['hidden']} | "
-            f"heads {s['heads']} (KV {s['kv_heads']}) | ffn {s['ffn']} | vocab {s['vocab']} | "
-            f"G {s['G']} | SPD blocks {len(spd)}/{s['layers']} | "
+            f"heads {s['heads']} (KV {s['kv_heads']}, dim {s['head_dim']}) | ffn {s['ffn']} | "
+            f"vocab {s['vocab']} | context {s['context']} | G {s['G']} | "
+            f"SPD blocks {len(spd)}/{s['layers']} | "
+            + "".join(f"{f} | " for f in s["features"])
             + " | ".join(f"{k} {v}" for k, v in s.items() if k in ("tp", "to", "out", "seconds")))
 
 

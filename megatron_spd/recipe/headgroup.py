@@ -2,9 +2,10 @@
 
 In an SPD block MLP shard g sees only its own attention partial ``H_g = X + A_g + b_O`` instead of
 ``H = X + sum A + b_O``. Which heads and which MLP hidden units share a group is free: permuting
-whole KV groups (the query heads of a KV head stay with it, GQA) in Q/K/V and the columns of W_O,
-and permuting MLP hidden units in fc1 rows (gate and up alike) and fc2 columns, leaves the
-*dense* block's function unchanged (up to float summation order) but changes the SPD block.
+whole KV groups (the query heads of a KV head stay with it, GQA) in Q/K/V (weight rows and
+q/k/v bias alike; QK-norm weights are shared by every head and stay) and the columns of W_O, and
+permuting MLP hidden units in fc1 rows (gate and up alike) and fc2 columns, leaves the *dense*
+block's function unchanged (up to float summation order) but changes the SPD block.
 
 Three levels of freedom, used in this order:
 1. **Head regrouping** (paper): when there are more KV groups than SPD groups, partition the KV
