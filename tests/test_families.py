@@ -95,12 +95,12 @@ def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
 def _recipe(cfg, full) -> dict:
     """Sensitivity sweep, head grouping (dense function unchanged) and B2B on this family."""
     from megatron_spd.model import forward_logits, load_full_state_dict
-    from megatron_spd.recipe import blocks, distill, headgroup, sensitivity
+    from megatron_spd.recipe import activations, distill, headgroup, sensitivity
     from megatron_spd.spec import build_model
 
     calib = torch.randint(3, 280, (4, WINDOW), generator=torch.Generator().manual_seed(5))
     dense, spd = sensitivity.build_pair(cfg, full, G)
-    xs = blocks.block_inputs(dense, calib)
+    xs = activations.block_inputs(dense, calib)
     sens = sensitivity.sweep(dense, spd, calib, dense_inputs=xs, progress=False)
     regrouped, _ = headgroup.regroup(full, cfg, dense, [0, 1], xs, G, progress=False)
     check = build_model(cfg)

@@ -133,11 +133,13 @@ def build_stock_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float3
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tcfg = cfg.transformer_config(tp, params_dtype=params_dtype)
     model = GPTModel(config=tcfg,
-                     transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.normalization),
+                     transformer_layer_spec=get_gpt_layer_local_spec(
+                         normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm),
                      vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_seq_length,
                      share_embeddings_and_output_weights=cfg.tie_word_embeddings,
                      position_embedding_type=cfg.position_embedding_type,
-                     rotary_base=cfg.rope_theta, rotary_percent=1.0)
+                     rotary_base=cfg.rope_theta, rotary_percent=1.0,
+                     rope_scaling=cfg.rope_scaling, rope_scaling_factor=cfg.rope_scaling_factor)
     return model.to(compat.device())
 
 
