@@ -8,7 +8,8 @@ q/k/v biases; Qwen3 QK-norm + head_dim 24 != 64/4; Mistral sliding window 16 + s
   and B2B run on every family;
 - HF -> megatron-spd checkpoint (saved at TP=2) -> HF is bit-exact, and transformers loads it;
 - perplexity through tools/evaluate.py equals transformers' on the same tokens;
-- KV-cache decode equals recompute; Mistral refuses sequences beyond its window;
+- KV-cache decode (the engine's cache path and megatron's) equals recompute; Mistral
+  refuses sequences beyond its window;
 - GGUF files written as llama.cpp writes them load to the same weights as the HF directory and as
   transformers' own GGUF loader, with tokenizers equal to the families' tokenizer.json and to
   transformers' GGUF tokenizer.
@@ -74,10 +75,11 @@ def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
         reduce_tp_partial_grads(spd)
         out["spd_sp" if sp else "spd"] = (logits.detach(), gather_full_state_dict(spd, grads=True))
     spd.eval()  # the one without sequence parallel: decoding cannot split one token
-    cache = new_cache(TOKENS.shape[0], WINDOW)
-    steps = [prefill(spd, cache, TOKENS[:, :PROMPT])]
-    steps += [decode_step(spd, cache, TOKENS[:, t]) for t in range(PROMPT, WINDOW - 1)]
-    out["decode"] = torch.stack(steps, 1)
+    for tensor_path in (True, False):  # the engine's cache path and megatron's static one
+        cache = new_cache(TOKENS.shape[0], WINDOW, tensor_path=tensor_path)
+        steps = [prefill(spd, cache, TOKENS[:, :PROMPT])]
+        steps += [decode_step(spd, cache, TOKENS[:, t]) for t in range(PROMPT, WINDOW - 1)]
+        out[f"decode_{'tensor' if tensor_path else 'megatron'}"] = torch.stack(steps, 1)
     with torch.no_grad():
         out["recompute"] = forward_logits(spd, TOKENS)[:, PROMPT - 1:WINDOW - 1]
     if lm.config.sliding_window is not None:
@@ -224,7 +226,8 @@ def test_spd_t2_equals_emulation_and_reference(models, ranks, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decode_equals_recompute(ranks, family):
     for res in [ranks[1]] + ranks[2]:
-        torch.testing.assert_close(res[family]["decode"], res[family]["recompute"], **LOGIT_TOL)
+        for path in ("decode_tensor", "decode_megatron"):
+            torch.testing.assert_close(res[family][path], res[family]["recompute"], **LOGIT_TOL)
 
 
 def test_sliding_window_caps_the_context(ranks):
