@@ -35,7 +35,8 @@ _DEFAULTS: dict[str, Any] = {
     "untie_embeddings_and_output_weights": False, "position_embedding_type": "learned_absolute",
     "rotary_base": 10000, "rotary_percent": 1.0, "rotary_interleaved": False,
     "apply_layernorm_1p": False, "qk_layernorm": False, "num_experts": None,
-    "multi_latent_attention": False, "use_rope_scaling": False, "mtp_num_layers": None,
+    "multi_latent_attention": False, "use_rope_scaling": False, "rope_scaling_factor": 8.0,
+    "spd_sliding_window": None, "mtp_num_layers": None,
     "heterogeneous_layers_config_encoded_json": None, "is_hybrid_model": False,
     "experimental_attention_variant": None, "tensor_model_parallel_size": 1,
     "pipeline_model_parallel_size": 1, PLAN_ARG: None,
@@ -53,6 +54,12 @@ def _arg(args: argparse.Namespace, name: str) -> Any:
 def _same(arg: str, field: Optional[str] = None) -> tuple[Callable, Callable]:
     """A field stored under one argument unchanged (``field`` defaults to ``arg``)."""
     return (lambda c: {arg: getattr(c, field or arg)}, lambda a: _arg(a, arg))
+
+
+def _kv_channels(args: argparse.Namespace) -> Optional[int]:
+    """ModelConfig.kv_channels: None when it is hidden/heads (Megatron-LM's default too)."""
+    kv = _arg(args, "kv_channels")
+    return None if kv is None or kv * args.num_attention_heads == args.hidden_size else int(kv)
 
 
 # ModelConfig field -> (config -> {argument: value}, args -> field value)
@@ -75,9 +82,16 @@ _FIELDS: dict[str, tuple[Callable, Callable]] = {
     "normalization": _same("normalization"),
     "activation": (lambda c: {"swiglu": c.activation == "swiglu"},
                    lambda a: "swiglu" if _arg(a, "swiglu") else "gelu"),
-    "add_bias_linear": (lambda c: {"add_bias_linear": c.add_bias_linear,
-                                   "add_qkv_bias": c.add_bias_linear},
-                        lambda a: _arg(a, "add_bias_linear")),
+    "add_bias_linear": _same("add_bias_linear"),
+    # Megatron-LM sets add_qkv_bias whenever add_bias_linear (arguments.py); ours means q/k/v only
+    "add_qkv_bias": (lambda c: {"add_qkv_bias": c.qkv_bias},
+                     lambda a: bool(_arg(a, "add_qkv_bias")) and not _arg(a, "add_bias_linear")),
+    "kv_channels": (lambda c: {"kv_channels": c.head_dim}, lambda a: _kv_channels(a)),
+    "qk_layernorm": _same("qk_layernorm"),
+    "rope_scaling": _same("use_rope_scaling", "rope_scaling"),
+    "rope_scaling_factor": _same("rope_scaling_factor"),
+    # no Megatron-LM equivalent for local attention (--window-size is TE's): ours, like the plan
+    "sliding_window": _same("spd_sliding_window", "sliding_window"),
     "tie_word_embeddings": (
         lambda c: {"untie_embeddings_and_output_weights": not c.tie_word_embeddings},
         lambda a: not _arg(a, "untie_embeddings_and_output_weights")),
@@ -92,12 +106,10 @@ _FIELDS: dict[str, tuple[Callable, Callable]] = {
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("num_experts", lambda v: not v, "MoE models are not supported"),
     ("multi_latent_attention", lambda v: not v, "multi-latent attention is not supported"),
-    ("qk_layernorm", lambda v: not v, "QK layernorm is not supported yet"),
     ("squared_relu", lambda v: not v, "squared-ReLU MLPs are not supported"),
     ("apply_layernorm_1p", lambda v: not v, "--apply-layernorm-1p is not supported"),
     ("rotary_percent", lambda v: v == 1.0, "partial rotary embeddings are not supported"),
     ("rotary_interleaved", lambda v: not v, "interleaved rotary embeddings are not supported"),
-    ("use_rope_scaling", lambda v: not v, "RoPE scaling is not supported"),
     ("mtp_num_layers", lambda v: not v, "multi-token prediction is not supported"),
     ("is_hybrid_model", lambda v: not v, "hybrid (Mamba) models are not supported"),
     ("heterogeneous_layers_config_encoded_json", lambda v: not v,
@@ -118,7 +130,7 @@ def args_from_config(cfg: ModelConfig, plan: Optional[SPDPlan], *, tp: int,
     for write, _ in _FIELDS.values():
         out.update(write(cfg))
     out.update(
-        kv_channels=cfg.head_dim, seq_length=cfg.max_seq_length, add_position_embedding=True,
+        seq_length=cfg.max_seq_length, add_position_embedding=True,
         rotary_percent=1.0, rotary_interleaved=False, squared_relu=False,
         apply_layernorm_1p=False, make_vocab_size_divisible_by=128, hidden_dropout=0.0,
         attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
@@ -146,14 +158,6 @@ def config_from_args(args: argparse.Namespace, source: str) -> ModelConfig:
     except (KeyError, AttributeError) as e:
         raise ValueError(f"{source}: the checkpoint args lack {e}; it is not a complete "
                          "Megatron-LM GPT checkpoint") from None
-    heads, hidden = values["num_attention_heads"], values["hidden_size"]
-    kv_channels = _arg(args, "kv_channels")
-    if kv_channels not in (None, hidden // heads):
-        problems.append(f"kv_channels={kv_channels} differs from hidden_size/heads "
-                        f"{hidden // heads}")
-    if _arg(args, "add_qkv_bias") and not values["add_bias_linear"]:
-        problems.append("a QKV bias without the other linear biases (add_qkv_bias=True, "
-                        "add_bias_linear=False) is not supported")
     if problems:
         raise ValueError(f"{source}: megatron-spd cannot open this model: " + "; ".join(problems))
     return ModelConfig(**values)

@@ -72,8 +72,6 @@ def _unsupported(args: Any) -> list[str]:
          or getattr(args, "heterogeneous_layers_config_encoded_json", None) is not None,
          "heterogeneous layer configs are not supported (drop "
          "--heterogeneous-layers-config-path)"),
-        (getattr(args, "qk_layernorm", False),
-         "--qk-layernorm is not supported by this megatron-spd version's SPD layer spec"),
     )
     return [fix for bad, fix in checks if bad]
 

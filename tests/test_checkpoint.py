@@ -340,11 +340,15 @@ def test_every_model_config_field_maps_to_megatron_lm_args():
     for cfg in (CFG, dataclasses.replace(CFG, normalization="LayerNorm", activation="gelu",
                                          add_bias_linear=True, tie_word_embeddings=True,
                                          position_embedding_type="learned_absolute",
-                                         num_query_groups=6, norm_eps=1e-6, rope_theta=5e5)):
+                                         num_query_groups=6, norm_eps=1e-6, rope_theta=5e5),
+                dataclasses.replace(CFG, kv_channels=24, qk_layernorm=True, rope_scaling=True,
+                                    rope_scaling_factor=32.0),
+                dataclasses.replace(CFG, add_qkv_bias=True, max_seq_length=16,
+                                    sliding_window=16)):
         assert config_from_args(args_from_config(cfg, None, tp=1), "x") == cfg
     args = args_from_config(CFG, None, tp=1)
-    args.qk_layernorm, args.num_experts = True, 8
-    with pytest.raises(ValueError, match="MoE.*; QK layernorm"):
+    args.rotary_interleaved, args.num_experts = True, 8
+    with pytest.raises(ValueError, match="MoE.*; interleaved rotary"):
         config_from_args(args, "ckpt")
 
 

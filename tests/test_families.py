@@ -56,7 +56,8 @@ def _loss_weights():
 # ----- what each rank computes ------------------------------------------------------------------
 
 def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
-    from megatron_spd.checkpoint import open_model, save_checkpoint
+    from megatron_spd.checkpoint import save_checkpoint
+    from megatron_spd.factory import open_model
     from megatron_spd.grads import reduce_tp_partial_grads
     from megatron_spd.inference.engine import decode_step, new_cache, prefill
     from megatron_spd.model import forward_logits, gather_full_state_dict, load_full_state_dict

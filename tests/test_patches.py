@@ -16,6 +16,7 @@ Megatron-LM's ``megatron.training`` imports ``six`` and ``triton`` (not in the v
 directory holding them on ``MEGATRON_LM_DEPS`` (``pip install --target DIR six triton``).
 """
 import argparse
+import dataclasses
 import ast
 import json
 import os
@@ -145,6 +146,8 @@ def test_unrecovered_blocks_are_named_the_same_way_on_every_route():
 
 
 def test_hooks_build_the_plan_specs_and_refuse_unsupported_settings(tmp_path):
+    from megatron.core.transformer.identity_op import IdentityOp
+
     from megatron_spd.block import SPDTransformerLayer
     from megatron_spd.megatron_lm import add_arguments, layer_spec, resolve_plan
 
@@ -168,10 +171,15 @@ def test_hooks_build_the_plan_specs_and_refuse_unsupported_settings(tmp_path):
                              (dict(use_legacy_models=True), "use-legacy-models"),
                              (dict(multi_latent_attention=True), "multi-latent"),
                              (dict(heterogeneous_layers_config_path="h.json"), "heterogeneous"),
-                             (dict(experimental_attention_variant="x"), "experimental"),
-                             (dict(qk_layernorm=True), "qk-layernorm")):
+                             (dict(experimental_attention_variant="x"), "experimental")):
         with pytest.raises(PlanError, match=message):
             spec(**setting)
+    # --qk-layernorm: the SPD and dense specs build megatron's q/k norms (issue 12)
+    args = _args(spd_plan=str(plan_path), qk_layernorm=True)
+    resolve_plan(args)
+    qk = layer_spec(args, dataclasses.replace(CFG, qk_layernorm=True).transformer_config(3))
+    assert all(s.submodules.self_attention.submodules.q_layernorm is not IdentityOp
+               for s in qk.layer_specs)
     with pytest.raises(PlanError, match="TP=2 does not divide G=3"):
         spec(tp=2)
     SPDPlan(3, ["zs"] * 4).save(plan_path)
