@@ -51,15 +51,17 @@ def main() -> None:
     ev = ["--tasks", TASKS, "--limit", str(args.limit), "--ppl-tokens", str(args.ppl_tokens)]
     times = {}
     times["convert"] = run([PY, "tools/convert_checkpoint.py", "--gguf", _default_gguf(),
-                            "--out", str(ckpt)], "1. convert the bundled GGUF to megatron-core")
+                            "--out", str(ckpt), "--overwrite"],  # a rerun replaces its outputs
+                           "1. convert the bundled GGUF to megatron-core")
     times["sensitivity"] = run([PY, "tools/spd.py", "sensitivity", "--ckpt", str(ckpt), *calib,
                                 "--json", str(sens), "--png", str(out / "sensitivity.png")],
                                "2a. per-block sensitivity (T=1 emulation of G=3)")
     times["plan"] = run([PY, "tools/spd.py", "plan", "--sensitivity", str(sens),
-                         "--ratio", str(args.ratio), "--strategy", "b2b", "--out", str(plan)],
+                         "--ratio", str(args.ratio), "--strategy", "b2b", "--out", str(plan),
+                         "--overwrite"],
                         "2b. plan: the least sensitive blocks, each to be distilled")
     times["recover"] = run([PY, "tools/spd.py", "distill", "--ckpt", str(ckpt), "--plan", str(plan),
-                            *calib, "--epochs", "1", "--out", str(spd)],
+                            *calib, "--epochs", "1", "--out", str(spd), "--overwrite"],
                            "3. recover: block-to-block distillation (B2B) of every SPD block")
     evals = {}
     for name, extra in (("dense", ["--ckpt", str(ckpt)]),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 import shutil
 import time
@@ -44,7 +43,9 @@ from .checkpoint_args import CHECKPOINT_VERSION, DENSE_SOURCE_ARG, args_from_con
     config_from_args, plan_from_args
 from .config import ModelConfig
 from .convert.hf import ConversionError, FullStateDict
-from .io import atomic_write_json, atomic_write_text, replace_dir
+from .errors import OutputError, SPDError
+from .io import OutputKind, atomic_write_json, atomic_write_text, check_output, \
+    read_json_object, replace_dir
 from .plan import SPDPlan
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -61,7 +62,7 @@ _HASH_CHUNK = 1 << 24
 _CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SPDError, ValueError):
     """A checkpoint that cannot be read or written as asked; the message says what to do."""
 
 
@@ -167,20 +168,29 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> StoredCheckpoin
 
 def _read_meta(root: Path) -> dict[str, Any]:
     path = root / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is corrupt ({e}); the checkpoint cannot be trusted: "
-                              "save or convert it again") from None
+    meta = read_json_object(path, "the checkpoint's metadata object; the checkpoint is corrupt "
+                                  "and cannot be trusted: save or convert it again",
+                            CheckpointError)
     if meta.get("format") not in (CKPT_FORMAT, LEGACY_FORMAT):
         raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {CKPT_FORMAT!r}")
+    if not isinstance(meta.get("files", {}), dict):
+        raise CheckpointError(f"{path} is corrupt: 'files' is not the manifest object; save or "
+                              "convert the checkpoint again")
     return meta
 
 
 def _read_legacy(root: Path, meta: dict[str, Any], verify: bool) -> StoredCheckpoint:
+    missing = [k for k in ("model_config", "plan", "tokenizer") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{root / META_FILE} is corrupt: key(s) {missing} missing; save "
+                              "or convert the checkpoint again")
     check_manifest(root, meta, verify)
     weights = root / LEGACY_WEIGHTS_DIR
-    cfg = ModelConfig.from_dict(meta["model_config"])
+    try:
+        cfg = ModelConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{root / META_FILE}: model_config is malformed ({e}); save or "
+                              "convert the checkpoint again") from None
     plan = SPDPlan.from_dict(meta["plan"], source=str(root / META_FILE))
     return StoredCheckpoint(root, weights, cfg, plan, meta["tokenizer"], meta.get("dense_source"),
                             meta.get("saved_tp"), "legacy", meta)
@@ -288,25 +298,23 @@ def load_into(model, ckpt: StoredCheckpoint) -> None:
 
 # ----- writing ---------------------------------------------------------------------------------
 
+def is_ours(path: str | Path) -> bool:
+    """A checkpoint this package wrote (it has our metadata file); Megatron-LM's own are not."""
+    return (Path(path) / META_FILE).is_file()
+
+
+#: What a checkpoint output may replace (``io.check_output``; the tools' ``--out`` at parsing).
+CHECKPOINT_OUTPUT = OutputKind("megatron-spd checkpoint", directory=True, ours=is_ours)
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False) -> None:
     """Raise CheckpointError unless a checkpoint may be written at ``path``: it does not exist,
-    is an empty directory, or is one of our checkpoints and ``overwrite`` is set. Cheap, so
-    tools call it while parsing arguments, before any work."""
-    path = Path(path)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise CheckpointError(f"output {path} is an existing file; choose another output path")
-    entries = sorted(p.name for p in path.iterdir())
-    if not entries:
-        return
-    if not (path / META_FILE).is_file():
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise CheckpointError(f"output {path} exists and is not a megatron-spd checkpoint (it "
-                              f"holds {shown}); it is never replaced: choose another output path")
-    if not overwrite:
-        raise CheckpointError(f"output {path} already holds a megatron-spd checkpoint; pass "
-                              "--overwrite (overwrite=True) to replace it, or choose another path")
+    is an empty directory, or is one of our checkpoints and ``overwrite`` is set (the rule of
+    ``CHECKPOINT_OUTPUT``, which the tools check while parsing ``--out``)."""
+    try:
+        check_output(path, CHECKPOINT_OUTPUT, overwrite=overwrite, flag="output")
+    except OutputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SPDPlan,
@@ -346,7 +354,7 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
         if dense_source:
             meta["dense_source"] = dense_source
         atomic_write_json(tmp / META_FILE, meta)
-        replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir, ours=is_ours)
     barrier()
 
 

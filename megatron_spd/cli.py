@@ -14,16 +14,29 @@
   is a usage error that names the problem.
 - ``default_of(function, parameter)``: a tool option whose default is a package function's.
 
+- Outputs (``add_json``, ``add_png``, ``add_out``): each output option is registered with what it
+  writes (an ``io.OutputKind``); after parsing, every given output path is checked (writable;
+  an existing path only if the kind may replace it, ``--overwrite`` where that is needed), so
+  a run never does its work and then fails to write, and never replaces a user's files.
+- ``entry``: the wrapper every tool's ``main`` goes through: a known error (``errors.SPDError``)
+  prints one line ``error: ...`` (global rank 0 only) and exits 1; ``--debug`` (every parser
+  has it) shows its traceback instead; any other exception keeps its traceback.
+
 Every option is added through ``_add`` (the one place that attaches Megatron-LM's spellings)
-and every parser is a ``Parser`` made by ``parser`` (the one place for tool-wide error handling
-and output-path checks).
+and every parser is a ``Parser`` made by ``parser``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
-from typing import Any, Callable, Iterable, Optional, Sequence
+import os
+import sys
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from .errors import SPDError
+from .io import JSON_REPORT, PNG_FIGURE, WORK_DIR, OutputKind, check_output
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -40,15 +53,26 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+#: What an output option writes: a kind, or a function of the parsed namespace giving the kind
+#: (e.g. ``--out`` of convert_checkpoint: a checkpoint or a Hugging Face directory per ``--to``).
+KindOf = Union[OutputKind, Callable[[argparse.Namespace], OutputKind]]
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` that also builds the config dataclasses registered with
-    ``add_config`` into the namespace after parsing."""
+    ``add_config`` into the namespace and checks the registered output paths after parsing,
+    has ``--debug``, and prints usage errors on global rank 0 only."""
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         kw.setdefault("allow_abbrev", False)
         kw.setdefault("formatter_class", _Formatter)
         super().__init__(*a, **kw)
         self._configs: list[tuple[str, type, dict[str, str]]] = []
+        self._outputs: list[tuple[Callable[[argparse.Namespace], Any], str, KindOf]] = []
+        # on the main parser and on every subcommand's, so it may follow the subcommand; read
+        # by ``entry`` from the raw command line (it must work when parsing itself fails)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the traceback of an error instead of its one-line message")
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
@@ -58,7 +82,29 @@ class Parser(argparse.ArgumentParser):
                 setattr(ns, attr, cls(**values))
             except ValueError as e:
                 self.error(str(e))
+        for path_of, flag, kind in self._outputs:
+            path = path_of(ns)
+            if path is None:
+                continue
+            try:
+                check_output(path, kind if isinstance(kind, OutputKind) else kind(ns),
+                             overwrite=getattr(ns, "overwrite", False), flag=flag)
+            except SPDError as e:
+                self.error(str(e))
         return ns, rest
+
+    def error(self, message: str):
+        """Usage error: exit 2; every rank of a torchrun job parses, only global rank 0 prints."""
+        if not _rank0():
+            self.exit(2)
+        super().error(message)
+
+    def add_output(self, dest: str | Callable[[argparse.Namespace], Any], flag: str,
+                   kind: KindOf) -> None:
+        """Check option ``dest`` (spelt ``flag``; or a path computed from the namespace) as an
+        output of ``kind`` after parsing."""
+        path_of = dest if callable(dest) else (lambda ns: getattr(ns, dest, None))
+        self._outputs.append((path_of, flag, kind))
 
 
 def parser(doc: Optional[str] = None, **kw: Any) -> Parser:
@@ -133,12 +179,40 @@ def add_plan(p, required: bool = False, help: Optional[str] = None) -> None:
 
 
 def add_tp(p) -> None:
-    _add(p, "--tp", type=int, default=None,
+    _add(p, "--tp", type=positive_int, default=None,
          help="tensor-parallel degree (default: the world size)")
 
 
-def add_json(p, what: str = "the report") -> None:
+def add_json(p: Parser, what: str = "the report",
+             beside: Optional[Callable[[str], str]] = None) -> None:
+    """``--json``; ``beside(json_path)``: the PNG the tool also writes next to it (checked too)."""
     _add(p, "--json", default=None, metavar="OUT.json", help=f"write {what} here (atomically)")
+    p.add_output("json", "--json", JSON_REPORT)
+    if beside is not None:
+        p.add_output(lambda ns: beside(ns.json) if ns.json else None, "--json (its PNG)",
+                     PNG_FIGURE)
+
+
+def add_png(p: Parser, flag: str, what: str) -> None:
+    """An optional PNG figure output (``--png``, ``--plot``)."""
+    action = _add(p, flag, default=None, metavar="OUT.png", help=f"write {what} here (PNG)")
+    p.add_output(action.dest, flag, PNG_FIGURE)
+
+
+def add_out(p: Parser, kind: KindOf, help: str, *, required: bool = True,
+            metavar: Optional[str] = None) -> None:
+    """``--out`` (written as ``kind``) and ``--overwrite`` (replace an existing one of ours)."""
+    _add(p, "--out", required=required, default=None, metavar=metavar, help=help)
+    p.add_output("out", "--out", kind)
+    _add(p, "--overwrite", action="store_true",
+         help="replace an existing --out of the same kind (anything else is never replaced)")
+
+
+def add_dir(p: Parser, flag: str, help: str) -> None:
+    """A directory the tool adds files to without replacing it (``finetune --save``): checked
+    to be a directory, or creatable, at parsing."""
+    action = _add(p, flag, default=None, help=help)
+    p.add_output(action.dest, flag, WORK_DIR)
 
 
 def add_timeout(p) -> None:
@@ -150,6 +224,14 @@ def add_timeout(p) -> None:
 
 def add_text_field(p) -> None:
     _add(p, "--text-field", default="text", help="document field of a .jsonl/.parquet file")
+
+
+def positive_int(text: str) -> int:
+    """An option's ``type``: an integer >= 1 (a degree, a count of ranks, groups or threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -219,3 +301,29 @@ def option(default: Any, help: str, **meta: Any) -> Any:
 def default_of(function: Callable, parameter: str) -> Any:
     """The default of ``function``'s keyword ``parameter`` (an option that forwards to it)."""
     return inspect.signature(function).parameters[parameter].default
+
+
+# ----- the wrapper of every tool's main ---------------------------------------------------------
+
+def _rank0() -> bool:
+    """Global rank 0 from torchrun's environment: the parser and ``entry`` run before the process
+    group exists, or after it is gone, and must not import megatron to ask."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def entry(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a tool's ``main(argv=None)``: an ``SPDError`` prints one line on global rank 0 and
+    exits 1 (``SystemExit``), unless ``--debug`` is on the command line, which re-raises it
+    with its traceback. Other exceptions propagate unchanged (a bug shows its traceback)."""
+    @functools.wraps(main)
+    def run(argv: Optional[Sequence[str]] = None) -> Any:
+        debug = "--debug" in (sys.argv[1:] if argv is None else list(argv))
+        try:
+            return main(argv)
+        except SPDError as e:
+            if debug:
+                raise
+            if _rank0():
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+    return run

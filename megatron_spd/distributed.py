@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from . import compat
+from .errors import InputError
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -51,8 +52,10 @@ def init(tp: Optional[int] = None, *, seed: int = 1234, timeout_s: float = DEFAU
                                     world_size=1, timeout=timeout)
     world = dist.get_world_size()
     tp = world if tp is None else tp
-    if tp < 1 or world % tp:
-        raise ValueError(f"TP={tp} does not divide the world size {world}; launch "
+    if tp < 1:
+        raise InputError(f"--tp must be a positive integer, got {tp}")
+    if world % tp:
+        raise InputError(f"TP={tp} does not divide the world size {world}; launch "
                          f"torchrun --nproc-per-node with a multiple of {tp}")
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() != tp:

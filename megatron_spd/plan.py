@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .io import atomic_write_text
+from .errors import SPDError
+from .io import OutputKind, atomic_write_text
 
 PLAN_FORMAT = "megatron-spd-plan/1"
 STRATEGIES = ("dense", "zs", "b2b", "hg")
 REQUIRED_KEYS = ("format", "groups", "num_layers", "strategies")
 
 
-class PlanError(ValueError):
+class PlanError(SPDError, ValueError):
     """A plan that cannot be used as given; the message says what to change."""
 
 
@@ -136,3 +137,17 @@ class SPDPlan:
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {path} is not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))
+
+
+def is_plan_file(path: str | Path) -> bool:
+    """Whether ``path`` is a plan file (a JSON object of this format), without validating it."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") == PLAN_FORMAT
+
+
+#: What ``tools/spd.py plan --out`` writes: an existing plan is replaced only with --overwrite
+#: (plans are edited by hand), anything else never.
+PLAN_OUTPUT = OutputKind("SPD plan", ours=is_plan_file)

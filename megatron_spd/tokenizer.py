@@ -14,10 +14,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import SPDError
+from .io import read_json_object
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-class TokenizerError(FileNotFoundError):
+class TokenizerError(SPDError, FileNotFoundError):
     """No usable tokenizer where one was expected; the message says where to put one."""
 
 
@@ -134,7 +137,10 @@ def _none_if_negative(i: int) -> Optional[int]:
 # ----- Hugging Face directories ----------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return read_json_object(path, "a JSON object (re-download or re-convert the model)",
+                            TokenizerError)
 
 
 def _token_content(tok: Any) -> Optional[str]:

@@ -43,7 +43,7 @@ def test_local_files(tmp_path):
     jsonl.write_text("".join(json.dumps({"body": f"doc {i}", "n": i}) + "\n" for i in range(10)))
     assert data.load_texts(jsonl, text_field="body") == [f"doc {i}" for i in range(10)]
     assert data.load_texts(jsonl, text_field="body", split="eval") == ["doc 0", "doc 1"]
-    with pytest.raises(KeyError, match="--text-field"):
+    with pytest.raises(ValueError, match="--text-field"):
         data.load_texts(jsonl)
 
     import pyarrow as pa
@@ -52,7 +52,7 @@ def test_local_files(tmp_path):
     pq.write_table(pa.table({"text": ["x y", "z"]}), tmp_path / "a.parquet")
     assert data.load_texts(tmp_path / "a.parquet") == ["x y", "z"]
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         data.load_texts(tmp_path / "missing.txt")
     (tmp_path / "a.csv").write_text("text\nx\n")
     with pytest.raises(ValueError, match="unsupported extension"):

@@ -256,6 +256,7 @@ def test_dead_or_stuck_rank_fails_fast_with_clear_error(mode, timeout_s, tmp_pat
     assert survivor["message"] is not None, "the surviving rank did not notice the failure"
     assert "generation aborted on rank 0" in survivor["message"]
     assert "another rank died or stopped responding" in survivor["message"]
+    assert "--timeout-s" in survivor["message"]  # the flag a user changes, not a Python call
     # generation itself takes well under a second here; the wait is bounded by the timeout
     # (a TP group left at torch's 30-minute default would wait until the stuck rank exits)
     assert survivor["seconds"] < min(timeout_s + 10, HANG_S), survivor

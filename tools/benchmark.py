@@ -22,10 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_spd import cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    from megatron_spd import cli
     from megatron_spd.bench import analytic, run
+    from megatron_spd.io import MARKDOWN_DOC
     from megatron_spd.bench.latency import LinkSetting, Workload
 
     p = cli.parser(__doc__)
@@ -35,29 +37,32 @@ def parse_args(argv=None):
     m.add_argument("--model", "--ckpt", dest="model", default="default",
                    help="preset (tiny, llama-s, llama-m), 'default' (SmolLM2) or a checkpoint")
     cli.add_tp(m)
-    m.add_argument("--groups", type=int, default=None,
+    m.add_argument("--groups", type=cli.positive_int, default=None,
                    help="SPD groups G (default: the model's plan, or TP for presets)")
-    m.add_argument("--threads", type=int, default=None,
+    m.add_argument("--threads", type=cli.positive_int, default=None,
                    help="intra-op threads per rank (default: cores / local ranks, at least 1)")
     cli.add_timeout(m)
-    cli.add_json(m, "the report (and a PNG beside it)")
+    cli.add_json(m, "the report (and a PNG beside it)", beside=run.png_path)
     cli.add_config(m, Workload, attr="workload", title="workload (bench.latency.Workload)")
     cli.add_config(m, LinkSetting, attr="links", exclude=("factors", "calibration"),
                    title="simulated link (bench.latency.LinkSetting)")
 
     j = sub.add_parser("project", help="analytic projection for LLaMA-2 7B/13B/70B")
-    cli.add_json(j, "the projection (and a PNG beside it)")
+    cli.add_json(j, "the projection (and a PNG beside it)", beside=run.png_path)
     cli.add_config(j, analytic.Projection, attr="projection",
                    title="what to project (bench.analytic.Projection)")
 
     r = sub.add_parser("report", help="write docs/latency.md from measured and projection JSON")
     r.add_argument("--measured", nargs="+", required=True)
     r.add_argument("--projection", required=True)
-    r.add_argument("--out", default=cli.default_of(run.write_doc, "out"))
+    r.add_argument("--out", default=cli.default_of(run.write_doc, "out"),
+                   help="the Markdown document to write")
+    r.add_output("out", "--out", MARKDOWN_DOC)
     r.add_argument("--command", default=None, help="the command line to cite in the document")
     return p.parse_args(argv)
 
 
+@cli.entry
 def main(argv=None) -> None:
     args = parse_args(argv)
     from megatron_spd.bench import run

@@ -16,10 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_spd import cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    from megatron_spd import cli
-    from megatron_spd.convert.run import convert, to_hf
+    from megatron_spd.convert.run import convert, output_kind, to_hf
 
     p = cli.parser(__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -33,18 +34,21 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=cli.default_of(to_hf, "dtype"),
                    choices=("float32", "bfloat16", "float16"),
                    help="tensor dtype of --to hf output")
-    p.add_argument("--out", required=True, metavar="DIR")
+    cli.add_out(p, lambda args: output_kind(args.to), "output directory: a megatron-spd "
+                "checkpoint (--to mcore) or a Hugging Face model directory (--to hf)",
+                metavar="DIR")
     cli.add_json(p, "the summary")
     return p.parse_args(argv)
 
 
+@cli.entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_spd import cli
     from megatron_spd.convert.run import convert
 
     convert(args.hf or args.gguf or args.mcore, args.out, to=args.to, plan=args.plan,
-            dtype=args.dtype, tp=args.tp, json_out=args.json, **cli.source_options(args))
+            dtype=args.dtype, tp=args.tp, overwrite=args.overwrite, json_out=args.json,
+            **cli.source_options(args))
 
 
 if __name__ == "__main__":

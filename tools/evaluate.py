@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_spd import cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    from megatron_spd import cli
     from megatron_spd.evaluate.baseline import BaselineError, load_baseline
     from megatron_spd.evaluate.run import EvalConfig
 
@@ -45,9 +46,9 @@ def parse_args(argv=None):
     return args
 
 
+@cli.entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from megatron_spd import cli
     from megatron_spd.evaluate.run import evaluate_source
 
     return evaluate_source(args.ckpt, args.eval, plan=args.plan, tp=args.tp,

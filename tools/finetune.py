@@ -14,16 +14,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_spd import cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    from megatron_spd import cli
+    from megatron_spd.checkpoint import CHECKPOINT_OUTPUT
     from megatron_spd.train.loop import FinetuneConfig
 
     p = cli.parser(__doc__)
     cli.add_source(p)
     cli.add_plan(p, help="plan JSON to apply instead of the checkpoint's own")
-    p.add_argument("--out", required=True, help="where the fine-tuned checkpoint is written")
-    p.add_argument("--save", help="training-checkpoint directory (resumes from it if it holds one)")
+    cli.add_out(p, CHECKPOINT_OUTPUT, "where the fine-tuned checkpoint is written")
+    cli.add_dir(p, "--save", "training-checkpoint directory (resumes from it if it holds one)")
     cli.add_tp(p)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--data", help="local .txt/.jsonl/.parquet (default: bundled Wikipedia paragraphs)")
@@ -32,21 +34,22 @@ def parse_args(argv=None):
                    help="teacher source, run with a dense plan (default: the dense model --ckpt "
                         "was derived from, as its checkpoint records; else --ckpt itself)")
     cli.add_json(p, "the report (loss curve, held-out loss)")
-    p.add_argument("--plot", help="write the loss-curve PNG here")
+    cli.add_png(p, "--plot", "the loss curve")
     cli.add_config(p, FinetuneConfig, attr="config", title="training (train.FinetuneConfig)")
     return p.parse_args(argv)
 
 
+@cli.entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_spd import cli, distributed
+    from megatron_spd import distributed
     from megatron_spd.train.loop import finetune
 
     with distributed.running(args.tp, seed=args.config.seed):
         finetune(args.ckpt, out=args.out, cfg=args.config, save_dir=args.save, plan=args.plan,
                  teacher_source=args.teacher, data_source=args.data, text_field=args.text_field,
                  sequence_parallel=args.sequence_parallel, json_out=args.json, plot=args.plot,
-                 **cli.source_options(args))
+                 overwrite=args.overwrite, **cli.source_options(args))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_spd import cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    from megatron_spd import cli
     from megatron_spd.inference import GenerationConfig, GenerationError
     from megatron_spd.inference.run import read_prompts
 
@@ -44,21 +45,15 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+@cli.entry
+def main(argv=None) -> None:
     args = parse_args(argv)
-    from megatron_spd import cli, distributed
-    from megatron_spd.inference import GenerationError
     from megatron_spd.inference.run import generate_source
 
-    try:
-        generate_source(args.ckpt, args.prompts, args.generation, plan=args.plan, tp=args.tp,
-                        stream=not args.no_stream, timeout_s=args.timeout_s, json_out=args.json,
-                        **cli.source_options(args))
-    except (GenerationError, ValueError, FileNotFoundError) as e:
-        print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    generate_source(args.ckpt, args.prompts, args.generation, plan=args.plan, tp=args.tp,
+                    stream=not args.no_stream, timeout_s=args.timeout_s, json_out=args.json,
+                    **cli.source_options(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -25,9 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_spd import cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    from megatron_spd import cli
+    from megatron_spd.checkpoint import CHECKPOINT_OUTPUT
+    from megatron_spd.plan import PLAN_OUTPUT
     from megatron_spd.recipe import autoplan, classify, headgroup, sensitivity
     from megatron_spd.recipe import run
     from megatron_spd.recipe.distill import B2BConfig
@@ -44,10 +47,11 @@ def parse_args(argv=None):
 
     s = sub.add_parser("sensitivity", help="per-block sensitivity sweep")
     common(s)
-    s.add_argument("--groups", type=int, default=None, help="G (default: the source plan's)")
+    s.add_argument("--groups", type=cli.positive_int, default=None,
+                   help="G (default: the source plan's)")
     s.add_argument("--mode", default=cli.default_of(run.sensitivity, "mode"),
                    choices=[*sensitivity.MODES, "all"], help="sweep mode; 'all' runs every mode")
-    s.add_argument("--png", default=None, help="plot sensitivity per block here")
+    cli.add_png(s, "--png", "the plot of sensitivity per block")
     s = sub.add_parser("plan", help="choose SPD blocks and strategies")
     common(s)
     s.add_argument("--sensitivity", required=True, help="JSON from the sensitivity subcommand")
@@ -60,13 +64,13 @@ def parse_args(argv=None):
                    help="'auto': classify each SPD block by its sensitivity")
     s.add_argument("--t1", type=float, default=None, help="classification threshold zs/b2b")
     s.add_argument("--t2", type=float, default=None, help="classification threshold b2b/hg")
-    s.add_argument("--out", required=True, help="plan JSON to write")
+    cli.add_out(s, PLAN_OUTPUT, "plan JSON to write", metavar="PLAN.json")
     for name, what in (("headgroup", "head grouping of the plan's hg blocks"),
                        ("distill", "HG + B2B as the plan says; writes a checkpoint")):
         s = sub.add_parser(name, help=what)
         common(s)
         cli.add_plan(s, required=True, help="plan JSON (tools/spd.py plan)")
-        s.add_argument("--out", required=True, help="checkpoint directory to write")
+        cli.add_out(s, CHECKPOINT_OUTPUT, "checkpoint directory to write", metavar="DIR")
         s.add_argument("--mlp", default=cli.default_of(autoplan.apply_plan, "hg_mlp"),
                        choices=headgroup.MLP_MODES, help="HG on the MLP side (recipe/headgroup.py)")
         if name == "distill":
@@ -75,11 +79,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@cli.entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from megatron_spd.recipe import run
-
-    from megatron_spd import cli
 
     common = dict(source=args.ckpt, calib=args.calib, tp=args.tp, json_out=args.json,
                   **cli.source_options(args))
@@ -88,9 +91,10 @@ def main(argv=None) -> dict:
     if args.cmd == "plan":
         return run.plan(args.sensitivity, args.out, ratio=args.ratio,
                         max_ppl_increase=args.max_ppl_increase, strategy=args.strategy,
-                        t1=args.t1, t2=args.t2, **common)
+                        t1=args.t1, t2=args.t2, overwrite=args.overwrite, **common)
     b2b = args.b2b if args.cmd == "distill" else None  # headgroup: HG only
-    return run.recover(args.plan, args.out, b2b=b2b, hg_mlp=args.mlp, **common)
+    return run.recover(args.plan, args.out, b2b=b2b, hg_mlp=args.mlp, overwrite=args.overwrite,
+                       **common)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from .. import clock, compat, distributed
 from ..cli import floats, option
 from ..comm import CollectiveCounter, LinkProfile, link_profile, simulate_link
 from ..config import ModelConfig
+from ..errors import ContextError
 from ..inference import decode_step, new_cache, prefill
 from ..model import FullStateDict, load_full_state_dict, model_params
 from ..plan import SPDPlan
@@ -240,8 +241,8 @@ def run_latency(source: WeightSource, wl: Workload, links: LinkSetting, *, name:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cfg, groups, dense = _dense_model_in_turn(source, wl.seed)
     if wl.prompt + wl.new_tokens > cfg.max_seq_length:
-        raise ValueError(f"prompt {wl.prompt} + new tokens {wl.new_tokens} exceed the model's "
-                         f"context of {cfg.max_seq_length}; use a shorter --prompt/--new-tokens")
+        raise ContextError(f"prompt {wl.prompt} + new tokens {wl.new_tokens} exceed the model's "
+                           f"context of {cfg.max_seq_length}; use a shorter --prompt/--new-tokens")
     names, models = [], []
     for r in (*wl.ratios, "stock") if wl.stock else wl.ratios:
         plan = None if r == "stock" else spd_plan(cfg.num_layers, groups, r)

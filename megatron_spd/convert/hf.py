@@ -19,14 +19,15 @@ from typing import Any, Optional
 import torch
 
 from ..config import FullStateDict, ModelConfig
-from ..io import atomic_write_json
+from ..errors import SPDError
+from ..io import atomic_write_json, read_json_object
 
 
 L = "decoder.layers.{i}."
 HF = "model.layers.{i}."
 
 
-class ConversionError(ValueError):
+class ConversionError(SPDError, ValueError):
     """The source cannot be converted as given; the message names the problem and the fix."""
 
 
@@ -316,7 +317,11 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index, "a safetensors shard index", ConversionError
+                                      ).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index} has no 'weight_map'; re-download the model")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
@@ -343,7 +348,15 @@ def load_hf(directory: str | Path) -> tuple[ModelConfig, FullStateDict]:
     if not cfg_path.is_file():
         raise ConversionError(f"{directory} has no config.json; pass a Hugging Face model "
                               "directory (config.json + *.safetensors + tokenizer)")
-    cfg = model_config_from_hf(json.loads(cfg_path.read_text()))
+    hf = read_json_object(cfg_path, "a Hugging Face model config (re-download or re-convert "
+                                    "the model)", ConversionError)
+    try:
+        cfg = model_config_from_hf(hf)
+    except ConversionError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{cfg_path} is incomplete or malformed ({type(e).__name__}: "
+                              f"{e}); re-download or re-convert the model") from None
     return cfg, hf_to_full(read_safetensors_dir(directory), cfg, source=str(directory))
 
 

@@ -11,7 +11,34 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ModelConfig
+from ..io import OutputKind
 from ..plan import SPDPlan
+
+#: Files a Hugging Face model directory written by ``to_hf`` may hold (``save_hf`` and the
+#: tokenizer's own): a directory with anything else is someone's, and never replaced.
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json")
+
+
+def is_hf_output(path: str | Path) -> bool:
+    """A Hugging Face model directory of the kind ``to_hf`` writes: config.json, safetensors
+    weights and tokenizer files, nothing else."""
+    path = Path(path)
+    entries = list(path.iterdir()) if path.is_dir() else []
+    return ((path / "config.json").is_file() and any(p.suffix == ".safetensors" for p in entries)
+            and all(p.is_file() and (p.name in HF_FILES or p.suffix == ".safetensors")
+                    for p in entries))
+
+
+#: What ``--to hf --out`` writes: replacing such a directory needs --overwrite.
+HF_OUTPUT = OutputKind("Hugging Face model directory", directory=True, ours=is_hf_output)
+
+
+def output_kind(to: str) -> OutputKind:
+    """What a conversion ``--to`` mcore / hf writes at ``--out``."""
+    from ..checkpoint import CHECKPOINT_OUTPUT
+
+    return HF_OUTPUT if to == "hf" else CHECKPOINT_OUTPUT
 
 
 def features(cfg: ModelConfig) -> list[str]:
@@ -73,33 +100,38 @@ def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Pa
 
 
 def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = None,
-          dtype: str = "float32", verify: bool = True) -> dict[str, Any]:
-    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) atomically."""
+          dtype: str = "float32", verify: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) atomically.
+    ``out`` may be absent, empty, or (with ``overwrite``) a directory ``to_hf`` wrote before."""
     import torch
 
+    from ..io import check_output, replace_dir
     from ..sources import load_weights
-    from ..io import replace_dir
     from .hf import save_hf
 
+    check_output(out, HF_OUTPUT, overwrite=overwrite)
     t0 = time.perf_counter()
     cfg, full, tok, plan = load_weights(source, tokenizer=tokenizer, verify=verify)
     out = Path(out).absolute()
     tmp = out.with_name(f".{out.name}.saving")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        print(f"removing {tmp}, left by an interrupted conversion", flush=True)
+        shutil.rmtree(tmp)
     save_hf(tmp, cfg, full, tok, dtype=getattr(torch, dtype))
-    replace_dir(tmp, out)
+    replace_dir(tmp, out, ours=is_hf_output)
     return summary(cfg, plan, to="hf", tp=1, out=str(out),
                    seconds=round(time.perf_counter() - t0, 2))
 
 
 def convert(source: Optional[str], out: str | Path, *, to: str = "mcore",
             plan: SPDPlan | str | Path | None = None, tokenizer: Optional[str] = None,
-            dtype: str = "float32", tp: Optional[int] = None,
+            dtype: str = "float32", tp: Optional[int] = None, overwrite: bool = False,
             json_out: str | Path | None = None, verify: bool = True
             ) -> Optional[dict[str, Any]]:
     """The whole of ``tools/convert_checkpoint.py``: ``to_mcore`` on every rank at TP ``tp``, or
     ``to_hf`` on rank 0 (Hugging Face output is TP-free, the other ranks idle); rank 0 prints
-    the summary and writes it to ``json_out`` (else prints it as JSON) and returns it."""
+    the summary and writes it to ``json_out`` (else prints it as JSON) and returns it. ``out``
+    is checked first: absent, empty, or one of ours of that kind with ``overwrite``."""
     import json
 
     from .. import distributed
@@ -108,11 +140,12 @@ def convert(source: Optional[str], out: str | Path, *, to: str = "mcore",
     if to == "hf":
         if plan or (tp or 1) > 1:
             print("note: --plan/--tp do not apply to --to hf (Hugging Face format is TP-free)")
-        result = to_hf(source, out, tokenizer=tokenizer, dtype=dtype, verify=verify) \
-            if distributed.is_rank0() else None
+        result = to_hf(source, out, tokenizer=tokenizer, dtype=dtype, verify=verify,
+                       overwrite=overwrite) if distributed.is_rank0() else None
     else:
         with distributed.running(tp):
-            result = to_mcore(source, out, plan=plan, tokenizer=tokenizer, verify=verify)
+            result = to_mcore(source, out, plan=plan, tokenizer=tokenizer, verify=verify,
+                              overwrite=overwrite)
     if result is None or not distributed.is_rank0():
         return None
     print(format_summary(result))

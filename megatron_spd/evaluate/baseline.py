@@ -13,10 +13,11 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import SPDError
 from .tasks import paired_difference
 
 
-class BaselineError(ValueError):
+class BaselineError(SPDError, ValueError):
     """A baseline report that cannot be paired with this run; the message says why and what to do."""
 
 

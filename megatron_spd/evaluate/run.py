@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from .. import data, distributed
 from ..cli import option
+from ..errors import check_context, check_finite
 from .loglik import DEFAULT_BATCH_TOKENS
 from .perplexity import perplexity
 from .tasks import TASKS, parse_task_list
@@ -46,6 +47,13 @@ class EvalConfig:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.ppl_tokens < 0:
             raise ValueError(f"--ppl-tokens must be >= 0, got {self.ppl_tokens}")
+        if self.ppl_ctx < 2:
+            raise ValueError(f"--ppl-ctx must be >= 2, got {self.ppl_ctx}")
+        if self.ppl_stride is not None and not 1 <= self.ppl_stride <= self.ppl_ctx:
+            raise ValueError(f"--ppl-stride must be in [1, --ppl-ctx {self.ppl_ctx}], got "
+                             f"{self.ppl_stride}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
         self.task_names()  # an unknown task is an error now, not after loading the model
 
     def task_names(self) -> list[str]:
@@ -60,6 +68,10 @@ def run_evaluation(model, tokenizer, cfg: EvalConfig = EvalConfig(), *,
     once more with the 6-task average (complete=False), so a long run that is cut short still
     leaves its finished tasks behind."""
     tasks = cfg.task_names()
+    texts = None
+    if cfg.ppl_tokens != 0:  # both checked before any work: a window beyond the context runs
+        check_context(cfg.ppl_ctx, int(model.max_sequence_length), "--ppl-ctx")  # for minutes
+        texts = data.load_texts(cfg.ppl_source, split=cfg.ppl_split, text_field=cfg.text_field)
     t0 = time.perf_counter()
     report: dict[str, Any] = {"tasks": {}, "average": None, "limit": cfg.limit, "ppl": None,
                               "bpb": None, "perplexity": None, "seconds": 0.0,
@@ -75,13 +87,13 @@ def run_evaluation(model, tokenizer, cfg: EvalConfig = EvalConfig(), *,
                                      batch_tokens=cfg.batch_tokens, on_task=task_done))
         if on_progress is not None:  # the average, saved before the perplexity pass
             on_progress(report)
-    if cfg.ppl_tokens != 0:
-        texts = data.load_texts(cfg.ppl_source, split=cfg.ppl_split, text_field=cfg.text_field)
+    if texts is not None:
         p = perplexity(model, tokenizer, texts, ctx=cfg.ppl_ctx, n_tokens=cfg.ppl_tokens,
                        stride=cfg.ppl_stride, batch_tokens=cfg.batch_tokens)
         p.update(source=str(cfg.ppl_source) if cfg.ppl_source
                  else "default (BoolQ Wikipedia passages)", split=cfg.ppl_split)
         report.update(ppl=p["ppl"], bpb=p["bpb"], perplexity=p)
+    check_finite(report, "the evaluation")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["complete"] = True
     return report

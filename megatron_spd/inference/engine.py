@@ -40,13 +40,14 @@ import torch.distributed as dist
 from .. import compat
 from ..cli import option
 from ..distributed import is_rank0
+from ..errors import SPDError
 from ..model import causal_mask
 from .graph import DecodeStep
 from .kv_cache import CacheContext, uses_cached_attention
 from .sampling import SamplingParams, make_generator, sample
 
 
-class GenerationError(RuntimeError):
+class GenerationError(SPDError, RuntimeError):
     """Generation stopped because of bad input or because a peer rank failed."""
 
 
@@ -378,12 +379,12 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], config: GenerationC
                             eos_id if config.stop_on_eos else None, context_len, on_token)
     except Exception as exc:
         if _peer_failure(exc):
+            cause = (str(exc).strip().splitlines() or [""])[0][:300]  # the message is one line
             raise GenerationError(
                 f"generation aborted on rank {dist.get_rank()}: a tensor-parallel collective "
                 f"failed, most likely because another rank died or stopped responding (ranks "
-                f"wait at most the torch.distributed timeout, "
-                f"megatron_spd.distributed.init(timeout_s=...)). Cause: "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"wait at most --timeout-s seconds, the torch.distributed timeout). Cause: "
+                f"{type(exc).__name__}: {cause}") from exc
         raise
     return results
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from .. import distributed
 from ..cli import option
 from ..data import SPLITS
+from ..errors import check_context, check_finite
 from ..io import atomic_write_json
 from .distill import B2BConfig
 
@@ -41,10 +42,17 @@ class Calibration:
     micro_batch: int = option(4, "sequences per forward pass of the sweep and of the HG "
                                  "statistics (memory vs speed; results do not depend on it)")
 
-    def batches(self, tokenizer):
-        """``[samples, seq_len]`` token ids (data.calibration_batches)."""
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seq_len < 2 or self.micro_batch < 1:
+            raise ValueError(f"need --samples >= 1, --seq-len >= 2 and --micro-batch >= 1, got "
+                             f"{self.samples}, {self.seq_len} and {self.micro_batch}")
+
+    def batches(self, tokenizer, cfg):
+        """``[samples, seq_len]`` token ids (data.calibration_batches) for the model of ``cfg``
+        (ContextError first if ``seq_len`` exceeds its context)."""
         from ..data import calibration_batches
 
+        check_context(self.seq_len, cfg.max_seq_length, "--seq-len")
         return calibration_batches(tokenizer, self.samples, self.seq_len, self.source,
                                    split=self.split, text_field=self.text_field)
 
@@ -68,8 +76,8 @@ def _dense_inputs(source, calib: Calibration, groups: Optional[int], **source_op
     from .sensitivity import build_pair
 
     cfg, full, tok, src_plan = load_weights(source, **source_options)
+    tokens = calib.batches(tok, cfg)
     dense, spd = build_pair(cfg, full, groups or src_plan.groups)
-    tokens = calib.batches(tok)
     xs = activations.block_inputs(dense, tokens, micro_batch=calib.micro_batch)
     return dense, spd, tokens, xs
 
@@ -90,13 +98,14 @@ def sensitivity(source: str | Path | None = None, calib: Calibration = Calibrati
                                                verify=verify)
         results = [sens.sweep(dense, spd, tokens, mode=m, dense_inputs=xs,
                               micro_batch=calib.micro_batch) for m in modes]
+        report = results[0].to_dict() if len(results) == 1 else \
+            {r.mode: r.to_dict() for r in results}
+        check_finite(report, "the sensitivity sweep")
         for r in results:
             _say(f"{r.mode}: baseline ppl {r.baseline_ppl:.3f}; sensitivity per block:")
             _say("  " + " ".join(f"{i}:{s:.3g}" for i, s in enumerate(r.sensitivity)))
         if png and distributed.is_rank0():
             sens.plot(results, png)
-        report = results[0].to_dict() if len(results) == 1 else \
-            {r.mode: r.to_dict() for r in results}
         return _finish(report, json_out)
 
 
@@ -105,14 +114,19 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
          t1: Optional[float] = None, t2: Optional[float] = None,
          source: str | Path | None = None, calib: Calibration = Calibration(),
          tp: Optional[int] = None, json_out: Optional[str | Path] = None,
-         tokenizer: Optional[str | Path] = None, verify: bool = True) -> dict:
-    """Write the plan for a target ``ratio`` or a ``max_ppl_increase`` (exactly one) to ``out``;
-    the perplexity budget is measured zero-shot on ``source``'s calibration text."""
+         tokenizer: Optional[str | Path] = None, verify: bool = True,
+         overwrite: bool = False) -> dict:
+    """Write the plan for a target ``ratio`` or a ``max_ppl_increase`` (exactly one) to ``out``
+    (an existing plan there only with ``overwrite``, anything else never); the perplexity
+    budget is measured zero-shot on ``source``'s calibration text."""
+    from ..io import check_output
+    from ..plan import PLAN_OUTPUT
     from . import autoplan
     from .sensitivity import Sensitivity
 
     if (ratio is None) == (max_ppl_increase is None):
         raise ValueError("give exactly one of ratio and max_ppl_increase")
+    check_output(out, PLAN_OUTPUT, overwrite=overwrite)
     sens = Sensitivity.load(sensitivity_json)
     with distributed.running(tp):
         if ratio is not None:
@@ -122,6 +136,7 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
                                                    tokenizer=tokenizer, verify=verify)
             measure = autoplan.zs_measure(dense, spd, tokens, xs, calib.micro_batch)
             n, ppl = autoplan.n_for_max_ppl(sens, max_ppl_increase, measure)
+            check_finite({"zs_calibration_ppl": ppl}, "the perplexity budget")
             _say(f"{n} SPD blocks keep zero-shot calibration ppl at {ppl:.3f} "
                  f"(baseline {sens.baseline_ppl:.3f}, allowed +{max_ppl_increase})")
         result = autoplan.make_plan(sens, n_spd=n, strategy=strategy, t1=t1, t2=t2)
@@ -139,22 +154,26 @@ def recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None
             calib: Calibration = Calibration(), b2b: Optional[B2BConfig] = B2BConfig(),
             hg_mlp: Optional[str] = None, tp: Optional[int] = None,
             json_out: Optional[str | Path] = None, tokenizer: Optional[str | Path] = None,
-            verify: bool = True) -> dict:
+            verify: bool = True, overwrite: bool = False) -> dict:
     """HG on the plan's ``hg`` blocks (``hg_mlp``: headgroup.MLP_MODES, None = apply_plan's
     default), then (unless ``b2b`` is None) B2B on its ``b2b`` and ``hg`` blocks; saves the
-    checkpoint at ``out``."""
-    from ..checkpoint import save_checkpoint
+    checkpoint at ``out`` (checked first: an existing one of ours is replaced only with
+    ``overwrite``)."""
+    from ..checkpoint import check_output_dir, save_checkpoint
     from ..sources import dense_origin, load_weights
     from ..plan import SPDPlan
     from . import autoplan
 
+    check_output_dir(out, overwrite)
     with distributed.running(tp):
         cfg, full, tok, _ = load_weights(source, tokenizer=tokenizer, verify=verify)
         wanted = SPDPlan.load(plan_json)
         hg = {} if hg_mlp is None else {"hg_mlp": hg_mlp}
-        model, _, done = autoplan.apply_plan(cfg, full, wanted, calib.batches(tok), b2b=b2b,
+        tokens = calib.batches(tok, cfg)
+        model, _, done = autoplan.apply_plan(cfg, full, wanted, tokens, b2b=b2b,
                                              micro_batch=calib.micro_batch, **hg)
+        check_finite(done.extra, "the recovery")  # before a diverged model is saved
         save_checkpoint(model, out, config=cfg, plan=done, tokenizer=tok,
-                        dense_source=dense_origin(source))
+                        dense_source=dense_origin(source), overwrite=overwrite)
         _say(f"wrote {out}: {len(done.spd_blocks)}/{done.num_layers} SPD blocks, G={done.groups}")
         return _finish({"checkpoint": str(out), "plan": done.to_dict()}, json_out)

@@ -16,6 +16,7 @@ every block in SPD form (the T=1 emulation of G groups, or real TP at T=G ranks)
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +25,8 @@ import torch
 
 from .. import distributed
 from ..config import ModelConfig
-from ..io import atomic_write_json, save_figure
+from ..errors import InputError
+from ..io import atomic_write_json, read_json_object, save_figure
 from ..model import FullStateDict, load_full_state_dict
 from ..plan import SPDPlan
 from . import activations
@@ -66,13 +68,26 @@ class Sensitivity:
 
     @classmethod
     def load(cls, path: str | Path) -> "Sensitivity":
-        import json
-
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"sensitivity file {path} does not exist; run "
-                                    "`tools/spd.py sensitivity --json PATH` first") from None
+        """A sweep saved by ``save`` (``tools/spd.py sensitivity --json``); InputError naming
+        the problem for anything else."""
+        if not Path(path).is_file():
+            raise InputError(f"sensitivity file {path} does not exist; run "
+                             "`tools/spd.py sensitivity --json PATH` first")
+        d = read_json_object(path, "a sensitivity sweep (tools/spd.py sensitivity --json)")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        if d and set(d) <= set(MODES):
+            raise InputError(f"{path} holds one sweep per mode ({sorted(d)}, from --mode all); "
+                             "run the sensitivity subcommand with one --mode for a plan")
+        missing, unknown = sorted(required - set(d)), sorted(set(d) - fields)
+        numbers = isinstance(d.get("sensitivity"), list) and all(
+            isinstance(x, (int, float)) for x in d["sensitivity"])
+        if missing or unknown or not numbers or not isinstance(d.get("groups"), int):
+            bad = "" if numbers else ", 'sensitivity' is not a list of numbers"
+            raise InputError(f"{path} is not a sensitivity sweep (missing {missing}, unknown "
+                             f"{unknown}{bad}); pass the --json of tools/spd.py sensitivity")
+        return cls.from_dict(d)
 
 
 def build_pair(cfg: ModelConfig, full: FullStateDict, groups: int):

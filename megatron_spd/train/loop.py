@@ -28,9 +28,10 @@ import torch
 from megatron.core import parallel_state
 
 from .. import data, distributed
-from ..checkpoint import save_checkpoint
+from ..checkpoint import check_output_dir, save_checkpoint
 from ..cli import option
 from ..distributed import dp_rank_size, is_rank0
+from ..errors import InputError, MetricError, check_context, check_finite
 from ..factory import open_model
 from ..sources import dense_origin
 from ..io import atomic_write_json
@@ -62,6 +63,10 @@ class FinetuneConfig(StepConfig, OptimConfig):
         OptimConfig.__post_init__(self)
         if self.steps < 1 or self.seq_len < 2:
             raise ValueError(f"need steps >= 1 and seq_len >= 2, got {self.steps}, {self.seq_len}")
+        if self.eval_samples < 1 or min(self.eval_interval, self.save_interval,
+                                        self.log_interval, self.keep) < 0:
+            raise ValueError("need --eval-samples >= 1 and --eval-interval, --save-interval, "
+                             "--log-interval, --keep >= 0")
 
     def optim(self) -> OptimConfig:
         return _part(self, OptimConfig)
@@ -85,7 +90,7 @@ def token_blocks(tokenizer, source, split: str, seq_len: int, limit: Optional[in
         stream = data.token_stream(tokenizer, texts)
     n = stream.numel() // (seq_len + 1)
     if n < 1:
-        raise ValueError(f"split {split!r} of {source or 'the default corpus'} has "
+        raise InputError(f"split {split!r} of {source or 'the default corpus'} has "
                          f"{stream.numel()} tokens, fewer than one {seq_len + 1}-token block; "
                          "use more text or a shorter --seq-len")
     return stream[:n * (seq_len + 1)].view(n, seq_len + 1)
@@ -119,16 +124,19 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
              text_field: str = "text", sequence_parallel: bool = False,
              json_out: str | Path | None = None, plot: str | Path | None = None,
              progress: bool = True, stop_after: Optional[int] = None,
-             tokenizer: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
+             tokenizer: str | Path | None = None, verify: bool = True,
+             overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune ``source`` (None = SmolLM2) and save it at ``out``; every rank calls it.
-    ``tokenizer``/``verify``: how ``open_model`` reads the source and the teacher.
+    ``tokenizer``/``verify``: how ``open_model`` reads the source and the teacher. ``out`` is
+    checked first: an existing checkpoint of ours there is replaced only with ``overwrite``.
 
     ``stop_after`` ends the run after that many steps as if killed (after any checkpoint due);
     tests use it to check that a resume continues the same trajectory. Returns the report.
     """
+    check_output_dir(out, overwrite)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if sequence_parallel and tp > 1 and cfg.seq_len % tp:
-        raise ValueError(f"sequence parallel needs --seq-len divisible by TP={tp}, got "
+        raise InputError(f"sequence parallel needs --seq-len divisible by TP={tp}, got "
                          f"{cfg.seq_len}")
     resume = state.latest(save_dir)
     origin = str(teacher_source) if teacher_source else dense_origin(source)  # recorded in `out`
@@ -146,6 +154,7 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
         start, ckpt = 0, None
         loaded = open_model(source, plan=plan, sequence_parallel=sequence_parallel,
                             tokenizer=tokenizer, verify=verify)
+    check_context(cfg.seq_len, loaded.config.max_seq_length, "--seq-len")
     loaded.dense_source = origin  # the fine-tuned weights serve SPD; record what they came from
     teacher = None
     if cfg.distill > 0:
@@ -179,7 +188,7 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
         m = trainer.train_step(order, step)
         m.update(step=step + 1, tokens_per_s=tokens_per_step / (time.perf_counter() - t0))
         if not math.isfinite(m["loss"]):
-            raise FloatingPointError(f"loss is {m['loss']} at step {step + 1}; lower --lr")
+            raise MetricError(f"loss is {m['loss']} at step {step + 1}; lower --lr")
         history.append(m)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
@@ -202,8 +211,9 @@ def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
     if end < cfg.steps:
         return {**report, "stopped_at": end}
     evals.append({"step": cfg.steps, "loss": trainer.evaluate(held_out)})
+    check_finite(evals, "the held-out evaluation")  # before a diverged model is saved
     save_checkpoint(loaded.model, out, config=loaded.config, plan=loaded.plan,
-                    tokenizer=loaded.tokenizer, dense_source=origin)
+                    tokenizer=loaded.tokenizer, dense_source=origin, overwrite=overwrite)
     report.update(out=str(out), held_out_loss_before=evals[0]["loss"],
                   held_out_loss_after=evals[-1]["loss"],
                   held_out_ppl_before=math.exp(evals[0]["loss"]),

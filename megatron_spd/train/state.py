@@ -26,13 +26,14 @@ from megatron.core import parallel_state
 
 from ..checkpoint import save_checkpoint
 from ..distributed import barrier, is_rank0
-from ..io import atomic_write_json, atomic_write_with
+from ..errors import SPDError
+from ..io import atomic_write_json, atomic_write_with, read_json_object
 
 LATEST = "latest.json"
 TRAINER_DIR = "trainer"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(SPDError, RuntimeError):
     """A training checkpoint that cannot be resumed as asked; the message says what to do."""
 
 
@@ -44,7 +45,11 @@ def latest(save_dir: str | Path | None) -> Optional[tuple[int, Path]]:
     """(step, checkpoint dir) of the newest complete training checkpoint, or None."""
     if save_dir is None or not (Path(save_dir) / LATEST).is_file():
         return None
-    info = json.loads((Path(save_dir) / LATEST).read_text())
+    info = read_json_object(Path(save_dir) / LATEST, "a training-checkpoint pointer "
+                            '{"step": k, "checkpoint": "step_000000k"}', ResumeError)
+    if not isinstance(info.get("step"), int) or not isinstance(info.get("checkpoint"), str):
+        raise ResumeError(f"{save_dir}/{LATEST} is not a training-checkpoint pointer; is "
+                          f"{save_dir} the --save directory of a fine-tuning run?")
     path = Path(save_dir) / info["checkpoint"]
     if not (path / TRAINER_DIR / "state.json").is_file():
         raise ResumeError(f"{save_dir}/{LATEST} points to {path}, which has no trainer state; "
@@ -82,7 +87,8 @@ def save(save_dir: str | Path, step: int, *, loaded, trainer, state: dict[str, A
         atomic_write_json(tdir / "state.json", {**state, "step": step})
         atomic_write_json(Path(save_dir) / LATEST, {"step": step, "checkpoint": out.name})
         if keep > 0:
-            done = sorted(p for p in Path(save_dir).glob("step_*") if p.is_dir() and p != out)
+            done = sorted(p for p in Path(save_dir).glob("step_" + "[0-9]" * 7)  # ours only
+                          if (p / TRAINER_DIR).is_dir() and p != out)
             for old in done[:max(0, len(done) - (keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
