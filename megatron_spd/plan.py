@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import SPDError
-from .io import OutputKind, atomic_write_text
+from .io import OutputKind, atomic_write_text, read_json_object
 
 PLAN_FORMAT = "megatron-spd-plan/1"
 STRATEGIES = ("dense", "zs", "b2b", "hg")
@@ -130,12 +130,9 @@ class SPDPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "SPDPlan":
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan file {path} is not valid JSON ({e})") from None
+        if not Path(path).is_file():
+            raise PlanError(f"plan file {path} does not exist")
+        d = read_json_object(path, "an SPD plan (tools/spd.py plan)", PlanError)
         return cls.from_dict(d, source=str(path))
 
 
