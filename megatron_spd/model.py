@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from . import compat
 from .config import FullStateDict
+from .errors import ContextError
 
 
 def _tp_attrs(param: torch.Tensor) -> tuple[bool, int]:
@@ -108,9 +109,9 @@ def check_context(model, length: int) -> None:
     converted from a sliding-window source (config.py) would silently differ from the source."""
     limit = getattr(model, "max_sequence_length", None)
     if limit is not None and length > limit:
-        raise ValueError(f"sequences of {length} tokens exceed the model's context of {limit} "
-                         "(max_seq_length; capped to the sliding window for such models); use "
-                         "shorter windows")
+        raise ContextError(f"sequences of {length} tokens exceed the model's context of "
+                           f"{limit} (max_seq_length; capped to the sliding window for such "
+                           "models); use shorter windows")
 
 
 def forward_logits(model, tokens: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
