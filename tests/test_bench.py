@@ -1,8 +1,10 @@
-"""Latency benchmark (megatron_spd.bench): the analytic model's bookkeeping, thread hygiene, and
-``tools/benchmark.py measure`` end to end on a tiny random model under torchrun (2 ranks, 2
-repeats, a simulated link): valid JSON, collective counts per step that match each plan, a
-bounded simulator check, the PNG, and docs written from the JSON. No timing is asserted except
-the simulator's lower bound (every TP collective lasts at least the link's alpha).
+"""Latency benchmark (megatron_spd.bench): the analytic model's bookkeeping, the analysis of
+measured records (max/min over ranks, the bound, the analytic validation) and the auto link scale
+on synthetic numbers with known answers, thread hygiene, and ``tools/benchmark.py measure`` end to
+end on a tiny random model under torchrun (2 ranks, 2 repeats, a simulated link): valid JSON,
+collective counts per step that match each plan, a bounded simulator check, the PNG, and docs
+written from the JSON. No timing is asserted except the simulator's lower bound (every TP
+collective lasts at least the link's alpha). Tolerances: pytest.approx defaults (rel 1e-6).
 """
 from __future__ import annotations
 
@@ -45,16 +47,135 @@ def test_analytic_counts_curve_and_fit():
                                   prompt=256, new_tokens=8)
     red = [r["end_to_end_reduction"] for r in rows]
     assert red[0] == 0 and all(b > a for a, b in zip(red, red[1:])) and red[-1] < 1
-    # compute is the same for every plan: the curve is dense minus the dropped link time
+    # the fitted rate is the step's FLOPs (counted here by hand from the 70B shape) over the
+    # measured time minus the predicted communication
     link = link_profile("1000:1")
     fitted = analytic.fit_rate(0.5, cfg, 8, link, 1, 1, 100.0)
+    h, hd, L, V = 8192, 128, 80, 32000
+    block = (64 + 2 * 8) * hd * h + 64 * hd * h + 3 * 28672 * h  # qkv, proj, gate/up/down
+    flops = L * (2 * block / 8 + 4 * 100.0 * h / 8) + 2 * V * h / 8  # per rank; LM head once
+    act = h * 4  # one token's fp32 hidden state
+    comm = (1 + 2 * L) * link.collective_time("all_reduce", act, 8) \
+        + link.collective_time("all_gather", V * 4, 8)
+    assert fitted.flops == pytest.approx(flops / (0.5 - comm), rel=1e-12)
+    # compute is the same for every plan: the curve is dense minus the dropped link time
     dense = analytic.predict_measured(cfg, 8, 0, link, fitted, 1, 1, 100.0)
     spd = analytic.predict_measured(cfg, 8, 80, link, fitted, 1, 1, 100.0)
-    act = cfg.hidden_size * 4
-    assert dense == pytest.approx(0.5)
     assert dense - spd == pytest.approx(80 * link.collective_time("all_reduce", act, 8))
     with pytest.raises(ValueError, match="too slow"):
         analytic.fit_rate(0.01, cfg, 8, link, 1, 1, 100.0)
+
+
+def _records(step_s: list[float], comm_s: list[float], n_ar: int, repeats: int = 3) -> list:
+    """One rank's visits: each phase takes ``step_s`` (prefill, decode) of which ``comm_s`` is in
+    ``n_ar`` all-reduces and one all-gather (a tenth of it), the same every repeat."""
+    rec = {}
+    for ph, t, c in zip(("prefill", "decode"), step_s, comm_s):
+        rec[f"{ph}_s"] = t
+        rec[f"{ph}_coll"] = {"all_reduce": {"calls": n_ar, "bytes": 8 * n_ar, "seconds": 0.9 * c},
+                             "all_gather": {"calls": 1, "bytes": 4, "seconds": 0.1 * c}}
+    return [rec] * repeats
+
+
+def test_analysis_max_and_min_over_ranks_and_the_bound():
+    """Step time = slowest rank, communication = least-waiting rank, bound = dropped all-reduces
+    x the dense run's time per all-reduce; numbers written out by hand."""
+    from megatron_spd.bench import analysis
+
+    L, ar = 4, 0.01  # 4 blocks; 10 ms per all-reduce
+    plans = {}
+    for n_spd in (0, 2, 4):
+        n_ar = expected_all_reduces(L, n_spd)
+        comm = n_ar * ar / 0.9
+        fast = _records([1.0 + comm, 0.5 + comm], [comm, comm], n_ar)
+        # the other rank waits 0.2 s for the fast one inside its collectives
+        slow = _records([1.1 + comm, 0.6 + comm], [comm + 0.2, comm + 0.2], n_ar)
+        plans[n_spd] = analysis.summarise(f"spd{25 * n_spd}", spd_plan(L, 2, n_spd / L),
+                                          [fast, slow])
+    for n_spd, p in plans.items():
+        n_ar = expected_all_reduces(L, n_spd)
+        assert p["prefill"]["median"] == pytest.approx(1.1 + n_ar * ar / 0.9)  # max over ranks
+        assert p["prefill"]["comm_s"]["median"] == pytest.approx(n_ar * ar / 0.9)  # min
+        assert p["decode"]["all_reduce_s_each"] == pytest.approx(ar)
+        assert p["n_spd"] == n_spd and p["prefill"]["n"] == 3
+    report = {"plans": list(plans.values())}
+    analysis.add_bounds(report)
+    for n_spd, p in plans.items():
+        for ph in ("prefill", "decode"):
+            assert p[ph]["dropped_all_reduces"] == n_spd
+            assert p[ph]["bound_s"] == pytest.approx(n_spd * ar)
+            # the plans differ only in the dropped all-reduces' time (and their all-gather
+            # share scales with them), so achieved = bound / 0.9
+            if n_spd:
+                assert p[ph]["achieved_over_bound"] == pytest.approx(1 / 0.9)
+    assert report["realised_fraction"]["decode"] == pytest.approx(1 / 0.9)
+    assert "stock_vs_dense" not in report
+
+
+def test_analytic_validation_predicts_the_plans_it_was_not_fitted_on():
+    """Measurements made from a known compute rate and link: the rate fitted on the dense plan
+    predicts the SPD plans exactly; a plan measured 10 % slow shows -9.1 %."""
+    from megatron_spd.bench import analysis
+
+    cfg, tp, rate = PRESETS["tiny"], 2, 2e9
+    link = LinkSetting("500:2")
+    wl = Workload(batch=2, prompt=16, new_tokens=4, ratios=(0, 0.5, 1))
+    shape = {"prefill": (16, 8.5), "decode": (1, 16 + 2.5)}
+    probe = analytic.Device("probe", 1.0, float("inf"), 4)
+    plans = []
+    for r in wl.ratios:
+        n = round(r * cfg.num_layers)
+        plan = {"name": f"spd{round(100 * r)}", "stock": False, "n_spd": n}
+        for ph, (tokens, context) in shape.items():
+            flops = analytic.step_time(cfg, tp, n, link.link(ph), probe, 2, tokens,
+                                       context).compute_s
+            comm = sum(link.link(ph).collective_time(k, b, tp) for k, b in
+                       analytic.step_collectives(cfg, tp, n, 2, tokens, 4))
+            plan[ph] = {"median": flops / rate + comm}
+        plans.append(plan)
+    plans[-1]["decode"]["median"] *= 1.1
+    report = {"workload": {"batch": 2, "prompt": 16, "new_tokens": 4}, "tp": tp, "plans": plans}
+    val = analysis.validate_analytic(report, cfg, link)
+    for ph in ("prefill", "decode"):
+        assert val[ph]["fitted_GFLOPs"] == pytest.approx(rate / 1e9)
+        errors = {row["name"]: row["rel_error"] for row in val[ph]["plans"]}
+        assert errors["spd0"] == pytest.approx(0, abs=1e-9)
+        assert errors["spd50"] == pytest.approx(0, abs=1e-9)
+    assert val["prefill"]["plans"][-1]["rel_error"] == pytest.approx(0, abs=1e-9)
+    assert val["decode"]["plans"][-1]["rel_error"] == pytest.approx(1 / 1.1 - 1)
+    assert val["decode"]["max_abs_rel_error"] == pytest.approx(1 - 1 / 1.1)
+
+
+def test_auto_link_scale_is_cpu_over_device_compute_per_phase(monkeypatch):
+    """``--link-scale auto``: per phase, (this machine's compute time of the dense step, from the
+    least disturbed calibration visit, collectives excluded) / (the analytic compute time of the
+    same step on the device)."""
+    from megatron_spd import distributed
+    from megatron_spd.bench import latency
+
+    visits = iter([{"prefill_s": 0.9, "decode_s": 0.20,
+                    "prefill_coll": {"all_reduce": {"seconds": 0.3}},
+                    "decode_coll": {"all_reduce": {"seconds": 0.05}}},
+                   {"prefill_s": 0.7, "decode_s": 0.30,  # less disturbed prefill, worse decode
+                    "prefill_coll": {"all_reduce": {"seconds": 0.2}, "all_gather": {"seconds": 0.1}},
+                    "decode_coll": {"all_reduce": {"seconds": 0.05}}}])
+    monkeypatch.setattr(latency, "_visit", lambda *a: next(visits))
+    cfg, wl = PRESETS["tiny"], Workload(batch=2, prompt=16, new_tokens=4)
+    with distributed.running(1):
+        links = LinkSetting("pcie", "auto", "h100")
+        latency._calibrate(None, None, None, wl, cfg, links)
+        fixed = LinkSetting("pcie", "3")
+        latency._calibrate(None, None, None, wl, cfg, fixed)
+    dev, pcie = analytic.DEVICES["h100"], link_profile("pcie")
+    gpu = {"prefill": analytic.step_time(cfg, 1, 0, pcie, dev, 2, 16, 8.5).compute_s,
+           "decode": analytic.step_time(cfg, 1, 0, pcie, dev, 2, 1, 16 + 2.5).compute_s}
+    cpu = {"prefill": 0.4, "decode": 0.15}  # min over visits of (step - collectives)
+    for ph in ("prefill", "decode"):
+        assert links.calibration[ph] == {"cpu_compute_s": pytest.approx(cpu[ph]),
+                                         "device_compute_s": pytest.approx(gpu[ph])}
+        assert links.factors[ph] == pytest.approx(cpu[ph] / gpu[ph])
+        assert links.link(ph) == pcie.scaled(links.factors[ph])
+    assert fixed.factors == {"prefill": 3.0, "decode": 3.0} and fixed.calibration == {}
 
 
 def test_threads_plans_and_workload_validation():
@@ -106,7 +227,10 @@ def test_benchmark_cli_end_to_end(tmp_path):
                 assert p[ph]["dropped_all_reduces"] == p["n_spd"]
                 assert p[ph]["bound_s"] > 0 and p[ph]["achieved_over_bound"] is not None
     assert set(rep["stock_vs_dense"]) == {"prefill", "decode"}
-    assert rep["analytic_validation"]["decode"]["plans"][0]["rel_error"] == pytest.approx(0, abs=1e-9)
+    for ph in ("prefill", "decode"):  # what the validation means: test_analytic_validation_...
+        rows = rep["analytic_validation"][ph]["plans"]
+        assert [r["name"] for r in rows] == names[:-1]
+        assert all(r["measured_s"] == p[ph]["median"] for r, p in zip(rows, rep["plans"]))
 
     from megatron_spd.bench import markdown, run
 
