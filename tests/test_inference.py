@@ -65,6 +65,45 @@ def test_sampling_filters_and_seeds():
             GenerationConfig(**bad)
 
 
+def test_ttft_and_tpot_on_a_fake_clock(monkeypatch):
+    """Time to first token runs from the start of the prompt's own batch's prefill to its first
+    token; time per output token is the mean over the later tokens. A fake clock advances only
+    inside prefill (1 s) and the decode steps (0.1, 0.2, 0.3 s, ...), so the timings are exact."""
+    from megatron_spd import distributed
+    from megatron_spd.inference import GenerationConfig, engine, generate_ids
+    from megatron_spd.inference.run import summary
+    from megatron_spd.spec import build_model
+
+    clock = [100.0]
+    steps = iter([0.1, 0.2, 0.3, 0.1, 0.2, 0.3])
+    real_prefill, real_decode = engine.prefill, engine.decode_step
+
+    def prefill(*a, **k):
+        clock[0] += 1.0
+        return real_prefill(*a, **k)
+
+    def decode_step(*a, **k):
+        clock[0] += next(steps)
+        return real_decode(*a, **k)
+
+    with distributed.running(1):
+        model = build_model(TINY).eval()
+        monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+        monkeypatch.setattr(engine, "prefill", prefill)
+        monkeypatch.setattr(engine, "decode_step", decode_step)
+        config = GenerationConfig(max_new_tokens=4, stop_on_eos=False, max_batch_size=1)
+        first, second = generate_ids(model, PROMPTS[:2], config)  # two batches of one
+        (single,) = generate_ids(model, PROMPTS[:1], GenerationConfig(max_new_tokens=1))
+    for r in (first, second):
+        assert len(r.tokens) == 4
+        assert r.ttft_s == pytest.approx(1.0)  # not 1 + the first batch's time for the second
+        assert r.tpot_s == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    assert single.ttft_s == pytest.approx(1.0) and single.tpot_s is None
+    assert summary([first, second, single]) == {
+        "prompts": 3, "prompt_tokens": 3 + 7 + 3, "output_tokens": 9,
+        "ttft_s_median": pytest.approx(1.0), "tpot_s_median": pytest.approx(0.2)}
+
+
 # ----- tiny random models at TP=2 ----------------------------------------------------------------
 def _cache_vs_recompute(model, prompt: list[int], feed: list[int]) -> float:
     """Max |cached - recomputed| over prefill and len(feed) decode steps (no padding)."""
@@ -195,9 +234,8 @@ def test_tiny_tp2_cache_batching_sampling_and_sync_points():
     assert r0["context"] == (3, "context")
     assert r0["sampled"] == r1["sampled"] == r0["sampled_alone"]
     assert r0["sampled"] != r0["sampled_seed4"]
-    for (text, ttft, tpot, n), streamed in zip(r0["text"], (r0["streamed"][0], r0["streamed"][1])):
-        assert n == 5 and len(text) == 5 and streamed == text
-        assert ttft > 0 and tpot > 0
+    for (text, _, _, n), streamed in zip(r0["text"], (r0["streamed"][0], r0["streamed"][1])):
+        assert n == 5 and len(text) == 5 and streamed == text  # timings: test_ttft_and_tpot_...
     assert r1["streamed"] == {}
     errors = r0["errors"]
     assert "prompt 1 is empty" in errors["empty_ids"]

@@ -206,6 +206,59 @@ def _serve(cfg, plan_dict, full, toks, train_block):
     return logits, trained, res[0].mse_after, sweep.ppl
 
 
+def test_compose_equals_applying_the_plan(single):
+    """examples/recipe_sweep.py recovers every block once per strategy and composes each plan's
+    weights from those blocks (autoplan.compose); with dense B2B inputs that must give the
+    weights apply_plan computes for the plan itself. SGD (linear in the gradient): HG reorders
+    float sums in the dense model that feeds the B2B inputs, which AdamW's first normalised step
+    would amplify for near-zero gradients (measured 1e-5 with AdamW, 1.5e-8 with SGD). Composed
+    and direct weights agree to COMPOSE_ATOL; a block from the wrong source is off by far more
+    (checked below)."""
+    from megatron_spd.recipe import autoplan, distill
+
+    COMPOSE_ATOL = 1e-6
+    full, toks = random_full(CFG), tokens()
+    b2b = distill.B2BConfig(epochs=1, lr=1e-2, micro_batch=3, optimizer="sgd")
+    L = CFG.num_layers
+    recovered = {s: autoplan.apply_plan(CFG, full, SPDPlan.from_spd_blocks(L, G, range(L), s), toks,
+                                        b2b=b2b, progress=False)[1] for s in ("b2b", "hg")}
+    plan = SPDPlan(G, ["b2b", "dense", "hg", "zs"])
+    _, want, _ = autoplan.apply_plan(CFG, full, plan, toks, b2b=b2b, progress=False)
+    got = autoplan.compose(full, recovered, plan)
+    assert set(got) == set(full)
+    worst = max((got[k] - want[k]).abs().max().item() for k in full)
+    print(f"compose vs apply_plan: max |diff| {worst:.2e}")
+    assert worst <= COMPOSE_ATOL
+    for k, v in full.items():  # dense and zs blocks and everything outside blocks: dense weights
+        if not (k.startswith("decoder.layers.0.") or k.startswith("decoder.layers.2.")):
+            assert torch.equal(got[k], v), k
+    moved = {i: max((recovered[s][k] - full[k]).abs().max().item()
+                    for k in autoplan.block_keys(full, i)) for i, s in ((0, "b2b"), (2, "hg"))}
+    assert min(moved.values()) > 100 * COMPOSE_ATOL, moved  # the test can tell the sources apart
+    with pytest.raises(KeyError, match="no recovered weights for strategy 'hg'"):
+        autoplan.compose(full, {"b2b": recovered["b2b"]}, plan)
+
+
+def _headgroup_at_t2(cfg_dict, full):
+    from megatron_spd.recipe import activations, headgroup, sensitivity
+
+    cfg = ModelConfig.from_dict(cfg_dict)
+    dense, _ = sensitivity.build_pair(cfg, full, 2)
+    xs = activations.block_inputs(dense, tokens(2, 16), upto=1)
+    try:
+        headgroup.regroup(full, cfg, dense, [0], xs, 2, progress=False)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_head_grouping_refuses_t_above_one():
+    """HG statistics need the full weights: at T=2 it must refuse, saying to run at T=1."""
+    errors = run_ranks(_headgroup_at_t2, G, CFG.to_dict(), random_full(CFG), threads=1)
+    for e in errors:
+        assert e is not None and "run it at T=1" in e, e
+
+
 def test_plan_from_emulation_serves_identically_at_tp(single):
     from megatron_spd.recipe import autoplan, distill, sensitivity
 
