@@ -88,8 +88,9 @@ def _two_rank_checks(work: str):
                     tokenizer=_word_tokenizer())
     data = work / "corpus.txt"
     out = {}
-    # Reference for the DP test (TP=2, DP=1, micro-batch 4), uninterrupted, checkpoint at 2.
-    out["full"] = finetune(work / "tiny", out=work / "ft_full", cfg=_ft_cfg(4, save_interval=2),
+    # Reference for the DP test (TP=2, DP=1, micro-batch 4), uninterrupted, a training
+    # checkpoint after every step but the last; the default keep=2 leaves steps 2 and 3.
+    out["full"] = finetune(work / "tiny", out=work / "ft_full", cfg=_ft_cfg(4, save_interval=1),
                            save_dir=work / "save_full", data_source=data, progress=False)
     # The same run killed after step 2 (its checkpoint), then resumed from the save directory.
     killed = finetune(work / "tiny", out=work / "ft_res", cfg=_ft_cfg(4, save_interval=2),
@@ -150,6 +151,25 @@ def test_resume_continues_the_same_trajectory(tiny_runs):
     # the run trained: loss changed, the training checkpoint pointer is where it should be
     assert full["held_out_loss_after"] != full["held_out_loss_before"]
     assert (work / "save_full" / "latest.json").is_file()
+
+
+def test_training_checkpoints_keep_the_newest(tiny_runs, tmp_path):
+    """``keep``: a run saving after steps 1, 2, 3 with keep=2 leaves steps 2 and 3, and latest
+    points at 3; prune itself keeps the newest N (0 = all), never the one just written, and
+    touches only directories holding trainer state."""
+    from megatron_spd.train import state
+
+    work, _ = tiny_runs
+    assert sorted(p.name for p in (work / "save_full").glob("step_*")) == \
+        ["step_0000002", "step_0000003"]
+    assert state.latest(work / "save_full")[0] == 3
+    for keep, left in ((0, [1, 2, 3, 4]), (3, [2, 3, 4]), (1, [4])):
+        d = tmp_path / f"keep{keep}"
+        for step in (1, 2, 3, 4):
+            (state.step_dir(d, step) / state.TRAINER_DIR).mkdir(parents=True)
+        (d / "step_0000000").mkdir()  # not a training checkpoint (no trainer state): kept
+        state.prune(d, keep, state.step_dir(d, 4))
+        assert sorted(d.iterdir()) == [d / "step_0000000", *(state.step_dir(d, s) for s in left)]
 
 
 def test_vocab_parallel_distillation_matches_full_vocab(tiny_runs):

@@ -86,13 +86,21 @@ def save(save_dir: str | Path, step: int, *, loaded, trainer, state: dict[str, A
     if is_rank0():
         atomic_write_json(tdir / "state.json", {**state, "step": step})
         atomic_write_json(Path(save_dir) / LATEST, {"step": step, "checkpoint": out.name})
-        if keep > 0:
-            done = sorted(p for p in Path(save_dir).glob("step_" + "[0-9]" * 7)  # ours only
-                          if (p / TRAINER_DIR).is_dir() and p != out)
-            for old in done[:max(0, len(done) - (keep - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(save_dir, keep, out)
     barrier()
     return out
+
+
+def prune(save_dir: str | Path, keep: int, newest: Path) -> None:
+    """Delete all but the newest ``keep`` training checkpoints of ``save_dir`` (0 = keep all):
+    only directories this module wrote (``step_NNNNNNN`` holding trainer state); ``newest`` (the
+    one ``latest`` now points to) always stays."""
+    if keep <= 0:
+        return
+    done = sorted(p for p in Path(save_dir).glob("step_" + "[0-9]" * 7)  # ours only
+                  if (p / TRAINER_DIR).is_dir() and p != newest)
+    for old in done[:max(0, len(done) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(ckpt: Path, trainer) -> dict[str, Any]:
