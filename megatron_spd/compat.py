@@ -1,10 +1,9 @@
-"""The one place that knows about running megatron-core on CPU with gloo (and optional apex/TE).
+"""The one place that knows about running megatron-core on CPU with gloo.
 
 megatron-core 0.16.1 is written for CUDA. ``apply(seed)`` makes it run on CPU with a handful of
 explicit, documented shims and does nothing but the stock seeding when CUDA is available, so GPU
 code paths stay the stock ones. Every line below names the megatron-core call site (0.16.1,
-under ``megatron/core/``) that needs it; see ../shared/notes/megatron-core-on-cpu.md for the
-measurements.
+under ``megatron/core/``) that needs it; docs/megatron-core-on-cpu.md has the measurements.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ The ``gguf`` package dequantises every quant type it supports to fp32 (this is t
 about 10 s for SmolLM2-135M). For the ``llama`` architecture (Llama 1-3.x, Mistral, SmolLM)
 llama.cpp's converter permutes the q/k rows (and biases) of each head so its interleaved RoPE
 can be used; megatron's RoPE is non-interleaved (HF layout), so the permutation is undone here
-exactly as HF transformers' GGUF loader does (notes/model-and-data.md: the wrong layout still
+exactly as HF transformers' GGUF loader does (docs/model-and-data.md: the wrong layout still
 generates fluent text but has ~17x the perplexity, so tests check perplexity). ``qwen2``/``qwen3``
 use NEOX (non-interleaved) RoPE in llama.cpp and are stored unpermuted.
 

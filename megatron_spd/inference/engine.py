@@ -1,7 +1,7 @@
 """KV-cache generation on a megatron-core GPTModel (dense or SPD blocks), on every TP rank.
 
-megatron-core's ``StaticInferenceEngine`` needs CUDA-only calls (notes: megatron-core-on-cpu.md
-2 item 19), so this is a thin engine over ``GPTModel.forward`` with a megatron static inference
+megatron-core's ``StaticInferenceEngine`` needs CUDA-only calls (docs/megatron-core-on-cpu.md,
+item 19), so this is a thin engine over ``GPTModel.forward`` with a megatron static inference
 context as its KV cache. Two paths, chosen per batch at prefill:
 - tensorised (models from ``megatron_spd.spec``, whose attention is ``CachedSelfAttention``):
   cache length, padding and masks in device tensors, K/V written in place, fused attention

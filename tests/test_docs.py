@@ -1,0 +1,319 @@
+"""The numbers in docs/*.md are the numbers in the committed JSON they came from.
+
+``CLAIMS`` is a table: (document, JSON file(s), extractor, expected text). The extractor turns the
+loaded JSON into named values; the expected text, formatted with them, must appear in the
+document (whitespace-insensitive, so line wrapping does not matter). A document that cites a
+number the JSON does not hold, or a JSON regenerated without updating its document, fails here.
+Adding a document is one ``Claim`` line per fact; documents generated from their JSON by code
+(docs/latency.md) are checked by regenerating their tables.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+ORDINAL = {1: "smallest", 2: "second-smallest", 3: "third-smallest", 4: "fourth-smallest"}
+MOST = {1: "most", 2: "second most", 3: "third most", 4: "fourth most"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    doc: str                          # under docs/
+    json: str | tuple[str, ...]       # under docs/; a tuple hands the extractor a list
+    extract: Callable[[Any], dict]    # loaded JSON -> named values
+    text: str                         # str.format template of what the document says
+
+    def __str__(self) -> str:
+        src = self.json if isinstance(self.json, str) else self.json[-1]
+        return f"{self.doc}: {src}: {self.text[:40]}"
+
+
+def _load(name: str | tuple[str, ...]):
+    if isinstance(name, tuple):
+        return [_load(n) for n in name]
+    return json.loads((DOCS / name).read_text())
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ----- docs/recipe.md from docs/recipe_results.json ------------------------------------------
+
+def _sens(d, key="sensitivity"):
+    from megatron_spd.recipe.sensitivity import Sensitivity
+
+    return Sensitivity.from_dict(d[key])
+
+
+def _rank(values: list[float], i: int, descending: bool = False) -> int:
+    order = sorted(range(len(values)), key=lambda j: -values[j] if descending else values[j])
+    return order.index(i) + 1
+
+
+def _cumulative(d) -> dict:
+    s = _sens(d)
+    top = sorted(range(s.num_layers), key=lambda i: -s.sensitivity[i])
+    neg = [i for i, v in enumerate(s.sensitivity) if v < 0]
+    return {"base": s.baseline_ppl, "rest": s.ppl[1], "all": s.ppl[0], "minutes": s.seconds / 60,
+            "s0": s.sensitivity[top[0]], "s1": s.sensitivity[top[1]],
+            "then": ", ".join(f"block {i} ({s.sensitivity[i]:.1f})" for i in top[2:6]),
+            "cheap": sum(v < 1.5 for v in s.sensitivity), "n_neg": len(neg),
+            "neg": " and ".join(map(str, neg)), "order": ", ".join(map(str, s.order()))}
+
+
+def _local(d) -> dict:
+    s, loc = _sens(d), _sens(d, "sensitivity_local")
+    n = s.num_layers
+    ra = [_rank(s.sensitivity, i) for i in range(n)]
+    rb = [_rank(loc.sensitivity, i) for i in range(n)]
+    rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(ra, rb)) / (n * (n * n - 1))
+    half = n // 2
+    return {"minutes": loc.seconds / 60, "rho": rho, "half": half,
+            "shared": len(set(s.order()[:half]) & set(loc.order()[:half])),
+            "rank29": ORDINAL[_rank(loc.sensitivity, 29)], "loc29": loc.sensitivity[29],
+            "cost29": s.sensitivity[29], "loc2": loc.sensitivity[2],
+            "most2": MOST[_rank(s.sensitivity, 2, descending=True)]}
+
+
+def _cell(d, key: str) -> str:
+    from megatron_spd.evaluate import paired_difference
+
+    r = d["results"]
+    p = paired_difference(r["zs@0"]["tasks"]["tasks"], r[key]["tasks"]["tasks"])
+    return f"{100 * p['delta']:+.2f} +/- {100 * p['se']:.2f} ({r[key]['ppl']:.2f})"
+
+
+def _key_table(d) -> dict:
+    rows = []
+    for ratio in ("0.25", "0.5", "0.75", "1"):
+        n = d["results"][f"zs@{ratio}"]["n_spd"]
+        cells = " | ".join(_cell(d, f"{v}@{ratio}") for v in ("zs", "b2b", "hg"))
+        rows.append(f"| {round(100 * float(ratio))} % ({n} blocks) | {cells} |")
+    dense = d["results"]["zs@0"]
+    return {"rows": "\n".join(rows), "avg": 100 * dense["tasks"]["average"]["value"],
+            "ppl": dense["ppl"], "limit": dense["tasks"]["limit"]}
+
+
+def _mse_table(d) -> dict:
+    b2b, hg = d["records"]["b2b"]["b2b"], d["records"]["hg"]["b2b"]
+    groups = d["records"]["hg"]["head_grouping"]
+    rows = []
+    for i in range(len(b2b)):
+        k, g = str(i), groups[str(i)]
+        rows.append(f"| {i} | {b2b[k]['mse_before']:.3g} | {b2b[k]['mse_after']:.3g} "
+                    f"| {hg[k]['mse_before']:.3g} | {hg[k]['mse_after']:.3g} "
+                    f"| {g['error_before']:.3g} -> {g['error_after']:.3g}, {g['units_moved']} |")
+    return {"rows": "\n".join(rows)}
+
+
+def _results(d) -> dict:
+    r, rec = d["results"], d["records"]
+    out = {f"{v}{k.replace('.', '_')}": r[f"{v}@{k}"]["ppl"]
+           for v in ("zs", "b2b", "hg", "auto") for k in ("0.25", "0.5", "0.75", "1")}
+    auto = r["auto@1"]["strategies"]
+    b11 = rec["b2b"]["b2b"]["11"]
+    return {**out, "dense": r["zs@0"]["ppl"], "spd_inputs": r["b2b_spd@0.5"]["ppl"],
+            "spd_inputs_s": rec["b2b_spd@0.5"]["seconds"], "auto_zs": auto.count("zs"),
+            "auto_b2b": auto.count("b2b"), "auto_hg": auto.count("hg"),
+            "b11_before": b11["mse_before"], "b11_trained": b11["mse_trained"],
+            "hg11": rec["hg"]["b2b"]["11"]["mse_before"],
+            "b0": rec["b2b"]["b2b"]["0"]["mse_before"], "hg0": rec["hg"]["b2b"]["0"]["mse_before"],
+            "epochs": rec["b2b"]["b2b_config"]["epochs"], "steps": rec["b2b"]["b2b"]["0"]["steps"],
+            "calib": f"{d['args']['calib_samples']} x {d['args']['calib_len']}"}
+
+
+# ----- docs/evaluation.md and docs/finetune.md ----------------------------------------------------
+
+DENSE = "evaluation/dense_smollm2_limit200.json"
+TASK_ROWS = (("HellaSwag", "hellaswag"), ("PIQA", "piqa"), ("ARC-Easy", "arc_easy"),
+             ("ARC-Challenge", "arc_challenge"), ("WinoGrande", "winogrande"),
+             ("LAMBADA (last word)", "lambada"), ("SciQ", "sciq"))
+
+
+def _dense_table(d) -> dict:
+    from megatron_spd.evaluate import TASKS
+
+    rows = []
+    for label, name in TASK_ROWS:
+        r, norm = d["tasks"][name], TASKS[name].has_norm
+        acc = f"{r['acc']:.4f}" if norm else f"**{r['acc']:.4f}**"
+        acc_norm = f"**{r['acc_norm']:.4f}**" if norm else "-"
+        rows.append(f"| {label} | {r['n']} | {acc} | {acc_norm} | {r['seconds']:.1f} |")
+    p = d["perplexity"]
+    tasks_s = sum(r["seconds"] for r in d["tasks"].values())
+    return {"rows": "\n".join(rows), "avg": d["average"]["value"], "ppl": d["ppl"],
+            "bpb": d["bpb"], "scored": p["tokens"], "ppl_s": p["seconds"], "total": d["seconds"],
+            "tasks_s": tasks_s, "n_tokens": p.get("n_tokens", 50_000)}
+
+
+def _prefix(report: dict, n: int) -> dict:
+    return {t: {**r, "correct": r["correct"][:n]} for t, r in report["tasks"].items()}
+
+
+def _finetune(ds) -> dict:
+    from megatron_spd.evaluate import paired_difference, paper_average
+
+    dense, b2b, ft, ft_v1, run, run_v1 = ds
+    n = b2b["limit"]
+    base = _prefix(dense, n)
+    for t, r in base.items():  # the primary metric on the first n items
+        from megatron_spd.evaluate import TASKS
+
+        r[TASKS[t].primary_metric] = sum(r["correct"]) / n
+
+    def vs_dense(rep):
+        p = paired_difference(base, rep["tasks"])
+        return f"{100 * p['delta']:+.2f} +/- {100 * p['se']:.2f}"
+
+    def vs_b2b(rep):
+        p = rep["vs_baseline"]
+        return f"{100 * p['delta']:+.2f} +/- {100 * p['se']:.2f}"
+
+    return {"n": n, "dense": 100 * paper_average(base)["value"],
+            "b2b_loss": run["held_out_loss_before"], "b2b_ppl": b2b["ppl"],
+            "b2b_avg": 100 * b2b["average"]["value"], "b2b_vs_dense": vs_dense(b2b),
+            "v1_loss": run_v1["held_out_loss_after"], "v1_ppl": ft_v1["ppl"],
+            "v1_avg": 100 * ft_v1["average"]["value"], "v1_vs_b2b": vs_b2b(ft_v1),
+            "v1_vs_dense": vs_dense(ft_v1), "ft_loss": run["held_out_loss_after"],
+            "ft_ppl": ft["ppl"], "ft_avg": 100 * ft["average"]["value"],
+            "ft_vs_b2b": vs_b2b(ft), "ft_vs_dense": vs_dense(ft),
+            "steps": len(run["history"])}
+
+
+FINETUNE = (DENSE, "finetune/eval_b2b.json", "finetune/eval_b2b_ft.json",
+            "finetune/v1_teacher-b2b-weights_eval_b2b_ft.json", "finetune/b2b_ft.json",
+            "finetune/v1_teacher-b2b-weights_b2b_ft.json")
+
+
+# ----- docs/latency.md: generated by bench.markdown from these JSON files ----------------------
+
+def _measured_table(rep) -> dict:
+    from megatron_spd.bench import markdown
+
+    return {"table": markdown.measured_table(rep)}
+
+
+def _projection_tables(proj) -> dict:
+    from megatron_spd.bench import markdown
+
+    return {"at70": markdown.projection_table(proj, 0.7), "at100": markdown.projection_table(proj, 1.0)}
+
+
+CLAIMS = [
+    Claim("recipe.md", "recipe_results.json", _cumulative,
+          "dense calibration perplexity {base:.2f}; blocks 29..1 SPD: {rest:.1f}; all 30 SPD: "
+          "{all:.0f}."),
+    Claim("recipe.md", "recipe_results.json", _cumulative,
+          "calibration perplexity {base:.2f} -> {all:.0f}"),
+    Claim("recipe.md", "recipe_results.json", _cumulative,
+          "({minutes:.0f} min on 2 heavily shared cores"),
+    Claim("recipe.md", "recipe_results.json", _cumulative,
+          "The first blocks dominate: s_0 = {s0:.0f}, s_1 = {s1:.1f}, then {then}; {cheap} of the "
+          "30 blocks cost less than 1.5 perplexity points each and two are slightly negative "
+          "(blocks {neg})."),
+    Claim("recipe.md", "recipe_results.json", _cumulative, "Least to most sensitive: {order} -"),
+    Claim("recipe.md", "recipe_results.json", _local,
+          "{minutes:.0f} min instead of 27; key `sensitivity_local` of the same JSON) ranks the "
+          "blocks only loosely like the cumulative sweep (Spearman {rho:.2f}; the 50 % plans "
+          "share {shared} of {half} blocks)."),
+    Claim("recipe.md", "recipe_results.json", _local,
+          "block 29 has the {rank29} local error ({loc29:.3f}) but costs {cost29:.1f} perplexity "
+          "points, and block 2 looks harmless locally ({loc2:.3f}) but is the {most2} sensitive "
+          "block."),
+    Claim("recipe.md", "recipe_results.json", _key_table,
+          "dense {avg:.2f} % on these items; perplexity in brackets, dense {ppl:.2f}):"),
+    Claim("recipe.md", "recipe_results.json", _key_table, "{rows}"),
+    Claim("recipe.md", "recipe_results.json", _key_table, "accuracy: the first {limit} items"),
+    Claim("recipe.md", "recipe_results.json", _mse_table, "{rows}"),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "held-out Wikipedia perplexity {dense:.2f} -> {zs1:.2f}"),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "**{spd_inputs:.2f} with partially-SPD inputs vs {b2b0_5:.2f} with dense inputs** (ZS "
+          "{zs0_5:.2f}, dense {dense:.2f}; {spd_inputs_s:.0f} s for the 15 blocks)."),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "(25 %: {hg0_25:.2f} vs {b2b0_25:.2f}; 50 %: {hg0_5:.2f} vs {b2b0_5:.2f}; 75 %: "
+          "{hg0_75:.2f} vs {b2b0_75:.2f}; 100 %: {hg1:.2f} vs {b2b1:.2f})."),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "(`auto`: zs for the {auto_zs} least sensitive blocks, b2b for {auto_b2b}, hg for "
+          "{auto_hg}) gives {auto1:.1f} at 100 %"),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "the B2B of block 11 *raised* its MSE ({b11_before:.2f} -> {b11_trained:.2f};"),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "(block 0: {b0:.2f} -> {hg0:.2f}, without any training)"),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "is barely helped ({b11_before:.2f} -> {hg11:.2f}, from HG;"),
+    Claim("recipe.md", "recipe_results.json", _results,
+          "lr 1e-3 with {epochs} epochs over {calib} tokens in micro-batches of one sequence "
+          "({steps} steps per block;"),
+    Claim("evaluation.md", DENSE, _dense_table, "{rows}"),
+    Claim("evaluation.md", DENSE, _dense_table, "**6-task average: {avg:.4f}**"),
+    Claim("evaluation.md", DENSE, _dense_table,
+          "**Perplexity {ppl:.3f}, {bpb:.4f} bits per byte** on the first {n_tokens:,} tokens of "
+          "the bundled Wikipedia paragraphs ({scored:,} scored; non-overlapping 512-token "
+          "windows), {ppl_s:.0f} s."),
+    Claim("evaluation.md", DENSE, _dense_table,
+          "**Time: {total:.0f} s in total** ({tasks_s:.0f} s for the seven tasks, {ppl_s:.0f} s "
+          "for perplexity;"),
+    Claim("finetune.md", FINETUNE, _finetune,
+          "| dense (reference, same {n} items) | - | - | {dense:.2f} | | |"),
+    Claim("finetune.md", FINETUNE, _finetune,
+          "| B2B alone | {b2b_loss:.3f} | {b2b_ppl:.2f} | {b2b_avg:.2f} | | {b2b_vs_dense} |"),
+    Claim("finetune.md", FINETUNE, _finetune,
+          "| B2B + fine-tune, teacher = B2B weights run densely (first run) | {v1_loss:.3f} | "
+          "{v1_ppl:.2f} | {v1_avg:.2f} | {v1_vs_b2b} | {v1_vs_dense} |"),
+    Claim("finetune.md", FINETUNE, _finetune,
+          "| **B2B + fine-tune, teacher = dense SmolLM2** | **{ft_loss:.3f}** | **{ft_ppl:.2f}** "
+          "| **{ft_avg:.2f}** | **{ft_vs_b2b}** | **{ft_vs_dense}** |"),
+    Claim("finetune.md", FINETUNE, _finetune, "--steps {steps} "),
+    Claim("latency.md", "latency/smollm2_tp3_pcie.json", _measured_table, "{table}"),
+    Claim("latency.md", "latency/smollm2_tp3_gloo.json", _measured_table, "{table}"),
+    Claim("latency.md", "latency/llama-s_tp2_pcie.json", _measured_table, "{table}"),
+    Claim("latency.md", "latency/llama-s_tp4_pcie.json", _measured_table, "{table}"),
+    Claim("latency.md", "latency/projection.json", _projection_tables, "{at70}"),
+    Claim("latency.md", "latency/projection.json", _projection_tables, "{at100}"),
+]
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=str)
+def test_doc_states_what_its_json_holds(claim: Claim):
+    expected = claim.text.format(**claim.extract(_load(claim.json)))
+    doc = _flat((DOCS / claim.doc).read_text())
+    assert _flat(expected) in doc, f"docs/{claim.doc} should say:\n{expected}"
+
+
+def test_every_document_is_checked():
+    """Each docs/*.md has claims, unless it holds no numbers of this repository's JSON: the API
+    map and the design, recipe_results.md (written with its JSON by examples/recipe_sweep.py),
+    and the findings measured while planning (megatron-core-on-cpu.md, model-and-data.md)."""
+    unchecked = {p.name for p in DOCS.glob("*.md")} - {c.doc for c in CLAIMS} \
+        - {"dev-api.md", "design.md", "recipe_results.md", "megatron-core-on-cpu.md",
+           "model-and-data.md"}
+    assert not unchecked, f"add Claim lines for {sorted(unchecked)}"
+
+
+def test_paths_cited_in_docs_and_code_exist():
+    """Files the documents and the package cite (relative links, `docs/...`, notes) exist in the
+    repository: nothing points into an uncommitted run directory or outside the repo."""
+    cited = re.compile(r"\]\(([^)#:]+?\.(?:md|json|png|py|sh))\)")
+    missing = []
+    for md in [*DOCS.glob("*.md"), ROOT / "README.md"]:
+        for rel in cited.findall(md.read_text()):
+            if not (md.parent / rel).exists():
+                missing.append(f"{md.relative_to(ROOT)} -> {rel}")
+    code = [*(ROOT / "megatron_spd").rglob("*.py"), *(ROOT / "tools").glob("*.py")]
+    for py in code:
+        text = py.read_text()
+        if "shared/notes" in text or "runs/" in re.sub(r"runs/demo|\"runs\"", "", text):
+            missing.append(f"{py.relative_to(ROOT)} cites a file outside the repository")
+        for rel in re.findall(r"docs/[\w./-]+\.md", text):
+            if not (ROOT / rel).exists():
+                missing.append(f"{py.relative_to(ROOT)} -> {rel}")
+    assert not missing, missing
