@@ -302,3 +302,31 @@ def test_evaluate_baseline_pairs_on_the_common_items(tmp_path):
     path.write_text(json.dumps(short))
     with pytest.raises(BaselineError, match="at least as many items"):
         compare(str(path), long)
+
+
+def test_demo_summary_reports_paired_change_or_perplexity_alone(capsys):
+    """examples/demo.py prints the SPD models' paired accuracy change with its standard error
+    (flagged when within two standard errors), never bare accuracies; without tasks,
+    perplexity alone."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import demo
+
+    dense = {"ppl": 22.5, "limit": 20, "tasks": {"piqa": {}}}
+    evals = {"dense": dense,
+             "spd_zero_shot": {"ppl": 25.1, "tasks": {"piqa": {}},
+                               "vs_baseline": {"delta": -0.075, "se": 0.02}},
+             "spd_recovered": {"ppl": 23.0, "tasks": {"piqa": {}},
+                               "vs_baseline": {"delta": -0.025, "se": 0.02}}}
+    demo._summary(Path("out"), evals, {"convert": 1.0})
+    lines = capsys.readouterr().out.splitlines()
+    zs = next(x for x in lines if x.startswith("spd_zero_shot"))
+    rec = next(x for x in lines if x.startswith("spd_recovered"))
+    assert "25.10" in zs and "-7.50 +/- 2.00 on 20 items per task" in zs and "noise" not in zs
+    assert "-2.50 +/- 2.00 on 20 items per task (within noise)" in rec
+    no_tasks = {k: {"ppl": v["ppl"], "limit": None, "tasks": {}} for k, v in evals.items()}
+    demo._summary(Path("out"), no_tasks, {})
+    out = capsys.readouterr().out
+    assert "not measured: fewer than 20 items per task" in out and "+/-" not in out
