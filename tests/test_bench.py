@@ -149,7 +149,7 @@ def test_analytic_validation_predicts_the_plans_it_was_not_fitted_on():
 def test_auto_link_scale_is_cpu_over_device_compute_per_phase(monkeypatch):
     """``--link-scale auto``: per phase, (this machine's compute time of the dense step, from the
     least disturbed calibration visit, collectives excluded) / (the analytic compute time of the
-    same step on the device)."""
+    same step on the device in the eager regime)."""
     from megatron_spd import distributed
     from megatron_spd.bench import latency
 
@@ -166,7 +166,7 @@ def test_auto_link_scale_is_cpu_over_device_compute_per_phase(monkeypatch):
         latency._calibrate(None, None, None, wl, cfg, links)
         fixed = LinkSetting("pcie", "3")
         latency._calibrate(None, None, None, wl, cfg, fixed)
-    dev, pcie = analytic.DEVICES["h100"], link_profile("pcie")
+    dev, pcie = analytic.device("h100", "eager"), link_profile("pcie")  # the benchmark decodes eagerly
     gpu = {"prefill": analytic.step_time(cfg, 1, 0, pcie, dev, 2, 16, 8.5).compute_s,
            "decode": analytic.step_time(cfg, 1, 0, pcie, dev, 2, 1, 16 + 2.5).compute_s}
     cpu = {"prefill": 0.4, "decode": 0.15}  # min over visits of (step - collectives)
