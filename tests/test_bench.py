@@ -157,7 +157,8 @@ def test_auto_link_scale_is_cpu_over_device_compute_per_phase(monkeypatch):
                     "prefill_coll": {"all_reduce": {"seconds": 0.3}},
                     "decode_coll": {"all_reduce": {"seconds": 0.05}}},
                    {"prefill_s": 0.7, "decode_s": 0.30,  # less disturbed prefill, worse decode
-                    "prefill_coll": {"all_reduce": {"seconds": 0.2}, "all_gather": {"seconds": 0.1}},
+                    "prefill_coll": {"all_reduce": {"seconds": 0.2},
+                                     "all_gather": {"seconds": 0.1}},
                     "decode_coll": {"all_reduce": {"seconds": 0.05}}}])
     monkeypatch.setattr(latency, "_visit", lambda *a: next(visits))
     cfg, wl = PRESETS["tiny"], Workload(batch=2, prompt=16, new_tokens=4)
@@ -166,7 +167,7 @@ def test_auto_link_scale_is_cpu_over_device_compute_per_phase(monkeypatch):
         latency._calibrate(None, None, None, wl, cfg, links)
         fixed = LinkSetting("pcie", "3")
         latency._calibrate(None, None, None, wl, cfg, fixed)
-    dev, pcie = analytic.device("h100", "eager"), link_profile("pcie")  # the benchmark decodes eagerly
+    dev, pcie = analytic.device("h100", "eager"), link_profile("pcie")  # it decodes eagerly
     gpu = {"prefill": analytic.step_time(cfg, 1, 0, pcie, dev, 2, 16, 8.5).compute_s,
            "decode": analytic.step_time(cfg, 1, 0, pcie, dev, 2, 1, 16 + 2.5).compute_s}
     cpu = {"prefill": 0.4, "decode": 0.15}  # min over visits of (step - collectives)

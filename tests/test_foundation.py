@@ -90,7 +90,7 @@ def _world1():
 
 
 def _bf16():
-    """bf16 parameters at the current TP: parameter dtypes and logits for the dense and G=2 plans."""
+    """bf16 parameters at the current TP: parameter dtypes and logits, dense and G=2 plans."""
     from megatron_spd.model import forward_logits, load_full_state_dict
     from megatron_spd.spec import build_model
 

@@ -18,7 +18,8 @@ from .tasks import paired_difference
 
 
 class BaselineError(SPDError, ValueError):
-    """A baseline report that cannot be paired with this run; the message says why and what to do."""
+    """A baseline report that cannot be paired with this run; the message says why and what to
+    do."""
 
 
 def covers(base_limit: Optional[int], limit: Optional[int]) -> bool:
