@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--b2b-lr", type=float, default=b2b.lr)
     p.add_argument("--micro-batch", type=int, default=b2b.micro_batch)
     p.add_argument("--ppl-tokens", type=int, default=2048)
+    p.add_argument("--ppl-ctx", type=int, default=512, help="perplexity window (tokens)")
     p.add_argument("--limit", type=int, default=80, help="items per task")
     p.add_argument("--tasks", default="paper")
     p.add_argument("--merge", nargs="*", default=[],
@@ -233,7 +234,7 @@ def sweep(args) -> None:
         t0 = time.time()
         with torch.no_grad():
             if "ppl" not in entry:
-                entry["ppl"] = perplexity(model, tok, eval_texts, ctx=512,
+                entry["ppl"] = perplexity(model, tok, eval_texts, ctx=args.ppl_ctx,
                                           n_tokens=args.ppl_tokens, desc=f"ppl {key}")["ppl"]
             if with_tasks and "tasks" not in entry:
                 entry["tasks"] = evaluate_tasks(model, tok, tasks, args.limit)
@@ -335,7 +336,8 @@ def write_report(results, sens, sens_local, records, args, docs: Path, tasks, ra
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
         f"Calibration: {args.calib_samples}x{args.calib_len} tokens (sweep: first "
         f"{sens.n_samples}); perplexity: first {args.ppl_tokens} tokens of the held-out split, "
-        f"ctx 512; tasks: {', '.join(tasks)}, first {args.limit} items each (same items for every "
+        f"ctx {args.ppl_ctx}; tasks: {', '.join(tasks)}, first {args.limit} items each "
+        f"(same items for every "
         f"model); B2B: {args.b2b_epochs} epochs, lr {args.b2b_lr}, dense inputs.", "", *rows, ""])
     atomic_write_text(docs / "recipe_results.md", text)
     atomic_write_json(docs / "recipe_results.json", {"results": results, "records": records,

@@ -92,7 +92,7 @@ def test_plan_max_ppl_increase_via_the_cli(tiny, tmp_path):
     sens_path, plan_path = tmp_path / "sens.json", tmp_path / "plan.json"
     main(["sensitivity", "--ckpt", str(ckpt), *calib, "--json", str(sens_path)])
     sens = Sensitivity.load(sens_path)
-    tokens = Calibration(samples=4, seq_len=32, source=str(corpus)).batches(_tokenizer())
+    tokens = Calibration(samples=4, seq_len=32, source=str(corpus)).batches(_tokenizer(), CFG)
     ppls = _zs_ppls(full, tokens, sens.order())
     print("zero-shot calibration ppl by number of SPD blocks:", [f"{p:.3f}" for p in ppls])
     assert ppls[0] == pytest.approx(sens.baseline_ppl, rel=1e-5)
@@ -126,7 +126,7 @@ def test_recipe_sweep_smoke(tiny, tmp_path):
     import recipe_sweep
 
     from megatron_spd import distributed
-    from megatron_spd.checkpoint import open_model
+    from megatron_spd.factory import open_model
     from megatron_spd.data import load_texts
     from megatron_spd.evaluate import perplexity
 
@@ -135,7 +135,7 @@ def test_recipe_sweep_smoke(tiny, tmp_path):
     recipe_sweep.main(["--ckpt", str(ckpt), "--text", str(corpus), "--groups", str(G),
                        "--ratios", "0,0.5,1", "--priority", "0,0.5,1", "--calib-samples", "2",
                        "--calib-len", "16", "--sweep-samples", "2", "--b2b-epochs", "1",
-                       "--ppl-tokens", "256", "--limit", "2", "--chunk", "2",
+                       "--ppl-tokens", "256", "--ppl-ctx", "32", "--limit", "2", "--chunk", "2",
                        "--work", str(tmp_path / "work"), "--docs", str(docs)])
     out = json.loads((docs / "recipe_results.json").read_text())
     results = out["results"]
@@ -155,5 +155,5 @@ def test_recipe_sweep_smoke(tiny, tmp_path):
     with distributed.running(1):
         lm = open_model(ckpt)
         dense = perplexity(lm.model, lm.tokenizer, load_texts(str(corpus), split="eval"),
-                           ctx=512, n_tokens=256)["ppl"]
+                           ctx=32, n_tokens=256)["ppl"]
     assert results["zs@0"]["ppl"] == pytest.approx(dense, rel=1e-5)
