@@ -39,6 +39,12 @@ implements is either re-implemented here with megatron's own pieces or refused a
   the inference engine captures whole decode steps itself (inference/graph.py);
 - ``bias_dropout_fusion`` applies to the output's bias + dropout + residual (megatron's own
   ``mlp_bda``).
+
+Optional rank-local compensation (``spd_compensation``, from the plan; compensation.py): each
+group adds its estimate C_g of the partials it does not receive, H_i = X + A_i + b_O + C_i,
+computed from LN1(X) (and A_i) on the rank itself, so the communication is unchanged. Its
+rank-r map reads LN1(X), so it is refused with selective ``layernorm`` recompute (which frees
+LN1's output after the attention); a bias-only compensation (r = 0) works with it.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from .compensation import SPDCompensation
 from .layers import SPDColumnParallelLinear, SPDRowParallelLinear
 from .plan import check_groups
 
@@ -109,7 +116,7 @@ class SPDTransformerLayer(TransformerLayer):
 
     def __init__(self, config, submodules, layer_number: int = 1,
                  hidden_dropout: Optional[float] = None, pg_collection=None, vp_stage=None,
-                 spd_groups: int = 1):
+                 spd_groups: int = 1, spd_compensation: Optional[dict] = None):
         tp = (pg_collection.tp.size() if pg_collection is not None
               else parallel_state.get_tensor_model_parallel_world_size())
         check_groups(spd_groups, tp, config.num_attention_heads, config.num_query_groups,
@@ -120,6 +127,15 @@ class SPDTransformerLayer(TransformerLayer):
                          vp_stage=vp_stage)
         self.spd_groups = spd_groups
         self.local_groups = spd_groups // tp
+        comp_rank = (spd_compensation or {}).get("rank", 0)
+        if comp_rank > 0 and self.recompute_input_layernorm:
+            raise ValueError("SPDTransformerLayer cannot honour this TransformerConfig: a rank-"
+                             f"{comp_rank} SPD compensation reads LN1's output, "
+                             "which selective 'layernorm' recompute frees after the attention; "
+                             "drop 'layernorm' from recompute_modules or use a bias-only "
+                             "compensation (rank 0)")
+        self.spd_compensation = None if spd_compensation is None else SPDCompensation(
+            config, self.local_groups, tp_group=self.tp_group, **spd_compensation)
         attn, mlp = self.self_attention, self.mlp
         expected = ((attn.linear_qkv, SPDColumnParallelLinear), (mlp.linear_fc1, SPDColumnParallelLinear),
                     (attn.linear_proj, SPDRowParallelLinear), (mlp.linear_fc2, SPDRowParallelLinear))
@@ -151,13 +167,13 @@ class SPDTransformerLayer(TransformerLayer):
                                                           group=self.tp_group)
         else:
             x_full = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-        attn_out, b_o = self._attention(
+        attn_out, b_o, comp = self._attention(
             x_full, attention_mask=attention_mask, inference_context=inference_context,
             rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
             rotary_pos_sin=rotary_pos_sin, rotary_pos_cos_sin=rotary_pos_cos_sin,
             attention_bias=attention_bias, packed_seq_params=packed_seq_params,
             sequence_len_offset=sequence_len_offset)
-        partial, b_fc2 = self._spd_partial(x_full, attn_out, b_o, padding_mask)
+        partial, b_fc2 = self._spd_partial(x_full, attn_out, b_o, comp, padding_mask)
         if self.config.sequence_parallel:
             reduced = reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
         else:
@@ -165,21 +181,27 @@ class SPDTransformerLayer(TransformerLayer):
         return self._output(x, reduced, b_o, b_fc2), context
 
     def _attention(self, x_full: torch.Tensor, **attention_kwargs: Any):
-        """LN1 then the stock attention: this group's partial A_i (and b_O, not added)."""
+        """LN1 then the stock attention: this group's partial A_i (and b_O, not added), and the
+        group's compensation C_i (None without one), computed while LN1's output still exists."""
         normed, checkpoint = _norm(self.input_layernorm, x_full, self.recompute_input_layernorm)
         attn_out, b_o = self.self_attention(normed, **attention_kwargs)
+        comp = (None if self.spd_compensation is None
+                else self.spd_compensation(normed, attn_out))
         if checkpoint is not None:  # LN1 is recomputed when attn_out's grad arrives
             checkpoint.discard_output_and_register_recompute(attn_out)
-        return attn_out, b_o
+        return attn_out, b_o, comp
 
     def _local_residual(self, x_groups: torch.Tensor, attn_out: torch.Tensor,
-                        b_o: Optional[torch.Tensor]) -> torch.Tensor:
-        """H_i = X + A_i + b_O: each group's own residual stream, the input of LN2 and its MLP."""
+                        b_o: Optional[torch.Tensor], comp: Optional[torch.Tensor]) -> torch.Tensor:
+        """H_i = X + A_i + b_O (+ C_i): each group's own residual stream, the input of LN2 and
+        its MLP."""
         h = x_groups + attn_out
-        return h if b_o is None else h + b_o
+        h = h if b_o is None else h + b_o
+        return h if comp is None else h + comp
 
     def _spd_partial(self, x_full: torch.Tensor, attn_out: torch.Tensor,
-                     b_o: Optional[torch.Tensor], padding_mask=None):
+                     b_o: Optional[torch.Tensor], comp: Optional[torch.Tensor],
+                     padding_mask=None):
         """The SPD math of one rank: sum over its local groups of A_i + MLP_i(LN2(H_i)).
 
         ``attn_out`` holds the local groups' partials A_i stacked along batch, [s, n*b, h].
@@ -188,7 +210,8 @@ class SPDTransformerLayer(TransformerLayer):
         """
         n = self.local_groups
         x_groups = x_full.repeat(1, n, 1) if n > 1 else x_full
-        mlp_out, b_fc2 = self._mlp(self._local_residual(x_groups, attn_out, b_o), padding_mask)
+        mlp_out, b_fc2 = self._mlp(self._local_residual(x_groups, attn_out, b_o, comp),
+                                   padding_mask)
         partial = attn_out + mlp_out
         if n > 1:
             s, nb, hid = partial.shape

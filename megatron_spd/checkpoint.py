@@ -271,10 +271,12 @@ def _manifest(root: Path) -> dict[str, dict[str, Any]]:
 def read_full_state_dict(ckpt: StoredCheckpoint) -> FullStateDict:
     """The full (TP=1, fp32) state dict, read with no process group; only the model's tensors
     are read (a Megatron-LM checkpoint's optimizer state stays on disk)."""
+    from .compensation import full_shapes
     from .convert.mcore import mcore_plain_to_full
 
+    extra = None if ckpt.plan is None else full_shapes(ckpt.config, ckpt.plan)
     try:
-        return mcore_plain_to_full(ckpt.weights, ckpt.config)
+        return mcore_plain_to_full(ckpt.weights, ckpt.config, extra)
     except ConversionError as e:
         raise CheckpointError(f"{ckpt.root}: {e}") from None
 

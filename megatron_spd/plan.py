@@ -3,13 +3,18 @@
 The plan file is a user-facing format people edit and diff, so loading is strict about what it
 must have (format, groups, num_layers, strategies) and lenient about what it may have: unknown
 optional keys (sensitivity, thresholds, head order, provenance, ...) round-trip untouched.
+
+One optional key changes the model built from the plan, so it is checked on load:
+``"compensation": {"blocks": [...], "rank": r, "inputs": "ln1" | "ln1+partial"}`` gives the
+listed SPD blocks rank-local compensation (compensation.py): per group a bias plus a rank-r map
+of the group's LN1 input (and its own attention partial), added before LN2.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from .errors import SPDError
 from .io import OutputKind, atomic_write_text, read_json_object
@@ -17,6 +22,7 @@ from .io import OutputKind, atomic_write_text, read_json_object
 PLAN_FORMAT = "megatron-spd-plan/1"
 STRATEGIES = ("dense", "zs", "b2b", "hg")
 REQUIRED_KEYS = ("format", "groups", "num_layers", "strategies")
+COMPENSATION_INPUTS = ("ln1", "ln1+partial")
 
 
 class PlanError(SPDError, ValueError):
@@ -55,6 +61,26 @@ class SPDPlan:
             raise PlanError(f"plan block {i} has unknown strategy {s!r}; use one of {STRATEGIES}")
         if not self.strategies:
             raise PlanError("plan 'strategies' is empty; give one strategy per transformer block")
+        self._check_compensation()
+
+    def _check_compensation(self) -> None:
+        comp = self.extra.get("compensation")
+        if comp is None:
+            return
+        fix = ('; write it as {"blocks": [SPD block indices], "rank": r >= 0, "inputs": one of '
+               f'{list(COMPENSATION_INPUTS)}}}')
+        if not isinstance(comp, dict) or not isinstance(comp.get("blocks"), list):
+            raise PlanError(f"plan 'compensation' must be an object with a 'blocks' list{fix}")
+        rank, inputs = comp.get("rank"), comp.get("inputs", "ln1")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise PlanError(f"plan 'compensation' rank must be an integer >= 0, got {rank!r}{fix}")
+        if inputs not in COMPENSATION_INPUTS:
+            raise PlanError(f"plan 'compensation' inputs {inputs!r} is unknown{fix}")
+        dense = [i for i in comp["blocks"]
+                 if not isinstance(i, int) or not 0 <= i < self.num_layers or not self.is_spd(i)]
+        if dense:
+            raise PlanError(f"plan 'compensation' lists block(s) {dense} that are not SPD blocks "
+                            "of this plan; only SPD blocks can carry compensation")
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
@@ -78,6 +104,13 @@ class SPDPlan:
 
     def is_spd(self, layer: int) -> bool:
         return self.strategies[layer] != "dense"
+
+    def compensation_for(self, layer: int) -> Optional[dict[str, Any]]:
+        """``{"rank": r, "inputs": ...}`` if block ``layer`` carries compensation, else None."""
+        comp = self.extra.get("compensation")
+        if comp is None or layer not in comp["blocks"]:
+            return None
+        return {"rank": comp["rank"], "inputs": comp.get("inputs", "ln1")}
 
     @property
     def spd_blocks(self) -> list[int]:

@@ -64,11 +64,14 @@ def dense_layer_spec(tcfg) -> ModuleSpec:
     return spec
 
 
-def spd_layer_spec(tcfg, groups: int) -> ModuleSpec:
-    """The dense spec with the SPD layer and SPD-aware linears swapped in."""
+def spd_layer_spec(tcfg, groups: int, compensation: Optional[dict] = None) -> ModuleSpec:
+    """The dense spec with the SPD layer and SPD-aware linears swapped in; ``compensation``
+    (``SPDPlan.compensation_for``) adds the block's rank-local compensation."""
     spec = dense_layer_spec(tcfg)
     spec.module = SPDTransformerLayer
     spec.params = {**spec.params, "spd_groups": groups}
+    if compensation is not None:
+        spec.params["spd_compensation"] = dict(compensation)
     attn = spec.submodules.self_attention.submodules
     attn.linear_qkv = SPDColumnParallelLinear
     attn.linear_proj = SPDRowParallelLinear
@@ -81,8 +84,9 @@ def spd_layer_spec(tcfg, groups: int) -> ModuleSpec:
 def block_spec(tcfg, plan: Optional[SPDPlan]) -> TransformerBlockSubmodules:
     """Per-block layer specs for ``plan`` (None: all dense) plus the final norm."""
     n = tcfg.num_layers
-    layer_specs = [spd_layer_spec(tcfg, plan.groups) if plan is not None and plan.is_spd(i)
-                   else dense_layer_spec(tcfg) for i in range(n)]
+    layer_specs = [spd_layer_spec(tcfg, plan.groups, plan.compensation_for(i))
+                   if plan is not None and plan.is_spd(i) else dense_layer_spec(tcfg)
+                   for i in range(n)]
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_norm(tcfg))
 
 

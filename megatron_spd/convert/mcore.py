@@ -6,6 +6,8 @@ norms under Transformer Engine names (``...linear_qkv.layer_norm_weight`` is the
 Reading the global tensors and undoing those two renamings gives the full state dict, so a
 checkpoint can be exported (e.g. to Hugging Face) or inspected at any TP without building a model.
 Only the model's tensors are read: a Megatron-LM checkpoint's optimizer state stays on disk.
+Parameters only some layers have (SPD compensation, compensation.py) are stored per layer
+(``decoder.layers.<i>.<name>``) and read back as they are; ``extra_shapes`` says which to expect.
 """
 from __future__ import annotations
 
@@ -62,9 +64,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_full(full: FullStateDict, cfg: ModelConfig, source: str) -> None:
-    """Raise ConversionError unless ``full`` has exactly the names and shapes ``cfg`` implies."""
-    want = expected_shapes(cfg)
+def check_full(full: FullStateDict, cfg: ModelConfig, source: str,
+               extra_shapes: Optional[dict[str, tuple[int, ...]]] = None) -> None:
+    """Raise ConversionError unless ``full`` has exactly the names and shapes ``cfg`` implies
+    (plus ``extra_shapes``, e.g. the plan's compensation)."""
+    want = {**expected_shapes(cfg), **(extra_shapes or {})}
     missing, extra = sorted(set(want) - set(full)), sorted(set(full) - set(want))
     if missing or extra:
         raise ConversionError(f"{source}: the weights do not match the model config: missing "
@@ -119,20 +123,22 @@ def read_global_tensors(weights_dir: str | Path,
     return plain
 
 
-def mcore_plain_to_full(weights_dir: str | Path, cfg: ModelConfig) -> FullStateDict:
-    """The full state dict of ``cfg`` stored in a dist_checkpointing directory; other tensors
-    there (a Megatron-LM checkpoint's optimizer state) are not read."""
-    want = expected_shapes(cfg)
-    plain = read_global_tensors(weights_dir, sorted({sharded_key(k) for k in want}))
+def mcore_plain_to_full(weights_dir: str | Path, cfg: ModelConfig,
+                        extra_shapes: Optional[dict[str, tuple[int, ...]]] = None) -> FullStateDict:
+    """The full state dict of ``cfg`` (and the per-layer ``extra_shapes`` entries) stored in a
+    dist_checkpointing directory, checked against them; other tensors there (a Megatron-LM
+    checkpoint's optimizer state) are not read."""
+    keys = {sharded_key(k) for k in expected_shapes(cfg)} | set(extra_shapes or {})
+    plain = read_global_tensors(weights_dir, sorted(keys))
     full: FullStateDict = {}
     for key in list(plain):
         t = plain.pop(key)  # free each stacked tensor once it is split
-        if key.startswith(_STACKED):
+        if key.startswith(_STACKED) and not key[len(_STACKED)].isdigit():  # else per layer
             suffix = key[len(_STACKED):]
             suffix = _TE_NORMS.get(suffix, suffix)
             for i in range(t.shape[0]):
                 full[f"{_STACKED}{i}.{suffix}"] = t[i].float().clone()
         else:
             full[key] = t.float()
-    check_full(full, cfg, str(weights_dir))
+    check_full(full, cfg, str(weights_dir), extra_shapes)
     return full
