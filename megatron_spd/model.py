@@ -79,10 +79,13 @@ def gather_tp(local: torch.Tensor, dim: int) -> list[torch.Tensor]:
     return pieces
 
 
-def gather_full_state_dict(model, *, grads: bool = False) -> FullStateDict:
-    """The full state dict (or, with ``grads``, the full gradients) on every TP rank, fp32 CPU."""
+def gather_full_state_dict(model, *, grads: bool = False, prefix: str = "") -> FullStateDict:
+    """The full state dict (or, with ``grads``, the full gradients) on every TP rank, fp32 CPU;
+    only the names starting with ``prefix`` (e.g. one block's)."""
     out: FullStateDict = {}
     for name, p in model_params(model).items():
+        if not name.startswith(prefix):
+            continue
         t = p.grad if grads else p
         if t is None:
             continue

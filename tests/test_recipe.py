@@ -122,7 +122,7 @@ def test_classify_rule():
 
 def test_b2b_lowers_mse_and_touches_one_block(single):
     from megatron_spd.model import gather_full_state_dict, load_full_state_dict
-    from megatron_spd.recipe import distill, sensitivity
+    from megatron_spd.recipe import distill, recover, sensitivity
     from megatron_spd.spec import build_model
 
     full, toks = random_full(CFG), tokens(8)
@@ -133,8 +133,9 @@ def test_b2b_lowers_mse_and_touches_one_block(single):
         model = build_model(CFG, plan)
         load_full_state_dict(model, full)
         cfg = distill.B2BConfig(epochs=6, lr=2e-3, micro_batch=4, inputs=inputs)
-        results = distill.distill(model, dense, toks, [2], cfg, progress=False)
-        (r,) = results
+        done = recover.recover(model, dense, toks, {2: recover.BlockSteps(b2b=True)}, CFG, b2b=cfg,
+                               progress=False)
+        (r,) = done.b2b
         assert r.mse_after < 0.7 * r.mse_before, r
         after = gather_full_state_dict(model)
         changed = {k for k in full if not torch.equal(full[k], after[k])}
@@ -183,7 +184,7 @@ def _serve(cfg, plan_dict, full, toks, train_block):
     """At T ranks: logits of the plan's model, a B2B run on ``train_block``'s weights, and the
     cumulative sweep's perplexities."""
     from megatron_spd.model import forward_logits, gather_full_state_dict, load_full_state_dict
-    from megatron_spd.recipe import distill
+    from megatron_spd.recipe import distill, recover
     from megatron_spd.spec import build_model
 
     plan = SPDPlan.from_dict(plan_dict)
@@ -194,9 +195,9 @@ def _serve(cfg, plan_dict, full, toks, train_block):
         logits = forward_logits(model, toks)
     dense = build_model(cfg, SPDPlan.dense(cfg.num_layers, plan.groups))
     load_full_state_dict(dense, full)
-    res = distill.distill(model, dense, toks, [train_block],
-                          distill.B2BConfig(epochs=2, lr=1e-3, micro_batch=3, optimizer="sgd"),
-                          progress=False)
+    res = recover.recover(model, dense, toks, {train_block: recover.BlockSteps(b2b=True)}, cfg,
+                          b2b=distill.B2BConfig(epochs=2, lr=1e-3, micro_batch=3, optimizer="sgd"),
+                          progress=False).b2b
     trained = {k: v for k, v in gather_full_state_dict(model).items()
                if k.startswith(f"decoder.layers.{train_block}.")}
     from megatron_spd.recipe import sensitivity

@@ -239,3 +239,111 @@ def test_compensated_checkpoint_reshards(tmp_path):
             torch.testing.assert_close(forward_logits(lm.model, TOKENS), ref, atol=1e-5, rtol=1e-5)
     finally:
         distributed.shutdown()
+
+
+# ----- sequential B2B, lr search, HG with compensation --------------------------------------------
+
+def _scaled_full(seed: int = 0) -> dict:
+    """Random weights scaled up so that SPD visibly changes the function (as test_recipe.py)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return {k: (4 * v + 0.3 * torch.randn(v.shape, generator=g)) if v.dim() == 1 else 3 * v
+            for k, v in random_full_state_dict(CFG, seed).items()}
+
+
+def _recovered(full, toks, plan, steps, b2b):
+    from megatron_spd.model import gather_full_state_dict, load_full_state_dict
+    from megatron_spd.recipe import recover
+    from megatron_spd.spec import build_model
+
+    dense = build_model(CFG, SPDPlan.dense(CFG.num_layers, plan.groups))
+    load_full_state_dict(dense, full)
+    model = build_model(CFG, plan)
+    load_full_state_dict(model, full)
+    done = recover.recover(model, dense, toks, steps, CFG, b2b=b2b, progress=False)
+    return gather_full_state_dict(model), done
+
+
+@pytest.fixture()
+def single():
+    from megatron_spd import distributed
+
+    distributed.init(1)
+    yield
+    distributed.shutdown()
+
+
+def test_sequential_b2b_changes_only_its_blocks(single):
+    """Blocks 1 and 2 SPD (block 0 dense): every variant changes only blocks 1 and 2; block 1's
+    inputs and targets are the same in all of them (block 0 is dense), so it trains to the same
+    weights; block 2 sees the recovered block 1's outputs when sequential, so it differs."""
+    from megatron_spd.recipe import distill, recover
+
+    full = _scaled_full()
+    toks = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(2))
+    plan = SPDPlan(2, ["dense", "zs", "zs"])
+    steps = {1: recover.BlockSteps(b2b=True), 2: recover.BlockSteps(b2b=True)}
+    runs = {}
+    for inputs, targets in (("dense", "block"), ("spd", "block"), ("spd", "trajectory")):
+        cfg = distill.B2BConfig(epochs=3, lr=2e-3, micro_batch=2, inputs=inputs, targets=targets)
+        after, done = _recovered(full, toks, plan, steps, cfg)
+        changed = {k.split(".")[2] for k in full if not torch.equal(full[k], after[k])}
+        assert changed == {"1", "2"}, (inputs, targets, changed)
+        assert all(r.mse_after < r.mse_before for r in done.b2b)
+        runs[(inputs, targets)] = after
+    ind, seq, traj = runs[("dense", "block")], runs[("spd", "block")], runs[("spd", "trajectory")]
+    for k in full:
+        if k.startswith("decoder.layers.1."):
+            torch.testing.assert_close(seq[k], ind[k], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(traj[k], ind[k], atol=1e-6, rtol=1e-5)
+    w = "decoder.layers.2.mlp.linear_fc1.weight"
+    assert (seq[w] - ind[w]).abs().max() > 1e-4 and (traj[w] - seq[w]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="trajectory targets need inputs='spd'"):
+        distill.B2BConfig(targets="trajectory")
+
+
+def test_b2b_lr_search_picks_the_best_probe(single):
+    from megatron_spd.recipe import distill, recover
+
+    full = _scaled_full()
+    toks = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(2))
+    cfg = distill.B2BConfig(epochs=2, micro_batch=2, lr_search=(1e-6, 3e-3, 30.0), probe_steps=2)
+    _, done = _recovered(full, toks, SPDPlan(2, ["zs", "dense", "dense"]),
+                         {0: recover.BlockSteps(b2b=True)}, cfg)
+    (r,) = done.b2b
+    assert set(r.probes) == {"1e-06", "0.003", "30"}
+    assert r.lr == 3e-3 == float(min(r.probes, key=r.probes.get))
+    assert r.mse_after < r.mse_before and r.steps == 3 * 2 + 4
+
+
+def test_headgrouping_with_compensation(single):
+    """HG + compensation through apply_plan: the dense function of the permuted weights is
+    unchanged, the fitted compensation is in the weights, and the SPD block's calibration
+    output error is lower than with HG alone."""
+    from megatron_spd.model import forward_logits, load_full_state_dict
+    from megatron_spd.recipe import autoplan, blocks
+    from megatron_spd.spec import build_model
+
+    full = _scaled_full()
+    toks = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(2))
+    errors = {}
+    for comp in (False, True):
+        extra = {"compensation": {"blocks": [0], "rank": 4, "inputs": "ln1"}} if comp else {}
+        plan = SPDPlan(2, ["hg", "dense", "dense"], extra)
+        model, new_full, out_plan = autoplan.apply_plan(CFG, full, plan, toks, progress=False)
+        assert "head_grouping" in out_plan.extra
+        dense = build_model(CFG)
+        load_full_state_dict(dense, {k: v for k, v in new_full.items() if "compensation" not in k})
+        ref = build_model(CFG)
+        load_full_state_dict(ref, full)
+        with torch.no_grad():
+            torch.testing.assert_close(forward_logits(dense, toks), forward_logits(ref, toks),
+                                       atol=1e-4, rtol=1e-4)
+            ctx = blocks.context(model, toks.shape[1])
+            x = blocks.embed(ref, toks)
+            y = blocks.run_layers([ref.decoder.layers[0]], x, ctx)
+            errors[comp] = float((blocks.run_layers([model.decoder.layers[0]], x, ctx) - y)
+                                 .pow(2).mean())
+        if comp:
+            assert new_full["decoder.layers.0.spd_compensation.weight_in"].abs().max() > 0
+            assert 0 < out_plan.extra["compensation"]["fit"]["0"]["explained"] <= 1
+    assert errors[True] < errors[False], errors

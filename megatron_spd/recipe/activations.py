@@ -16,7 +16,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from .. import compat
-from ..model import causal_mask
+from ..config import FullStateDict
+from ..model import causal_mask, gather_full_state_dict, model_params, shard_for_rank
 
 
 def check_model(model) -> None:
@@ -111,3 +112,28 @@ def perplexity_from(model, x_cache: torch.Tensor, tokens: torch.Tensor, layers: 
         total += float(nll.double().sum())
         count += nll.numel()
     return math.exp(total / count)
+
+
+def block_prefix(i: int) -> str:
+    return f"decoder.layers.{i}."
+
+
+def get_block(model, i: int) -> FullStateDict:
+    """Block ``i``'s parameters as full (TP=1) tensors on the CPU, on every rank."""
+    return gather_full_state_dict(model, prefix=block_prefix(i))
+
+
+@torch.no_grad()
+def set_block(model, i: int, tensors: FullStateDict) -> None:
+    """Copy full tensors (names ``decoder.layers.<i>.*``, any subset of the block's) into this
+    rank's shards of block ``i``."""
+    from megatron.core import parallel_state
+
+    params = model_params(model)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    for name, full in tensors.items():
+        if not name.startswith(block_prefix(i)) or name not in params:
+            raise KeyError(f"{name} is not a parameter of block {i} of this model")
+        p = params[name]
+        p.copy_(shard_for_rank(name, full, p, model, rank, world).to(p.dtype))

@@ -8,9 +8,9 @@ is the largest whose *measured* zero-shot calibration perplexity stays within th
 blocks per probe). Zero-shot perplexity is an upper bound on what the recovered model reaches,
 so the plan is conservative.
 
-``apply_plan``: run the strategies: HG (permute weights) on ``hg`` blocks, then B2B on ``b2b``
-and ``hg`` blocks; returns the new full state dict and the plan with what was done recorded in
-it. ``compose`` assembles a plan's weights from per-block results computed once for every block
+``apply_plan``: run the strategies block by block (recover.py): HG (permute weights) on ``hg``
+blocks, the closed-form compensation fit on the blocks the plan gives one, B2B on ``b2b`` and
+``hg`` blocks; returns the new full state dict and the plan with what was done recorded in it. ``compose`` assembles a plan's weights from per-block results computed once for every block
 (valid for B2B with dense inputs, where each block's result is independent of the others).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from ..config import ModelConfig
 from ..model import FullStateDict, gather_full_state_dict, load_full_state_dict
 from ..plan import SPDPlan
-from . import activations, classify, distill, headgroup
+from . import activations, classify, distill, headgroup, recover
 from .sensitivity import Sensitivity
 
 
@@ -97,29 +97,30 @@ def make_plan(sens: Sensitivity, *, n_spd: int, strategy: str = "auto",
 def apply_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: torch.Tensor, *,
                b2b: Optional[distill.B2BConfig] = None, hg_mlp: str = "units",
                micro_batch: int = 4, progress: bool = True):
-    """Run HG and B2B as the plan says; returns (model with the plan, its full state dict, plan
-    with records). ``b2b=None`` does HG only. HG statistics need T=1; B2B runs at any T
-    dividing G."""
+    """Run HG, compensation and B2B as the plan says (``recover.recover``, block by block);
+    returns (model with the plan, its full state dict, plan with records). ``b2b=None`` does
+    HG and compensation only. HG and compensation need T=1; B2B runs at any T dividing G."""
+    from ..compensation import zero_entries
     from ..spec import build_model
 
-    hg_blocks = [i for i, s in enumerate(plan.strategies) if s == "hg"]
-    train_blocks = [i for i, s in enumerate(plan.strategies) if s in ("b2b", "hg")] if b2b else []
     dense = build_model(cfg, SPDPlan.dense(cfg.num_layers, plan.groups))
-    load_full_state_dict(dense, full)
+    load_full_state_dict(dense, {k: v for k, v in full.items() if "spd_compensation" not in k})
     dense.eval()
-    extra = dict(plan.extra)
-    if hg_blocks:
-        xs = activations.block_inputs(dense, tokens, upto=max(hg_blocks), micro_batch=micro_batch)
-        full, results = headgroup.regroup(full, cfg, dense, hg_blocks, xs, plan.groups,
-                                          mlp=hg_mlp, micro_batch=micro_batch, progress=progress)
-        del xs
-        load_full_state_dict(dense, full)
-        extra["head_grouping"] = {"mlp": hg_mlp, "blocks": headgroup.describe(results)}
     model = build_model(cfg, plan)
-    load_full_state_dict(model, full)
-    if train_blocks:
-        results = distill.distill(model, dense, tokens, train_blocks, b2b, progress=progress)
-        extra["b2b"] = distill.describe(results, b2b)
+    load_full_state_dict(model, {**zero_entries(cfg, plan), **full})
+    todo = {i: recover.BlockSteps(hg=s == "hg", compensation=plan.compensation_for(i),
+                                  b2b=b2b is not None and s in ("b2b", "hg"))
+            for i, s in enumerate(plan.strategies) if plan.is_spd(i)}
+    done = recover.recover(model, dense, tokens, todo, cfg, b2b=b2b, hg_mlp=hg_mlp,
+                           micro_batch=micro_batch, progress=progress)
+    extra = dict(plan.extra)
+    if done.head_grouping:
+        extra["head_grouping"] = {"mlp": hg_mlp, "blocks": headgroup.describe(done.head_grouping)}
+    if done.compensation:
+        extra["compensation"] = {**extra["compensation"], "fit": {
+            str(f.block): f.summary() for f in done.compensation}}
+    if done.b2b:
+        extra["b2b"] = distill.describe(done.b2b, b2b)
     model.eval()
     out_plan = SPDPlan(plan.groups, plan.strategies, extra)
     return model, gather_full_state_dict(model), out_plan

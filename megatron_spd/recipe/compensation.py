@@ -29,8 +29,8 @@ import torch
 
 from .. import compat
 from ..compensation import PARAM_NAMES
-from ..model import FullStateDict
-from . import blocks
+from ..config import FullStateDict
+from . import activations
 from .headgroup import _block_stats
 
 
@@ -98,21 +98,46 @@ def apply_groups(weights: dict[str, torch.Tensor], ln1: torch.Tensor, partials: 
 @torch.no_grad()
 def block_partials(layer, x_cache: torch.Tensor, cfg, groups: int, ctx: dict, *,
                    micro_batch: int = 4, max_tokens: int = 8192):
-    """(X [t, h], LN1(X) [t, h], per-SPD-group partials A_g [t, G, h], b_O or 0) of dense
-    ``layer`` on calibration inputs ``x_cache`` [n, s, h]; KV groups are contiguous per group."""
+    """(X [t, h], per-SPD-group partials A_g [t, G, h], b_O or 0) of dense ``layer`` on
+    calibration inputs ``x_cache`` [n, s, h]; the KV groups of an SPD group are contiguous."""
     x, parts, _ = _block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
     per = parts.shape[1] // groups
-    grouped = parts.view(parts.shape[0], groups, per, -1).sum(2)
+    kv_groups = [list(range(g * per, (g + 1) * per)) for g in range(groups)]
+    return x, group_partials(parts, kv_groups), out_bias(layer)
+
+
+def group_partials(kv_parts: torch.Tensor, kv_groups: list[list[int]]) -> torch.Tensor:
+    """Per-KV-group partials [t, ng, h] -> per SPD group [t, G, h] (group g = ``kv_groups[g]``)."""
+    return torch.stack([kv_parts[:, kvs].sum(1) for kvs in kv_groups], 1)
+
+
+def out_bias(layer):
     bias = layer.self_attention.linear_proj.bias
-    b_o = 0.0 if bias is None else bias.detach().float().cpu()
-    ln1 = layer.input_layernorm(x.to(compat.device())).float().cpu()
-    return x, ln1, grouped, b_o
+    return 0.0 if bias is None else bias.detach().float().cpu()
 
 
 def mlp_input_weights(x: torch.Tensor, partials: torch.Tensor, b_o) -> torch.Tensor:
     """Per-token ``1 / rms(H)^2`` of the dense MLP input H = X + sum A + b_O."""
     h = x + partials.sum(1) + b_o
     return 1.0 / h.pow(2).mean(-1).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def fit_stats(layer, x: torch.Tensor, partials: torch.Tensor, b_o, rank: int,
+              inputs: str = "ln1", *, ridge: float = 1e-2
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    """Fit on gathered statistics (``block_partials``; ``partials`` per SPD group in the order
+    the plan's weights will have). Returns (weights, C [t, G, h] on these tokens, weighted
+    fraction of the missing term's energy removed)."""
+    ln1 = layer.input_layernorm(x.to(compat.device())).float().cpu()
+    w = mlp_input_weights(x, partials, b_o)
+    weights = fit_groups(ln1, partials, rank, inputs, ridge=ridge, weights=w)
+    comp = apply_groups(weights, ln1, partials, inputs)
+    missing = partials.sum(1, keepdim=True) - partials
+    w = (w / w.sum())[:, None]
+    explained = 1.0 - float((w * (missing - comp).pow(2).sum(-1)).sum()
+                            / (w * missing.pow(2).sum(-1)).sum().clamp_min(1e-30))
+    return weights, comp, explained
 
 
 @torch.no_grad()
@@ -127,16 +152,10 @@ def fit_block(model, block: int, x_cache: torch.Tensor, cfg, groups: int, rank: 
         raise ValueError("compensation is fitted on the full weights: run it at T=1 (the G-way "
                          "emulation); the fitted checkpoint then serves at any T")
     layer = model.decoder.layers[block]
-    ctx = blocks.context(model, x_cache.shape[1])
-    x, ln1, parts, b_o = block_partials(layer, x_cache, cfg, groups, ctx,
-                                        micro_batch=micro_batch, max_tokens=max_tokens)
-    w = mlp_input_weights(x, parts, b_o)
-    weights = fit_groups(ln1, parts, rank, inputs, ridge=ridge, weights=w)
-    missing = parts.sum(1, keepdim=True) - parts
-    resid = missing - apply_groups(weights, ln1, parts, inputs)
-    wn = w / w.sum()
-    explained = 1.0 - float((wn[:, None] * resid.pow(2).sum(-1)).sum()
-                            / (wn[:, None] * missing.pow(2).sum(-1)).sum().clamp_min(1e-30))
+    ctx = activations.context(model, x_cache.shape[1])
+    x, parts, b_o = block_partials(layer, x_cache, cfg, groups, ctx, micro_batch=micro_batch,
+                                   max_tokens=max_tokens)
+    weights, _, explained = fit_stats(layer, x, parts, b_o, rank, inputs, ridge=ridge)
     return CompensationFit(block, weights, explained)
 
 

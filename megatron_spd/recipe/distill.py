@@ -7,13 +7,21 @@ If training ends with a higher calibration MSE than it started with (measured: l
 on SmolLM2's block 11, whose residual stream carries very large activations), the block keeps its
 initial weights and the result says so (``kept_initial``).
 
-Which inputs (``inputs=``):
-- ``"dense"``: block i's inputs in the dense model. Each block is distilled independently of the
-  others, so a block's result can be reused in every plan that makes it SPD.
-- ``"spd"``: block i's inputs in the partially-SPD model, i.e. after blocks 0..i-1 are already in
-  their final (SPD and distilled) form; the student learns on the inputs it will see when served.
-The teacher is the dense block applied to the same inputs in both cases. docs/recipe.md reports
-the measured comparison and the default.
+Which inputs (``inputs=``) and targets (``targets=``); recover.py runs the blocks in order:
+- ``"dense"`` inputs: block i's inputs in the dense model. Each block is distilled independently
+  of the others, so a block's result can be reused in every plan that makes it SPD.
+- ``"spd"`` inputs (sequential): block i's inputs in the partially-SPD model, i.e. after blocks
+  0..i-1 are already in their final (SPD and recovered) form; the student learns on the inputs
+  it will see when served.
+- ``"block"`` targets: the dense block applied to the same inputs; ``"trajectory"`` targets
+  (with ``"spd"`` inputs): the dense model's own hidden state after block i, so each block also
+  corrects the error the SPD blocks before it left in the residual stream.
+docs/recipe.md and docs/recovery.md report the measured comparisons and the defaults.
+
+Learning rate: one ``lr``, or ``lr_search`` candidates, each probed for ``probe_steps`` steps from
+the block's initial weights; the one with the lowest calibration MSE then runs the whole
+schedule (blocks differ by orders of magnitude in activation scale). ``clip_grad`` clips the
+block's gradient norm (0 = off).
 
 Runs in the T=1 emulation or at T=G ranks (then the partial gradients of the SPD block's norms and
 ``b_O`` are summed with ``grads.reduce_tp_partial_grads`` after each backward).
@@ -21,18 +29,19 @@ Runs in the T=1 emulation or at T=G ranks (then the partial gradients of the SPD
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from .. import distributed
-from ..cli import option
+from ..cli import floats, option
 from ..grads import reduce_tp_partial_grads
 from ..train.optim import OptimConfig, adamw
 from . import activations
 
 INPUTS = ("dense", "spd")
+TARGETS = ("block", "trajectory")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -48,14 +57,29 @@ class B2BConfig:
                                  "little data)")
     inputs: str = option("dense", "block inputs: the dense model's hidden states, or the "
                                   "partially-SPD model's", choices=INPUTS)
+    targets: str = option("block", "B2B targets: the dense block on the same inputs, or (with "
+                                   "spd inputs) the dense model's own hidden states",
+                          choices=TARGETS)
+    lr_search: tuple[float, ...] = option((), "candidate learning rates probed per block "
+                                              "(empty: use --lr)", type=floats)
+    probe_steps: int = option(4, "steps of each lr-search probe")
+    clip_grad: float = option(0.0, "clip the block's gradient norm (0 = off)")
 
     def __post_init__(self) -> None:
+        self.lr_search = tuple(self.lr_search)
         if self.inputs not in INPUTS:
             raise ValueError(f"B2B inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"B2B targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.targets == "trajectory" and self.inputs != "spd":
+            raise ValueError("B2B trajectory targets need inputs='spd' (with dense inputs they "
+                             "are the block targets)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"B2B optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.epochs < 0 or self.lr <= 0 or self.micro_batch < 1:
-            raise ValueError("B2B needs epochs >= 0, lr > 0 and micro_batch >= 1")
+        if self.epochs < 0 or self.lr <= 0 or self.micro_batch < 1 or self.clip_grad < 0:
+            raise ValueError("B2B needs epochs >= 0, lr > 0, micro_batch >= 1, clip_grad >= 0")
+        if any(lr <= 0 for lr in self.lr_search) or self.probe_steps < 1:
+            raise ValueError("B2B lr_search candidates must be > 0 and probe_steps >= 1")
 
 
 @dataclass
@@ -67,14 +91,16 @@ class B2BResult:
     seconds: float
     kept_initial: bool = False  # training raised the MSE, so the block kept its initial weights
     mse_trained: float = float("nan")  # MSE after training, before that check
+    lr: float = float("nan")           # the learning rate used (chosen by lr_search if given)
+    probes: dict[str, float] = field(default_factory=dict)  # lr -> MSE after the probe
 
 
-def _optimizer(params, cfg: B2BConfig) -> torch.optim.Optimizer:
+def _optimizer(params, cfg: B2BConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return adamw(params, OptimConfig(lr=cfg.lr, weight_decay=0.0))
+        return adamw(params, OptimConfig(lr=lr, weight_decay=0.0))
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
 @torch.no_grad()
@@ -85,6 +111,30 @@ def _mse(layer, x_cache: torch.Tensor, y_cache: torch.Tensor, ctx: dict, mb: int
         total += float((y.float() - activations.to_sbh(y_cache, sl).float()).pow(2).sum())
         count += y.numel()
     return total / count
+
+
+def _train(model, layer, params, x_cache, y_cache, ctx, cfg: B2BConfig, lr: float,
+           max_steps: int, gen: torch.Generator) -> int:
+    """AdamW (or the configured optimizer) on the block's MSE for ``cfg.epochs`` epochs or
+    ``max_steps`` steps, whichever comes first; returns the steps taken."""
+    opt = _optimizer(params, cfg, lr)
+    n, steps = x_cache.shape[0], 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for sl in activations.micro_batches(n, cfg.micro_batch):
+            if steps >= max_steps:
+                return steps
+            idx = perm[sl]
+            y = activations.run_layers([layer], activations.to_sbh(x_cache, idx), ctx)
+            loss = torch.nn.functional.mse_loss(y.float(), activations.to_sbh(y_cache, idx).float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            reduce_tp_partial_grads(model)
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            opt.step()
+            steps += 1
+    return steps
 
 
 def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tensor,
@@ -105,21 +155,27 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
     model.train()
     before = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
     initial = [p.detach().clone() for p in params]
-    opt = _optimizer(params, cfg)
-    gen = torch.Generator().manual_seed(seed + block)
-    n, steps = x_cache.shape[0], 0
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+
+    lr, probes, steps = cfg.lr, {}, 0
     try:
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen)
-            for sl in activations.micro_batches(n, cfg.micro_batch):
-                idx = perm[sl]
-                y = activations.run_layers([layer], activations.to_sbh(x_cache, idx), ctx)
-                loss = torch.nn.functional.mse_loss(y.float(), activations.to_sbh(y_cache, idx).float())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                reduce_tp_partial_grads(model)
-                opt.step()
-                steps += 1
+        if len(cfg.lr_search) > 1:
+            for cand in cfg.lr_search:
+                gen = torch.Generator().manual_seed(seed + block)
+                steps += _train(model, layer, params, x_cache, y_cache, ctx, cfg, cand,
+                                cfg.probe_steps, gen)
+                probes[f"{cand:g}"] = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
+                restore()
+            lr = float(min(probes, key=lambda k: probes[k]))
+        elif cfg.lr_search:
+            lr = cfg.lr_search[0]
+        gen = torch.Generator().manual_seed(seed + block)
+        steps += _train(model, layer, params, x_cache, y_cache, ctx, cfg, lr,
+                        cfg.epochs * x_cache.shape[0], gen)
     finally:
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
@@ -128,56 +184,18 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
     after = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
     kept_initial = after > before  # a diverged run (too high lr for this block) is undone
     if kept_initial:
-        with torch.no_grad():
-            for p, p0 in zip(params, initial):
-                p.copy_(p0)
+        restore()
     return B2BResult(block, before, min(before, after), steps, time.time() - t0,
-                     kept_initial=kept_initial, mse_trained=after)
+                     kept_initial=kept_initial, mse_trained=after, lr=lr, probes=probes)
 
 
 @torch.no_grad()
-def _apply(layer, x_cache: torch.Tensor, ctx: dict, mb: int) -> torch.Tensor:
+def apply_layer(layer, x_cache: torch.Tensor, ctx: dict, mb: int) -> torch.Tensor:
+    """``layer`` applied to every sequence of an ``[n, s, h]`` cache (same layout out)."""
     out = torch.empty_like(x_cache)
     for sl in activations.micro_batches(x_cache.shape[0], mb):
         out[sl] = activations.to_bsh(activations.run_layers([layer], activations.to_sbh(x_cache, sl), ctx))
     return out
-
-
-def distill(model, teacher, tokens: torch.Tensor, block_list: list[int], cfg: B2BConfig, *,
-            progress: bool = True) -> list[B2BResult]:
-    """B2B for every block in ``block_list`` of ``model`` (SPD blocks where its plan says so),
-    teacher = the dense ``teacher`` model with the same starting weights, on ``tokens``
-    ``[n, s]``. Blocks are visited in order, carrying the hidden states forward, so the
-    ``"spd"`` inputs of block i come from the already-distilled blocks before it."""
-    activations.check_model(model)
-    todo = sorted(set(block_list))
-    if not todo:
-        return []
-    mb = cfg.micro_batch
-    ctx = activations.context(model, tokens.shape[1])
-    with torch.no_grad():
-        x_dense = torch.cat([activations.to_bsh(activations.embed(teacher, tokens[sl]))
-                             for sl in activations.micro_batches(tokens.shape[0], mb)])
-    x_spd = x_dense.clone() if cfg.inputs == "spd" else None
-    results = []
-    bar = distributed.progress(range(todo[-1] + 1), desc=f"B2B ({cfg.inputs} inputs)",
-                               enabled=progress)
-    for i in bar:
-        t_layer, s_layer = teacher.decoder.layers[i], model.decoder.layers[i]
-        x_in = x_dense if cfg.inputs == "dense" else x_spd
-        y_teacher = None
-        if i in todo:
-            y_teacher = _apply(t_layer, x_in, ctx, mb)
-            r = distill_block(model, i, x_in, y_teacher, cfg)
-            results.append(r)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(block=i, mse=f"{r.mse_before:.3g}->{r.mse_after:.3g}")
-        if i < todo[-1]:
-            if cfg.inputs == "spd":
-                x_spd = _apply(s_layer, x_spd, ctx, mb)
-            else:
-                x_dense = y_teacher if y_teacher is not None else _apply(t_layer, x_dense, ctx, mb)
-    return results
 
 
 def describe(results: list[B2BResult], cfg: Optional[B2BConfig] = None) -> Optional[dict[str, Any]]:

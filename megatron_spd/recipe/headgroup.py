@@ -52,10 +52,14 @@ class HGResult:
     error_before: float         # diagonal SPD MLP error, contiguous groups
     error_after: float          # same, after regrouping
     notes: list[str] = field(default_factory=list)
+    # fitted rank-local compensation of the regrouped block (full tensors), when asked for
+    compensation: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
+    compensation_explained: float = float("nan")
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("unit_order")
+        d.pop("compensation")
         d["units_moved"] = sum(1 for j, u in enumerate(self.unit_order) if u != j)
         return d
 
@@ -221,9 +225,12 @@ def balanced_assignment(cost: torch.Tensor) -> list[int]:
 
 @torch.no_grad()
 def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, groups: int, *,
-                  mlp: str = "units", micro_batch: int = 4, max_tokens: int = 4096) -> HGResult:
+                  mlp: str = "units", micro_batch: int = 4, max_tokens: int = 4096,
+                  compensation: Optional[dict[str, Any]] = None) -> HGResult:
     """Choose the regrouping of dense ``model``'s block ``block`` from its calibration inputs
-    ``x_cache`` ``[n, s, h]``."""
+    ``x_cache`` ``[n, s, h]``. With ``compensation`` (``fit_stats`` keywords: rank, inputs)
+    the block's rank-local compensation is fitted for the groups as regrouped, and the MLP
+    units are assigned on the compensated partials ``H_g + C_g`` the SPD block will see."""
     if mlp not in MLP_MODES:
         raise ValueError(f"unknown HG mlp mode {mlp!r}; use one of {MLP_MODES}")
     from .. import distributed
@@ -246,13 +253,21 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
                      "MLP side is regrouped")
     bias = layer.self_attention.linear_proj.bias
     b_o = 0.0 if bias is None else bias.float()
+    comp_weights, comp = None, torch.zeros(x.shape[0], groups, x.shape[1])
+    if compensation is not None:
+        from .compensation import fit_stats, group_partials
+
+        comp_weights, comp, explained = fit_stats(layer, x, group_partials(parts, kv_groups),
+                                                  b_o, **compensation)
+        notes.append(f"compensation fitted: {explained:.1%} of the missing partials' energy "
+                     "explained; units assigned on the compensated partials")
     h_full = x + parts.sum(1) + b_o
     a_full = _mlp_act(layer, h_full)
     w2sq = layer.mlp.linear_fc2.weight.float().pow(2).sum(0)              # [ffn]
     cost = torch.zeros(ffn, groups)
     acts = []
     for g, kvs in enumerate(kv_groups):
-        a_g = _mlp_act(layer, x + parts[:, kvs].sum(1) + b_o)
+        a_g = _mlp_act(layer, x + parts[:, kvs].sum(1) + b_o + comp[:, g])
         cost[:, g] = (a_g - a_full).pow(2).mean(0) * w2sq
         acts.append(a_g)
     per = ffn // groups
@@ -278,7 +293,8 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
     kv_order = [k for kvs in kv_groups for k in kvs]
     return HGResult(block=block, kv_order=kv_order, unit_order=unit_order,
                     head_freedom=head_freedom, error_before=error_before,
-                    error_after=error_after, notes=notes)
+                    error_after=error_after, notes=notes, compensation=comp_weights,
+                    compensation_explained=explained if compensation is not None else float("nan"))
 
 
 def regroup(full: FullStateDict, cfg: ModelConfig, dense_model, block_list: list[int],
