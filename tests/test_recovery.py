@@ -320,7 +320,7 @@ def test_headgrouping_with_compensation(single):
     unchanged, the fitted compensation is in the weights, and the SPD block's calibration
     output error is lower than with HG alone."""
     from megatron_spd.model import forward_logits, load_full_state_dict
-    from megatron_spd.recipe import autoplan, blocks
+    from megatron_spd.recipe import activations, autoplan
     from megatron_spd.spec import build_model
 
     full = _scaled_full()
@@ -338,10 +338,10 @@ def test_headgrouping_with_compensation(single):
         with torch.no_grad():
             torch.testing.assert_close(forward_logits(dense, toks), forward_logits(ref, toks),
                                        atol=1e-4, rtol=1e-4)
-            ctx = blocks.context(model, toks.shape[1])
-            x = blocks.embed(ref, toks)
-            y = blocks.run_layers([ref.decoder.layers[0]], x, ctx)
-            errors[comp] = float((blocks.run_layers([model.decoder.layers[0]], x, ctx) - y)
+            ctx = activations.context(model, toks.shape[1])
+            x = activations.embed(ref, toks)
+            y = activations.run_layers([ref.decoder.layers[0]], x, ctx)
+            errors[comp] = float((activations.run_layers([model.decoder.layers[0]], x, ctx) - y)
                                  .pow(2).mean())
         if comp:
             assert new_full["decoder.layers.0.spd_compensation.weight_in"].abs().max() > 0

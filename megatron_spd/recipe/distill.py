@@ -34,7 +34,6 @@ from typing import Any, Optional
 
 import torch
 
-from .. import distributed
 from ..cli import floats, option
 from ..grads import reduce_tp_partial_grads
 from ..train.optim import OptimConfig, adamw
