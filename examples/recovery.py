@@ -279,25 +279,19 @@ def dense_tasks(path: str, limit: int) -> Optional[dict]:
 
 # ----- report --------------------------------------------------------------------------------
 
-def extra_cost(method: Method, plan_blocks: int, hidden: int, groups: int) -> dict[str, int]:
-    from megatron_spd.compensation import cost
-
-    m = method if method.base is None else METHODS[method.base]
-    if m.compensation is None:
-        return {"params": 0, "flops_per_token": 0}
-    c = cost(hidden, groups, m.compensation["rank"], m.compensation["inputs"])
-    return {k: v * plan_blocks for k, v in c.items()}
-
-
 def total_wall_minutes(key: str, work: Path) -> float:
     rec = json.loads((work / "ckpt" / key / "stage.json").read_text())
     base = rec.get("base")
     return rec["stage"]["wall_s"] / 60 + (total_wall_minutes(base, work) if base else 0.0)
 
 
-def report(args, work: Path, docs: Path, hidden: int) -> None:
+def report(args, work: Path, docs: Path) -> None:
+    from megatron_spd.checkpoint import read_meta
+    from megatron_spd.compensation import plan_cost
+    from megatron_spd.config import ModelConfig
     from megatron_spd.evaluate import paired_difference
     from megatron_spd.io import atomic_write_json, atomic_write_text
+    from megatron_spd.plan import SPDPlan
 
     dense = json.loads((work / "eval" / "dense.json").read_text())
     rows = [{"method": "dense", "spd_ratio": 0.0, "avg_change_points": 0.0, "se_points": 0.0,
@@ -315,8 +309,9 @@ def report(args, work: Path, docs: Path, hidden: int) -> None:
                 continue
             d = paired_difference(dense["tasks"], ev["tasks"])
             stage = json.loads((work / "ckpt" / key / "stage.json").read_text())
-            n_spd = round(ratio * 30)
-            cost = extra_cost(method, n_spd, hidden, args.groups)
+            meta = read_meta(work / "ckpt" / key)
+            cost = plan_cost(ModelConfig.from_dict(meta["model_config"]),
+                             SPDPlan.from_dict(meta["plan"]))
             rows.append({"method": method.label, "spd_ratio": ratio,
                          "avg_change_points": round(100 * d["delta"], 2),
                          "se_points": round(100 * d["se"], 2), "items_per_task": ev["limit"],
@@ -407,8 +402,8 @@ def main(argv=None) -> None:
                 key = f"{name}@{ratio:g}"
                 if (work / "ckpt" / key / "stage.json").exists():
                     evaluate_stage(key, work / "ckpt" / key, args, env)
-                    report(args, work, docs, cfg.hidden_size)
-    report(args, work, docs, cfg.hidden_size)
+                    report(args, work, docs)
+    report(args, work, docs)
     distributed.shutdown()
 
 

@@ -50,6 +50,17 @@ def cost(hidden: int, groups: int, rank: int, inputs: str) -> dict[str, int]:
             "flops_per_token": groups * (2 * rank * (d_in + hidden) + hidden)}
 
 
+def plan_cost(cfg, plan) -> dict[str, int]:
+    """``cost`` summed over the compensated blocks of ``plan`` for model config ``cfg``."""
+    out = {"params": 0, "flops_per_token": 0}
+    for i in range(cfg.num_layers):
+        c = plan.compensation_for(i)
+        if c is not None:
+            for k, v in cost(cfg.hidden_size, plan.groups, c["rank"], c["inputs"]).items():
+                out[k] += v
+    return out
+
+
 class SPDCompensation(MegatronModule):
     """Per-group bias + rank-r map, for the ``local_groups`` groups of this rank."""
 

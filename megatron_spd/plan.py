@@ -7,7 +7,8 @@ optional keys (sensitivity, thresholds, head order, provenance, ...) round-trip 
 One optional key changes the model built from the plan, so it is checked on load:
 ``"compensation": {"blocks": [...], "rank": r, "inputs": "ln1" | "ln1+partial"}`` gives the
 listed SPD blocks rank-local compensation (compensation.py): per group a bias plus a rank-r map
-of the group's LN1 input (and its own attention partial), added before LN2.
+of the group's LN1 input (and its own attention partial), added before LN2; an optional
+``"ranks": {"<block>": r}`` gives some blocks another rank.
 """
 from __future__ import annotations
 
@@ -68,12 +69,19 @@ class SPDPlan:
         if comp is None:
             return
         fix = ('; write it as {"blocks": [SPD block indices], "rank": r >= 0, "inputs": one of '
-               f'{list(COMPENSATION_INPUTS)}}}')
+               f'{list(COMPENSATION_INPUTS)}, optionally "ranks": {{"<block>": r}}}}')
         if not isinstance(comp, dict) or not isinstance(comp.get("blocks"), list):
             raise PlanError(f"plan 'compensation' must be an object with a 'blocks' list{fix}")
-        rank, inputs = comp.get("rank"), comp.get("inputs", "ln1")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-            raise PlanError(f"plan 'compensation' rank must be an integer >= 0, got {rank!r}{fix}")
+        rank, inputs, ranks = comp.get("rank"), comp.get("inputs", "ln1"), comp.get("ranks", {})
+        if not isinstance(ranks, dict):
+            raise PlanError(f"plan 'compensation' ranks must be an object{fix}")
+        for r in (rank, *ranks.values()):
+            if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+                raise PlanError(f"plan 'compensation' rank must be an integer >= 0, got {r!r}{fix}")
+        stray = [k for k in ranks if not k.isdigit() or int(k) not in comp["blocks"]]
+        if stray:
+            raise PlanError(f"plan 'compensation' ranks names block(s) {stray} that are not in "
+                            f"its 'blocks'{fix}")
         if inputs not in COMPENSATION_INPUTS:
             raise PlanError(f"plan 'compensation' inputs {inputs!r} is unknown{fix}")
         dense = [i for i in comp["blocks"]
@@ -110,7 +118,8 @@ class SPDPlan:
         comp = self.extra.get("compensation")
         if comp is None or layer not in comp["blocks"]:
             return None
-        return {"rank": comp["rank"], "inputs": comp.get("inputs", "ln1")}
+        return {"rank": comp.get("ranks", {}).get(str(layer), comp["rank"]),
+                "inputs": comp.get("inputs", "ln1")}
 
     @property
     def spd_blocks(self) -> list[int]:

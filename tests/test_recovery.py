@@ -107,6 +107,12 @@ def test_plan_compensation_key_checked():
         _plan(2, -1)
     with pytest.raises(PlanError, match="inputs 'x' is unknown"):
         _plan(2, 4, inputs="x")
+    mixed = SPDPlan(2, ["zs", "dense", "zs"], {"compensation": {"blocks": [0, 2], "rank": 0,
+                                                                "ranks": {"2": 8}}})
+    assert mixed.compensation_for(0)["rank"] == 0 and mixed.compensation_for(2)["rank"] == 8
+    with pytest.raises(PlanError, match=r"ranks names block\(s\) \['1'\]"):
+        SPDPlan(2, ["zs", "dense", "zs"], {"compensation": {"blocks": [0, 2], "rank": 0,
+                                                            "ranks": {"1": 8}}})
 
 
 def _run(plan_dict: dict, full: dict, sp: bool = False):
