@@ -45,7 +45,9 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from megatron_spd.compensation import CompensationConfig  # noqa: E402
 from megatron_spd.recipe.distill import B2BConfig  # noqa: E402
+from megatron_spd.recipe.run import Calibration  # noqa: E402
 from megatron_spd.train.loop import FinetuneConfig  # noqa: E402
 
 
@@ -55,29 +57,32 @@ class Method:
     end-to-end distillation from another method's checkpoint."""
 
     label: str
-    strategy: str = "hg"                      # every SPD block's plan strategy
-    compensation: Optional[dict] = None       # {"rank": r, "inputs": ...} for every SPD block
+    strategy: str = "hg"                                  # every SPD block's plan strategy
+    compensation: CompensationConfig = field(
+        default_factory=lambda: CompensationConfig(enabled=False))
     b2b: Optional[B2BConfig] = None
-    calib_samples: int = 16                   # x --calib-len tokens of split "calib"
-    base: Optional[str] = None                # end to end: start from this method's checkpoint
+    calib_samples: int = Calibration().samples            # x --calib-len tokens of split "calib"
+    base: Optional[str] = None                            # end to end: from this method's ckpt
     finetune: Optional[FinetuneConfig] = None
     ratios: tuple[float, ...] = (1.0,)
 
 
-E2E = FinetuneConfig(steps=60, seq_len=256, micro_batch=4, lr=1e-4, warmup_steps=3,
-                     distill=1.0, eval_samples=8, log_interval=10)
+PREVIOUS = B2BConfig(epochs=2, lr=1e-3, inputs="dense", targets="block")  # docs/recipe.md
+E2E = FinetuneConfig(steps=40, seq_len=256, micro_batch=4, lr=1e-4, warmup_steps=2,
+                     distill=1.0, eval_samples=8, log_interval=5)
 METHODS: dict[str, Method] = {
-    "hg_b2b_prev": Method("HG+B2B, previous recipe (4x512 tokens, 2 epochs)",
-                          b2b=B2BConfig(epochs=2, lr=1e-3), calib_samples=4),
-    "hg_b2b": Method("HG+B2B, 16x512 tokens", b2b=B2BConfig(epochs=2, lr=1e-3)),
-    "hg_b2b_seq": Method("HG+B2B, sequential (SPD inputs, dense-trajectory targets)",
-                         b2b=B2BConfig(epochs=2, lr=1e-3, inputs="spd", targets="trajectory")),
-    "c0": Method("compensation (bias), closed form, no training", strategy="zs",
-                 compensation={"rank": 0, "inputs": "ln1"}),
-    "c0_hg_b2b": Method("compensation (bias) + HG + B2B",
-                        compensation={"rank": 0, "inputs": "ln1"}, b2b=B2BConfig(epochs=2, lr=1e-3)),
-    "c0_hg_b2b_e2e": Method("compensation (bias) + HG + B2B + end-to-end distillation",
-                            base="c0_hg_b2b", finetune=E2E, ratios=(0.75, 1.0)),
+    # the recipe before this study (docs/recipe.md section 6), and one change at a time
+    "hg_b2b_prev": Method("HG+B2B, previous recipe (4x512 tokens, dense inputs)", b2b=PREVIOUS,
+                          calib_samples=4),
+    "hg_b2b": Method("HG+B2B, 16x512 tokens", b2b=PREVIOUS),
+    "hg_b2b_seq": Method("HG+B2B, 16x512 tokens, sequential", b2b=B2BConfig()),
+    "c0": Method("compensation (bias) alone, closed form", strategy="zs",
+                 compensation=CompensationConfig()),
+    # the package defaults (tools/spd.py plan + distill): compensation + HG + sequential B2B
+    "recipe": Method("compensation + HG + sequential B2B (the default recipe)",
+                     compensation=CompensationConfig(), b2b=B2BConfig(), ratios=(0.75, 1.0)),
+    "recipe_e2e": Method("default recipe + end-to-end distillation", base="recipe", finetune=E2E,
+                         ratios=(0.75, 1.0)),
 }
 
 
@@ -174,18 +179,16 @@ def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) ->
 
 
 def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
+    """The plan tools/spd.py plan --ratio would write (all blocks at ratio 1, no sweep needed)."""
     from megatron_spd.plan import SPDPlan
     from megatron_spd.recipe import autoplan, sensitivity
 
     if ratio >= 1.0:
-        plan = SPDPlan(groups, [method.strategy] * L)
-    else:
-        sens = sensitivity.Sensitivity.load(sens_path)
-        plan = autoplan.make_plan(sens, n_spd=autoplan.n_for_ratio(L, ratio),
-                                  strategy=method.strategy)
-    if method.compensation is not None:
-        plan.extra["compensation"] = {"blocks": plan.spd_blocks, **method.compensation}
-    return plan
+        comp = method.compensation.plan_entry(list(range(L)))
+        return SPDPlan(groups, [method.strategy] * L, {"compensation": comp} if comp else {})
+    return autoplan.make_plan(sensitivity.Sensitivity.load(sens_path),
+                              n_spd=autoplan.n_for_ratio(L, ratio), strategy=method.strategy,
+                              compensation=method.compensation)
 
 
 def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:

@@ -353,3 +353,22 @@ def test_headgrouping_with_compensation(single):
             assert new_full["decoder.layers.0.spd_compensation.weight_in"].abs().max() > 0
             assert 0 < out_plan.extra["compensation"]["fit"]["0"]["explained"] <= 1
     assert errors[True] < errors[False], errors
+
+
+def test_make_plan_gives_spd_blocks_compensation():
+    from megatron_spd.compensation import CompensationConfig, plan_cost
+    from megatron_spd.recipe import autoplan
+    from megatron_spd.recipe.sensitivity import Sensitivity
+
+    sens = Sensitivity(mode="cumulative", groups=2, baseline_ppl=10.0, ppl=[0.0] * 3,
+                       sensitivity=[3.0, 1.0, 2.0], n_samples=1, seq_len=8)
+    plan = autoplan.make_plan(sens, n_spd=2, strategy="hg", compensation=CompensationConfig())
+    assert plan.spd_blocks == [1, 2] and plan.extra["compensation"]["blocks"] == [1, 2]
+    assert plan.compensation_for(0) is None and plan.compensation_for(2)["rank"] == 0
+    assert plan_cost(CFG, plan) == {"params": 2 * 2 * 64, "flops_per_token": 2 * 2 * 64}
+    ranked = autoplan.make_plan(sens, n_spd=2, compensation=CompensationConfig(rank=4))
+    assert plan_cost(CFG, ranked)["params"] == 2 * 2 * (64 + 4 * (64 + 64))
+    assert "compensation" not in autoplan.make_plan(
+        sens, n_spd=2, compensation=CompensationConfig(enabled=False)).extra
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        CompensationConfig(rank=-1)

@@ -4,14 +4,16 @@
     python tools/spd.py sensitivity [--ckpt SRC] [--groups 3] [--samples 4 --seq-len 512]
         [--calib FILE] [--mode cumulative|independent|local|all] --json SENS.json [--png SENS.png]
     python tools/spd.py plan --sensitivity SENS.json (--ratio 0.5 | --max-ppl-increase 2.0)
-        [--strategy auto|zs|b2b|hg] [--t1 X --t2 Y] --out PLAN.json
+        [--strategy auto|zs|b2b|hg] [--t1 X --t2 Y] [--no-compensation | --compensation-rank R] --out PLAN.json
     python tools/spd.py headgroup [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--mlp units]
     python tools/spd.py distill [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--epochs 2 --lr 1e-3
         --optimizer adamw --inputs dense|spd]
     torchrun --nproc-per-node 3 tools/spd.py sensitivity --tp 3 ...   (and distill, without hg)
 
-``headgroup`` permutes the ``hg`` blocks of the plan (HG only); ``distill`` runs the whole plan:
-HG on ``hg`` blocks, then B2B on ``b2b`` and ``hg`` blocks. Both write a megatron-spd checkpoint
+``plan`` gives every SPD block rank-local compensation unless ``--no-compensation``.
+``headgroup`` permutes the ``hg`` blocks of the plan (HG only); ``distill`` runs the whole plan
+block by block: HG on ``hg`` blocks, the closed-form compensation fit, B2B on ``b2b`` and
+``hg`` blocks. Both write a megatron-spd checkpoint
 with the plan inside, which ``tools/generate.py --ckpt`` and ``tools/evaluate.py --ckpt`` serve.
 No --ckpt = the bundled SmolLM2-135M-Instruct. Calibration text defaults to the bundled Wikipedia
 paragraphs (split ``calib``, disjoint from the evaluation split). Defaults (recipe.run.Calibration,
@@ -30,6 +32,7 @@ from megatron_spd import cli  # noqa: E402
 
 def parse_args(argv=None):
     from megatron_spd.checkpoint import CHECKPOINT_OUTPUT
+    from megatron_spd.compensation import CompensationConfig
     from megatron_spd.plan import PLAN_OUTPUT
     from megatron_spd.recipe import autoplan, classify, headgroup, sensitivity
     from megatron_spd.recipe import run
@@ -65,6 +68,8 @@ def parse_args(argv=None):
     s.add_argument("--t1", type=float, default=None, help="classification threshold zs/b2b")
     s.add_argument("--t2", type=float, default=None, help="classification threshold b2b/hg")
     cli.add_out(s, PLAN_OUTPUT, "plan JSON to write", metavar="PLAN.json")
+    cli.add_config(s, CompensationConfig, attr="compensation",
+                   title="rank-local compensation (compensation.CompensationConfig)")
     for name, what in (("headgroup", "head grouping of the plan's hg blocks"),
                        ("distill", "HG + B2B as the plan says; writes a checkpoint")):
         s = sub.add_parser(name, help=what)
@@ -91,7 +96,8 @@ def main(argv=None) -> dict:
     if args.cmd == "plan":
         return run.plan(args.sensitivity, args.out, ratio=args.ratio,
                         max_ppl_increase=args.max_ppl_increase, strategy=args.strategy,
-                        t1=args.t1, t2=args.t2, overwrite=args.overwrite, **common)
+                        t1=args.t1, t2=args.t2, compensation=args.compensation,
+                        overwrite=args.overwrite, **common)
     b2b = args.b2b if args.cmd == "distill" else None  # headgroup: HG only
     return run.recover(args.plan, args.out, b2b=b2b, hg_mlp=args.mlp, overwrite=args.overwrite,
                        **common)

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..compensation import CompensationConfig
 from ..config import ModelConfig
 from ..model import FullStateDict, gather_full_state_dict, load_full_state_dict
 from ..plan import SPDPlan
@@ -67,9 +68,11 @@ def zs_measure(dense, spd, tokens: torch.Tensor, dense_inputs: Sequence[torch.Te
 
 
 def make_plan(sens: Sensitivity, *, n_spd: int, strategy: str = "auto",
-              t1: Optional[float] = None, t2: Optional[float] = None) -> SPDPlan:
+              t1: Optional[float] = None, t2: Optional[float] = None,
+              compensation: Optional[CompensationConfig] = None) -> SPDPlan:
     """Plan with the ``n_spd`` least sensitive blocks SPD. ``strategy="auto"`` classifies them
-    (classify.py); ``zs`` / ``b2b`` / ``hg`` gives every SPD block that strategy."""
+    (classify.py); ``zs`` / ``b2b`` / ``hg`` gives every SPD block that strategy.
+    ``compensation`` (None: none) gives every SPD block rank-local compensation."""
     L = sens.num_layers
     if not 0 <= n_spd <= L:
         raise ValueError(f"n_spd must be in [0, {L}], got {n_spd}")
@@ -82,7 +85,8 @@ def make_plan(sens: Sensitivity, *, n_spd: int, strategy: str = "auto",
     else:
         raise ValueError(f"strategy must be 'auto' or one of {classify.CLASSES}, got {strategy!r}")
     strategies = [cls.get(i, "dense") for i in range(L)]
-    return SPDPlan(sens.groups, strategies, {
+    comp = None if compensation is None else compensation.plan_entry(chosen)
+    return SPDPlan(sens.groups, strategies, {**({"compensation": comp} if comp else {}),
         "sensitivity": {"mode": sens.mode, "values": sens.sensitivity,
                         "baseline_ppl": sens.baseline_ppl, "n_samples": sens.n_samples,
                         "seq_len": sens.seq_len},

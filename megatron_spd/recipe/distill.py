@@ -41,6 +41,7 @@ from . import activations
 
 INPUTS = ("dense", "spd")
 TARGETS = ("block", "trajectory")
+LOSSES = ("mse", "relative")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -63,6 +64,8 @@ class B2BConfig:
                                               "(empty: use --lr)", type=floats)
     probe_steps: int = option(4, "steps of each lr-search probe")
     clip_grad: float = option(0.0, "clip the block's gradient norm (0 = off)")
+    loss: str = option("mse", "B2B loss: mean squared error, or 'relative' (each token's error "
+                              "over its target's mean square)", choices=LOSSES)
 
     def __post_init__(self) -> None:
         self.lr_search = tuple(self.lr_search)
@@ -102,13 +105,23 @@ def _optimizer(params, cfg: B2BConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
+def block_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean squared error, or (``"relative"``) each token's squared error divided by the mean
+    square of its target, the scale the next norm divides out."""
+    err = (y.float() - target.float()).pow(2)
+    if kind == "relative":
+        err = err / target.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12)
+    return err.mean()
+
+
 @torch.no_grad()
-def _mse(layer, x_cache: torch.Tensor, y_cache: torch.Tensor, ctx: dict, mb: int) -> float:
+def _mse(layer, x_cache: torch.Tensor, y_cache: torch.Tensor, ctx: dict, mb: int,
+         kind: str = "mse") -> float:
     total, count = 0.0, 0
     for sl in activations.micro_batches(x_cache.shape[0], mb):
         y = activations.run_layers([layer], activations.to_sbh(x_cache, sl), ctx)
-        total += float((y.float() - activations.to_sbh(y_cache, sl).float()).pow(2).sum())
-        count += y.numel()
+        total += float(block_loss(y, activations.to_sbh(y_cache, sl), kind)) * y.shape[1]
+        count += y.shape[1]
     return total / count
 
 
@@ -125,7 +138,7 @@ def _train(model, layer, params, x_cache, y_cache, ctx, cfg: B2BConfig, lr: floa
                 return steps
             idx = perm[sl]
             y = activations.run_layers([layer], activations.to_sbh(x_cache, idx), ctx)
-            loss = torch.nn.functional.mse_loss(y.float(), activations.to_sbh(y_cache, idx).float())
+            loss = block_loss(y, activations.to_sbh(y_cache, idx), cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             reduce_tp_partial_grads(model)
@@ -152,7 +165,7 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
         p.requires_grad_(True)
     was_training = model.training
     model.train()
-    before = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
+    before = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch, cfg.loss)
     initial = [p.detach().clone() for p in params]
 
     def restore() -> None:
@@ -167,7 +180,7 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
                 gen = torch.Generator().manual_seed(seed + block)
                 steps += _train(model, layer, params, x_cache, y_cache, ctx, cfg, cand,
                                 cfg.probe_steps, gen)
-                probes[f"{cand:g}"] = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
+                probes[f"{cand:g}"] = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch, cfg.loss)
                 restore()
             lr = float(min(probes, key=lambda k: probes[k]))
         elif cfg.lr_search:
@@ -180,7 +193,7 @@ def distill_block(model, block: int, x_cache: torch.Tensor, y_cache: torch.Tenso
             p.requires_grad_(saved[id(p)])
             p.grad = None
         model.train(was_training)
-    after = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch)
+    after = _mse(layer, x_cache, y_cache, ctx, cfg.micro_batch, cfg.loss)
     kept_initial = after > before  # a diverged run (too high lr for this block) is undone
     if kept_initial:
         restore()

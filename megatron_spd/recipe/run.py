@@ -5,8 +5,9 @@ recovered checkpoint, one function per subcommand.
   on calibration text, plot, report.
 - ``plan``: a plan for a target SPD ratio (no model needed) or for a perplexity budget (the
   budget is measured zero-shot on calibration text, so it loads the model like ``sensitivity``).
-- ``recover``: apply a plan's strategies (HG, then B2B unless ``b2b`` is None) and save a
-  megatron-spd checkpoint with the plan, what was done, and the dense origin inside.
+- ``recover``: apply a plan's strategies block by block (HG, compensation fit, then B2B unless
+  ``b2b`` is None; recover.py) and save a megatron-spd checkpoint with the plan, what was done,
+  and the dense origin inside.
 
 Every function runs on every rank (``torchrun``) or in one process (the T=1 emulation), sets up
 and tears down the process groups itself, prints on rank 0 and writes its JSON atomically.
@@ -21,6 +22,7 @@ from .. import distributed
 from ..cli import option
 from ..data import SPLITS
 from ..errors import check_context, check_finite
+from ..compensation import CompensationConfig
 from ..io import atomic_write_json
 from .distill import B2BConfig
 
@@ -112,13 +114,15 @@ def sensitivity(source: str | Path | None = None, calib: Calibration = Calibrati
 def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float] = None,
          max_ppl_increase: Optional[float] = None, strategy: str = "auto",
          t1: Optional[float] = None, t2: Optional[float] = None,
+         compensation: CompensationConfig = CompensationConfig(),
          source: str | Path | None = None, calib: Calibration = Calibration(),
          tp: Optional[int] = None, json_out: Optional[str | Path] = None,
          tokenizer: Optional[str | Path] = None, verify: bool = True,
          overwrite: bool = False) -> dict:
     """Write the plan for a target ``ratio`` or a ``max_ppl_increase`` (exactly one) to ``out``
     (an existing plan there only with ``overwrite``, anything else never); the perplexity
-    budget is measured zero-shot on ``source``'s calibration text."""
+    budget is measured zero-shot on ``source``'s calibration text (without compensation, which
+    is fitted later). ``compensation`` goes to every SPD block."""
     from ..io import check_output
     from ..plan import PLAN_OUTPUT
     from . import autoplan
@@ -139,7 +143,8 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
             check_finite({"zs_calibration_ppl": ppl}, "the perplexity budget")
             _say(f"{n} SPD blocks keep zero-shot calibration ppl at {ppl:.3f} "
                  f"(baseline {sens.baseline_ppl:.3f}, allowed +{max_ppl_increase})")
-        result = autoplan.make_plan(sens, n_spd=n, strategy=strategy, t1=t1, t2=t2)
+        result = autoplan.make_plan(sens, n_spd=n, strategy=strategy, t1=t1, t2=t2,
+                                    compensation=compensation)
         if max_ppl_increase is not None:
             result.extra["provenance"].update(max_ppl_increase=max_ppl_increase,
                                               zs_calibration_ppl=ppl)
@@ -155,10 +160,10 @@ def recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None
             hg_mlp: Optional[str] = None, tp: Optional[int] = None,
             json_out: Optional[str | Path] = None, tokenizer: Optional[str | Path] = None,
             verify: bool = True, overwrite: bool = False) -> dict:
-    """HG on the plan's ``hg`` blocks (``hg_mlp``: headgroup.MLP_MODES, None = apply_plan's
-    default), then (unless ``b2b`` is None) B2B on its ``b2b`` and ``hg`` blocks; saves the
-    checkpoint at ``out`` (checked first: an existing one of ours is replaced only with
-    ``overwrite``)."""
+    """Block by block: HG on the plan's ``hg`` blocks (``hg_mlp``: headgroup.MLP_MODES, None =
+    apply_plan's default), the closed-form fit of the compensation the plan gives, then (unless
+    ``b2b`` is None) B2B on its ``b2b`` and ``hg`` blocks; saves the checkpoint at ``out``
+    (checked first: an existing one of ours is replaced only with ``overwrite``)."""
     from ..checkpoint import check_output_dir, save_checkpoint
     from ..sources import dense_origin, load_weights
     from ..plan import SPDPlan
