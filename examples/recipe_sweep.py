@@ -40,7 +40,10 @@ def parse_args(argv=None):
     from megatron_spd.recipe.distill import B2BConfig
     from megatron_spd.recipe.run import Calibration
 
-    calib, b2b = Calibration(), B2BConfig()
+    # the settings of the published sweep (docs/recipe.md section 6); the package defaults have
+    # since become the recovery recipe's (docs/recovery.md)
+    calib = Calibration(samples=4)
+    b2b = B2BConfig(epochs=2, inputs="dense", targets="block")
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=None, help="model (default: the bundled SmolLM2-135M)")
     p.add_argument("--text", default=None, help="calibration and perplexity text, split calib "
@@ -132,6 +135,7 @@ def sweep(args) -> None:
 
     # 2. per-block recovery, once for all plans (computed when a variant first needs it) -----
     b2b_cfg = distill.B2BConfig(epochs=args.b2b_epochs, lr=args.b2b_lr, inputs="dense",
+                                targets="block",
                                 micro_batch=args.micro_batch)
     recovered, records = {}, {}
 
@@ -199,6 +203,7 @@ def sweep(args) -> None:
         if not path.exists():
             t0 = time.time()
             cfg_spd = distill.B2BConfig(epochs=args.b2b_epochs, lr=args.b2b_lr, inputs="spd",
+                                        targets="block",
                                         micro_batch=args.micro_batch)
             _, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan, calib, b2b=cfg_spd,
                                                         micro_batch=args.micro_batch)

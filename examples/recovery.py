@@ -68,20 +68,24 @@ class Method:
 
 
 PREVIOUS = B2BConfig(epochs=2, lr=1e-3, inputs="dense", targets="block")  # docs/recipe.md
+RECIPE = B2BConfig()  # the package defaults: sequential inputs, trajectory targets, one epoch
+INDEPENDENT = replace(RECIPE, inputs="dense", targets="block")
 E2E = FinetuneConfig(steps=40, seq_len=256, micro_batch=4, lr=1e-4, warmup_steps=2,
                      distill=1.0, eval_samples=8, log_interval=5)
+N = Calibration().samples
 METHODS: dict[str, Method] = {
-    # the recipe before this study (docs/recipe.md section 6), and one change at a time
-    "hg_b2b_prev": Method("HG+B2B, previous recipe (4x512 tokens, dense inputs)", b2b=PREVIOUS,
-                          calib_samples=4),
-    "hg_b2b": Method("HG+B2B, 16x512 tokens", b2b=PREVIOUS),
-    "hg_b2b_seq": Method("HG+B2B, 16x512 tokens, sequential", b2b=B2BConfig()),
-    "c0": Method("compensation (bias) alone, closed form", strategy="zs",
-                 compensation=CompensationConfig()),
-    # the package defaults (tools/spd.py plan + distill): compensation + HG + sequential B2B
-    "recipe": Method("compensation + HG + sequential B2B (the default recipe)",
-                     compensation=CompensationConfig(), b2b=B2BConfig(), ratios=(0.75, 1.0)),
-    "recipe_e2e": Method("default recipe + end-to-end distillation", base="recipe", finetune=E2E,
+    # the recipe before this study (docs/recipe.md section 6), then one change at a time
+    "hg_b2b_prev": Method("HG+B2B, previous recipe (4x512 tokens, 2 epochs, dense inputs)",
+                          b2b=PREVIOUS, calib_samples=4),
+    "hg_b2b": Method(f"HG+B2B, {N}x512 tokens, dense inputs", b2b=INDEPENDENT),
+    "hg_b2b_seq": Method(f"HG+B2B, {N}x512 tokens, sequential", b2b=RECIPE),
+    "c0": Method("compensation (bias) alone, closed form on 16x512 tokens, no training",
+                 strategy="zs", compensation=CompensationConfig(), calib_samples=16),
+    # the package defaults (tools/spd.py plan + distill)
+    "recipe": Method(f"compensation + HG + sequential B2B ({N}x512 tokens; the default recipe)",
+                     compensation=CompensationConfig(), b2b=RECIPE, ratios=(0.75, 1.0)),
+    "recipe_e2e": Method(f"default recipe + end-to-end distillation ({E2E.steps} steps x "
+                         f"{E2E.micro_batch * E2E.seq_len} tokens)", base="recipe", finetune=E2E,
                          ratios=(0.75, 1.0)),
 }
 
@@ -236,7 +240,7 @@ def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
     from megatron_spd.checkpoint import open_model
     from megatron_spd.data import load_texts
     from megatron_spd.evaluate import PAPER_TASKS, perplexity
-    from megatron_spd.evaluate.report import run_evaluation
+    from megatron_spd.evaluate.run import EvalConfig, run_evaluation
     from megatron_spd.io import atomic_write_json
 
     path = env["work"] / "eval" / f"{key}.json"
@@ -255,8 +259,8 @@ def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
         if key == "dense" and env["dense_tasks"] is not None:
             report = {"tasks": env["dense_tasks"], "source": args.dense_baseline}
         else:
-            report = run_evaluation(lm.model, lm.tokenizer, tasks=tasks, limit=args.limit,
-                                    ppl_tokens=0)
+            report = run_evaluation(lm.model, lm.tokenizer, EvalConfig(
+                tasks=",".join(tasks), limit=args.limit, ppl_tokens=0))
     result = {"ppl": ppl, "tasks": report["tasks"], "limit": args.limit, "complete": True,
               "stage": st.record, "tasks_source": report.get("source", "computed")}
     atomic_write_json(path, result)

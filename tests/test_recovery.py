@@ -303,8 +303,8 @@ def test_sequential_b2b_changes_only_its_blocks(single):
             torch.testing.assert_close(traj[k], ind[k], atol=1e-6, rtol=1e-5)
     w = "decoder.layers.2.mlp.linear_fc1.weight"
     assert (seq[w] - ind[w]).abs().max() > 1e-4 and (traj[w] - seq[w]).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="trajectory targets need inputs='spd'"):
-        distill.B2BConfig(targets="trajectory")
+    with pytest.raises(ValueError, match="targets must be one of"):
+        distill.B2BConfig(targets="teacher")
 
 
 def test_b2b_lr_search_picks_the_best_probe(single):

@@ -13,9 +13,10 @@ Which inputs (``inputs=``) and targets (``targets=``); recover.py runs the block
 - ``"spd"`` inputs (sequential): block i's inputs in the partially-SPD model, i.e. after blocks
   0..i-1 are already in their final (SPD and recovered) form; the student learns on the inputs
   it will see when served.
-- ``"block"`` targets: the dense block applied to the same inputs; ``"trajectory"`` targets
-  (with ``"spd"`` inputs): the dense model's own hidden state after block i, so each block also
-  corrects the error the SPD blocks before it left in the residual stream.
+- ``"block"`` targets: the dense block applied to the same inputs; ``"trajectory"`` targets:
+  the dense model's own hidden state after block i, so with ``"spd"`` inputs each block also
+  corrects the error the SPD blocks before it left in the residual stream (with dense inputs
+  the two are the same).
 docs/recipe.md and docs/recovery.md report the measured comparisons and the defaults.
 
 Learning rate: one ``lr``, or ``lr_search`` candidates, each probed for ``probe_steps`` steps from
@@ -47,19 +48,20 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 @dataclass
 class B2BConfig:
-    """B2B's settings; the defaults are the ones measured on SmolLM2-135M and used for every
-    published number (docs/recipe.md)."""
+    """B2B's settings; the defaults are the recipe measured best on SmolLM2-135M
+    (docs/recovery.md: sequential inputs, trajectory targets, one pass over 32 x 512 tokens);
+    docs/recipe.md's table used epochs=2, inputs="dense", targets="block" on 4 x 512."""
 
-    epochs: int = option(2, "passes over the calibration sequences per block")
+    epochs: int = option(1, "passes over the calibration sequences per block")
     lr: float = option(1e-3, "B2B learning rate")
     optimizer: str = option("adamw", "B2B optimizer", choices=OPTIMIZERS)
     micro_batch: int = option(1, "sequences per B2B optimizer step (more, smaller steps on "
                                  "little data)")
-    inputs: str = option("dense", "block inputs: the dense model's hidden states, or the "
-                                  "partially-SPD model's", choices=INPUTS)
-    targets: str = option("block", "B2B targets: the dense block on the same inputs, or (with "
-                                   "spd inputs) the dense model's own hidden states",
-                          choices=TARGETS)
+    inputs: str = option("spd", "block inputs: the dense model's hidden states, or the "
+                                "partially-SPD model's (sequential)", choices=INPUTS)
+    targets: str = option("trajectory", "B2B targets: the dense block on the same inputs, or the "
+                                        "dense model's own hidden states after the block "
+                                        "(the same with dense inputs)", choices=TARGETS)
     lr_search: tuple[float, ...] = option((), "candidate learning rates probed per block "
                                               "(empty: use --lr)", type=floats)
     probe_steps: int = option(4, "steps of each lr-search probe")
@@ -73,9 +75,6 @@ class B2BConfig:
             raise ValueError(f"B2B inputs must be one of {INPUTS}, got {self.inputs!r}")
         if self.targets not in TARGETS:
             raise ValueError(f"B2B targets must be one of {TARGETS}, got {self.targets!r}")
-        if self.targets == "trajectory" and self.inputs != "spd":
-            raise ValueError("B2B trajectory targets need inputs='spd' (with dense inputs they "
-                             "are the block targets)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"B2B optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.epochs < 0 or self.lr <= 0 or self.micro_batch < 1 or self.clip_grad < 0:

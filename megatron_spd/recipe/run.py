@@ -30,9 +30,10 @@ from .distill import B2BConfig
 @dataclass
 class Calibration:
     """The calibration text every recipe step sees (sensitivity sweep, perplexity budget, HG
-    statistics, B2B); the defaults are the published run's (docs/recipe.md)."""
+    statistics, compensation fit, B2B); the defaults are the recovery recipe's
+    (docs/recovery.md; docs/recipe.md's sweep and table used 4 samples)."""
 
-    samples: int = option(4, "calibration sequences")
+    samples: int = option(32, "calibration sequences")
     seq_len: int = option(512, "tokens per calibration sequence")
     source: Optional[str] = option(None, "calibration .txt/.jsonl/.parquet (default: the bundled "
                                          "Wikipedia paragraphs)", flag="--calib", type=str,
