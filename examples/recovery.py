@@ -2,7 +2,7 @@
 """Recovering accuracy at 75 % and 100 % SPD on SmolLM2-135M (G=3): the table of docs/recovery.md.
 
     .venv/bin/python examples/recovery.py                        # everything; a rerun resumes
-    .venv/bin/python examples/recovery.py --methods c0_hg_b2b --ratios 1     # some rows only
+    .venv/bin/python examples/recovery.py --methods recipe --ratios 1        # some rows only
     .venv/bin/python examples/recovery.py --report-only          # table/JSON/plot from what exists
 
 Stages, each writing its output under --work and skipped when that output exists (so the script
@@ -237,7 +237,7 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
 
 def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
     """Perplexities and (unless the dense baseline covers them) the tasks of one model."""
-    from megatron_spd.checkpoint import open_model
+    from megatron_spd.factory import open_model
     from megatron_spd.data import load_texts
     from megatron_spd.evaluate import PAPER_TASKS, perplexity
     from megatron_spd.evaluate.run import EvalConfig, run_evaluation
@@ -293,12 +293,10 @@ def total_wall_minutes(key: str, work: Path) -> float:
 
 
 def report(args, work: Path, docs: Path) -> None:
-    from megatron_spd.checkpoint import read_meta
+    from megatron_spd.checkpoint import read_checkpoint
     from megatron_spd.compensation import plan_cost
-    from megatron_spd.config import ModelConfig
     from megatron_spd.evaluate import paired_difference
     from megatron_spd.io import atomic_write_json, atomic_write_text
-    from megatron_spd.plan import SPDPlan
 
     dense = json.loads((work / "eval" / "dense.json").read_text())
     rows = [{"method": "dense", "spd_ratio": 0.0, "avg_change_points": 0.0, "se_points": 0.0,
@@ -316,9 +314,8 @@ def report(args, work: Path, docs: Path) -> None:
                 continue
             d = paired_difference(dense["tasks"], ev["tasks"])
             stage = json.loads((work / "ckpt" / key / "stage.json").read_text())
-            meta = read_meta(work / "ckpt" / key)
-            cost = plan_cost(ModelConfig.from_dict(meta["model_config"]),
-                             SPDPlan.from_dict(meta["plan"]))
+            ckpt = read_checkpoint(work / "ckpt" / key, verify=False)
+            cost = plan_cost(ckpt.config, ckpt.plan)
             rows.append({"method": method.label, "spd_ratio": ratio,
                          "avg_change_points": round(100 * d["delta"], 2),
                          "se_points": round(100 * d["se"], 2), "items_per_task": ev["limit"],
@@ -390,7 +387,7 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     from megatron_spd import distributed
-    from megatron_spd.checkpoint import load_weights
+    from megatron_spd.sources import load_weights
 
     distributed.init(1)
     cfg, full, tok, _ = load_weights(None)

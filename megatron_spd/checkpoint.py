@@ -326,7 +326,7 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     calls it. Atomic: written to ``.NAME.saving`` and swapped in when complete. An existing
     ``out_dir`` is replaced only if it is one of ours and ``overwrite`` is set.
     ``dense_source``: the original dense model when these weights were changed for SPD."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from .distributed import barrier, is_rank0
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import StoredCheckpoint, load_into, read_checkpoint
+from .checkpoint import StoredCheckpoint, load_into, read_checkpoint, read_full_state_dict
 from .config import ModelConfig
 from .plan import PlanError, SPDPlan
 from .sources import check_vocab, default_plan_for, load_weights, source_kind
@@ -48,7 +48,11 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
             model = build_model(ckpt.config, plan, sequence_parallel=sequence_parallel)
         except PlanError as e:
             raise PlanError(f"cannot open checkpoint {ckpt.root}: {e}") from None
-        load_into(model, ckpt)
+        if _compensation_matches(plan, ckpt.plan, ckpt.config, str(ckpt.root)):
+            load_into(model, ckpt)
+        else:  # the stored tensors do not match the model's: through the full state dict
+            load_full_state_dict(model, _with_compensation(read_full_state_dict(ckpt),
+                                                           ckpt.config, plan))
         return LoadedModel(model, ckpt.config, plan, tok, ckpt.dense_source)
     if kind in ("default", "gguf") and not is_rank0():
         barrier()  # rank 0 fills the conversion cache first; the others then read it
@@ -57,9 +61,45 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
         barrier()
     _note_unrecovered(plan, src_plan, str(source or "the default model"))
     plan = plan or src_plan
+    _compensation_matches(plan, src_plan, cfg, str(source or "the default model"))
     model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
-    load_full_state_dict(model, full)
+    load_full_state_dict(model, _with_compensation(full, cfg, plan))
     return LoadedModel(model, cfg, plan, tok)
+
+
+def _compensation_matches(plan: SPDPlan, weights_plan: Optional[SPDPlan], cfg: ModelConfig,
+                          source: str) -> bool:
+    """Whether the weights hold exactly the compensation ``plan`` gives; if not, says on rank 0
+    what happens: compensation the weights lack starts at zero (plain SPD for that block), the
+    weights' own compensation that the plan does not give is not used."""
+    from .compensation import full_shapes
+    from .distributed import is_rank0
+
+    want = full_shapes(cfg, plan)
+    have = {} if weights_plan is None else full_shapes(cfg, weights_plan)
+    if want == have:
+        return True
+    new = sorted({int(k.split(".")[2]) for k in want if have.get(k) != want[k]})
+    unused = sorted({int(k.split(".")[2]) for k in have if k not in want})
+    if is_rank0():
+        if new:
+            print(f"[megatron-spd] blocks {new} have compensation in the plan that the weights "
+                  f"from {source} do not hold: it starts at zero (plain SPD) until fitted "
+                  "(tools/spd.py distill)", flush=True)
+        if unused:
+            print(f"[megatron-spd] the compensation the weights from {source} hold for blocks "
+                  f"{unused} is not used: the plan gives those blocks none", flush=True)
+    return False
+
+
+def _with_compensation(full: dict, cfg: ModelConfig, plan: SPDPlan) -> dict:
+    """``full`` with exactly the compensation entries ``plan`` gives (zero where missing)."""
+    from .compensation import full_shapes, zero_entries
+
+    want = full_shapes(cfg, plan)
+    kept = {k: v for k, v in full.items() if ".spd_compensation." not in k
+            or (k in want and tuple(v.shape) == want[k])}
+    return {**zero_entries(cfg, plan), **kept}
 
 
 def unrecovered_note(plan: SPDPlan, weights_plan: Optional[SPDPlan], source: str

@@ -9,7 +9,6 @@ the vocabulary files next to it so a checkpoint never depends on where its sourc
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Optional

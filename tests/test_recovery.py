@@ -80,7 +80,7 @@ def test_fit_uses_own_partial_when_asked():
     from megatron_spd.recipe.compensation import apply_groups, fit_groups
 
     g = torch.Generator().manual_seed(3)
-    t, h, groups = 500, 16, 2
+    t, h = 500, 16
     ln1 = torch.randn(t, h, generator=g)
     a0 = torch.randn(t, h, generator=g)
     m = torch.linalg.qr(torch.randn(h, h, generator=g))[0]  # orthogonal: well conditioned
@@ -225,7 +225,8 @@ def test_compensated_checkpoint_reshards(tmp_path):
     """Saved at T=2 (dist_checkpointing, the groups' parameters sharded), read back at T=1 with
     the plan from the checkpoint: the same weights and logits."""
     from megatron_spd import distributed
-    from megatron_spd.checkpoint import load_weights, open_model
+    from megatron_spd.factory import open_model
+    from megatron_spd.sources import load_weights
     from megatron_spd.model import forward_logits
 
     plan = _plan(4, 3)
@@ -243,6 +244,37 @@ def test_compensated_checkpoint_reshards(tmp_path):
         ref = _run(plan.to_dict(), full)[0]
         with torch.no_grad():
             torch.testing.assert_close(forward_logits(lm.model, TOKENS), ref, atol=1e-5, rtol=1e-5)
+    finally:
+        distributed.shutdown()
+
+
+def test_open_model_with_another_compensation(tmp_path, capsys):
+    """A plan whose compensation the checkpoint does not hold: what it lacks starts at zero (the
+    block is plain SPD: the logits of the plan without compensation) and what the plan does not
+    give is left out (the logits of that plan); each is said on rank 0, never silently."""
+    from megatron_spd import distributed
+    from megatron_spd.factory import open_model
+    from megatron_spd.model import forward_logits
+
+    plan = _plan(4, 3)
+    bare = SPDPlan(4, plan.strategies)
+    full = _full_with_compensation(plan)
+    base = {k: v for k, v in full.items() if "spd_compensation" not in k}
+    tok = write_tokenizer(tmp_path / "tok")
+    run_ranks(_save, 1, plan.to_dict(), full, str(tmp_path / "with"), tok)
+    run_ranks(_save, 1, bare.to_dict(), base, str(tmp_path / "without"), tok)
+    distributed.init(1)
+    try:
+        ref = _run(bare.to_dict(), base)[0]
+        capsys.readouterr()
+        for ckpt, given, says in (("with", bare, "is not used"), ("without", plan, "starts at zero")):
+            lm = open_model(tmp_path / ckpt, plan=given)
+            with torch.no_grad():
+                torch.testing.assert_close(forward_logits(lm.model, TOKENS), ref,
+                                           atol=1e-5, rtol=1e-5)
+            assert says in capsys.readouterr().out
+        lm = open_model(tmp_path / "with")  # its own plan: loaded as stored, nothing to say
+        assert capsys.readouterr().out == ""
     finally:
         distributed.shutdown()
 

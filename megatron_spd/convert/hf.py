@@ -12,7 +12,6 @@ Anything else is refused with a message naming the config field, never converted
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
