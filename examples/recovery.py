@@ -327,6 +327,13 @@ def report(args, work: Path, docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(docs / "results.json", rows)
     atomic_write_json(docs / "details.json", details)
+    atomic_write_text(docs / "results.md", results_table(rows) + "\n")
+    plot(rows, docs / "accuracy.png")
+    log(f"wrote {docs}/results.json ({len(rows)} rows), results.md, details.json, accuracy.png")
+
+
+def results_table(rows: list[dict]) -> str:
+    """The markdown table of results.json (docs/recovery.md holds it; tests/test_docs.py checks)."""
     lines = ["| method | SPD | change vs dense (points +/- paired s.e.) | items/task | "
              "ppl Wikipedia eval | ppl CoQA (non-Wikipedia) | recovery wall min | "
              "extra params | extra FLOPs/token |", "|---|---|---|---|---|---|---|---|---|"]
@@ -336,9 +343,7 @@ def report(args, work: Path, docs: Path) -> None:
                      f"{r['ppl']['wikipedia_eval']:.2f} | {r['ppl']['coqa_non_wikipedia']:.2f} | "
                      f"{r['wall_minutes']:.1f} | {r['extra_params']:,} | "
                      f"{r['extra_flops_per_token']:,} |")
-    atomic_write_text(docs / "results.md", "\n".join(lines) + "\n")
-    plot(rows, docs / "accuracy.png")
-    log(f"wrote {docs}/results.json ({len(rows)} rows), results.md, details.json, accuracy.png")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -47,17 +47,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def proxies_table(records: list[dict]) -> str:
+    """The markdown table of a proxies file (docs/recovery.md holds the committed one's;
+    tests/test_docs.py checks it)."""
+    lines = ["| variant | strategy | compensation rank | B2B (inputs, targets, epochs, lr) | "
+             "calibration x 512 | ppl Wikipedia eval | ppl CoQA | recovery s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        a = r["args"]
+        if "src" in a:  # end-to-end distillation from another variant
+            lines.append(f"| {r['name']} | from {a['src']} | | {a['steps']} end-to-end steps | | "
+                         f"{r['ppl']['wikipedia_eval']:.2f} | "
+                         f"{r['ppl']['coqa_non_wikipedia']:.2f} | {r['recover_s']:.0f} |")
+            continue
+        comp = "-" if a["rank"] < 0 else str(a["rank"]) + (f" ({a['ranks']})" if a.get("ranks") else "")
+        lr = a["lr_search"] or a["lr"]
+        b2b = "-" if not a["b2b"] else (f"{a['inputs']}, {a['targets']}, {a['epochs']}, {lr}"
+                                         + (", relative loss" if a.get("loss") == "relative" else ""))
+        lines.append(f"| {r['name']} | {a['strategy']} | {comp} | {b2b} | {a['calib']} | "
+                     f"{r['ppl']['wikipedia_eval']:.2f} | {r['ppl']['coqa_non_wikipedia']:.2f} | "
+                     f"{r['recover_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
     from megatron_spd import distributed
-    from megatron_spd.checkpoint import load_weights, open_model, save_checkpoint
+    from megatron_spd.checkpoint import save_checkpoint
     from megatron_spd.data import calibration_batches, load_texts
     from megatron_spd.evaluate import perplexity
+    from megatron_spd.factory import open_model
     from megatron_spd.model import load_full_state_dict
     from megatron_spd.plan import SPDPlan
     from megatron_spd.recipe import autoplan, distill
+    from megatron_spd.sources import load_weights
     from megatron_spd.spec import build_model
     from megatron_spd.train.loop import FinetuneConfig, finetune
 

@@ -54,12 +54,14 @@ class HGResult:
     notes: list[str] = field(default_factory=list)
     # fitted rank-local compensation of the regrouped block (full tensors), when asked for
     compensation: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
-    compensation_explained: float = float("nan")
+    compensation_explained: Optional[float] = None   # its fit's explained energy, when fitted
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("unit_order")
         d.pop("compensation")
+        if d["compensation_explained"] is None:
+            d.pop("compensation_explained")
         d["units_moved"] = sum(1 for j, u in enumerate(self.unit_order) if u != j)
         return d
 
@@ -294,7 +296,7 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
     return HGResult(block=block, kv_order=kv_order, unit_order=unit_order,
                     head_freedom=head_freedom, error_before=error_before,
                     error_after=error_after, notes=notes, compensation=comp_weights,
-                    compensation_explained=explained if compensation is not None else float("nan"))
+                    compensation_explained=explained if compensation is not None else None)
 
 
 def regroup(full: FullStateDict, cfg: ModelConfig, dense_model, block_list: list[int],
