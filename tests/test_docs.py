@@ -38,7 +38,10 @@ class Claim:
 def _load(name: str | tuple[str, ...]):
     if isinstance(name, tuple):
         return [_load(n) for n in name]
-    return json.loads((DOCS / name).read_text())
+    text = (DOCS / name).read_text()
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
 
 
 def _flat(text: str) -> str:
@@ -208,6 +211,57 @@ def _projection_tables(proj) -> dict:
             "at100": markdown.projection_table(proj, 1.0)}
 
 
+# ----- docs/recovery.md from docs/recovery/results.json and proxies.jsonl ----------------------
+
+def _example(name: str):
+    """A module of examples/ (the scripts that wrote the JSON format their own tables)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    return importlib.import_module(name)
+
+
+def _recovery_table(rows) -> dict:
+    return {"table": _example("recovery").results_table(rows)}
+
+
+def _proxies_table(lines) -> dict:
+    return {"table": _example("recovery_proxies").proxies_table(lines)}
+
+
+def _proxies(lines) -> dict:
+    p = {r["name"]: r for r in lines}
+
+    def ppl(name):
+        return p[name]["ppl"]["wikipedia_eval"]
+
+    def explained(name, block):
+        return 100 * p[name]["compensation_explained"][str(block)]
+
+    b11, b11_lrs = p["hg_b2b"]["b2b"]["11"], p["hg_c0_b2b_lrs"]["b2b"]["11"]
+    return {"zs": ppl("zs"), "c0": ppl("zs_c0"), "c16": ppl("zs_c16"),
+            "e24": explained("zs_c0", 24), "e0": explained("zs_c0", 0),
+            "e11": explained("zs_c0", 11), "e11_16": explained("zs_c16", 11),
+            "seq": ppl("hg_b2b_seq"), "ind": ppl("hg_b2b"), "c_ind": ppl("hg_c0_b2b"),
+            "c_seq": ppl("hg_c0_b2b_seq"), "c_seq16": ppl("hg_c0_b2b_seq16"),
+            "c_seq32": ppl("hg_c0_b2b_seq32e1"), "c_seq32e2": ppl("hg_c0_b2b_seq32e2"),
+            "e4": ppl("hg_c0_b2b_seq_e4"), "lrs": ppl("hg_c0_b2b_lrs"),
+            "seq_lrs": ppl("hg_c0_b2b_seq_lrs"), "rel": ppl("hg_c0_b2b_seq_rel"),
+            "b11_from": b11[0], "b11_to": b11[1], "b11_lr": f"{b11_lrs[2]:.0e}".replace("e-0", "e-"), "b11_lrs": b11_lrs[1],
+            "e2e": ppl("e2e_seq_20"), "e2e_steps": p["e2e_seq_20"]["args"]["steps"]}
+
+
+def _recipe_block11(d) -> dict:
+    b11 = d["records"]["b2b"]["b2b"]["11"]
+    return {"before": b11["mse_before"], "after": b11["mse_after"],
+            "trained": b11["mse_trained"]}
+
+
+RECOVERY = "recovery/results.json"
+PROXIES = "recovery/proxies.jsonl"
+
+
 CLAIMS = [
     Claim("recipe.md", "recipe_results.json", _cumulative,
           "dense calibration perplexity {base:.2f}; blocks 29..1 SPD: {rest:.1f}; all 30 SPD: "
@@ -280,6 +334,41 @@ CLAIMS = [
     Claim("latency.md", "latency/llama-s_tp4_pcie.json", _measured_table, "{table}"),
     Claim("latency.md", "latency/projection.json", _projection_tables, "{at70}"),
     Claim("latency.md", "latency/projection.json", _projection_tables, "{at100}"),
+    Claim("recovery.md", RECOVERY, _recovery_table, "{table}"),
+    Claim("recovery.md", PROXIES, _proxies_table, "{table}"),
+    Claim("recovery.md", PROXIES, _proxies,
+          "takes the zero-shot model from {zs:.2f} to {c0:.2f} with a bias per group"),
+    Claim("recovery.md", PROXIES, _proxies,
+          "but is worse on held-out text ({c16:.2f})"),
+    Claim("recovery.md", PROXIES, _proxies,
+          "The bias explains {e24:.0f} % of block 24's missing energy and {e0:.0f} % of block "
+          "0's."),
+    Claim("recovery.md", PROXIES, _proxies, "It explains {e11:.1f} % of block 11's"),
+    Claim("recovery.md", PROXIES, _proxies,
+          "Without compensation, sequential and independent B2B are close: {seq:.2f} vs "
+          "{ind:.2f}."),
+    Claim("recovery.md", PROXIES, _proxies,
+          "With the bias, independent B2B gets *worse*: {c_ind:.2f}."),
+    Claim("recovery.md", PROXIES, _proxies,
+          "is the best of the 8 x 512 lines: {c_seq:.2f}."),
+    Claim("recovery.md", PROXIES, _proxies,
+          "{c_seq:.2f} with 8 x 512, {c_seq16:.2f} with 16 x 512, {c_seq32:.2f} with 32 x 512."),
+    Claim("recovery.md", PROXIES, _proxies, "({c_seq32:.2f} both)"),
+    Claim("recovery.md", PROXIES, _proxies, "Four epochs on 8 x 512 are worse than two: {e4:.2f}."),
+    Claim("recovery.md", PROXIES, _proxies,
+          "({lrs:.2f} vs {c_ind:.2f}) but not sequential B2B ({seq_lrs:.2f} vs {c_seq:.2f})."),
+    Claim("recovery.md", PROXIES, _proxies, "A loss relative to the target's norm is worse ({rel:.2f})."),
+    Claim("recovery.md", PROXIES, _proxies,
+          "the same lr lowers it from {b11_from:.2f} to {b11_to:.2f} (after HG). The lr search "
+          "picks {b11_lr} for it and reaches {b11_lrs:.2f}."),
+    Claim("recovery.md", PROXIES, _proxies,
+          "the bias explains {e11:.1f} % of their energy and a rank-16 map {e11_16:.0f} %."),
+    Claim("recovery.md", PROXIES, _proxies,
+          "{e2e_steps} steps of 4 x 256 tokens against the dense teacher: {c_seq:.2f} -> "
+          "{e2e:.2f}."),
+    Claim("recovery.md", "recipe_results.json", _recipe_block11,
+          "({before:.2f} -> {after:.2f}: training raised it to {trained:.2f}, and the initial "
+          "weights were kept)"),
 ]
 
 

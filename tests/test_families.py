@@ -98,7 +98,7 @@ def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
 def _recipe(cfg, full) -> dict:
     """Sensitivity sweep, head grouping (dense function unchanged) and B2B on this family."""
     from megatron_spd.model import forward_logits, load_full_state_dict
-    from megatron_spd.recipe import activations, distill, headgroup, sensitivity
+    from megatron_spd.recipe import activations, distill, headgroup, recover, sensitivity
     from megatron_spd.spec import build_model
 
     calib = torch.randint(3, 280, (4, WINDOW), generator=torch.Generator().manual_seed(5))
@@ -112,8 +112,8 @@ def _recipe(cfg, full) -> dict:
         hg_dense = forward_logits(check, TOKENS)
     model = build_model(cfg, PLAN)
     load_full_state_dict(model, full)
-    (b2b,) = distill.distill(model, dense, calib, [1], distill.B2BConfig(epochs=3, lr=2e-3),
-                             progress=False)
+    (b2b,) = recover.recover(model, dense, calib, {1: recover.BlockSteps(b2b=True)}, cfg,
+                             b2b=distill.B2BConfig(epochs=3, lr=2e-3), progress=False).b2b
     return {"sensitivity": sens.sensitivity, "hg_dense": hg_dense, "b2b": b2b}
 
 

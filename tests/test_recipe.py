@@ -219,7 +219,8 @@ def test_compose_equals_applying_the_plan(single):
 
     COMPOSE_ATOL = 1e-6
     full, toks = random_full(CFG), tokens()
-    b2b = distill.B2BConfig(epochs=1, lr=1e-2, micro_batch=3, optimizer="sgd")
+    b2b = distill.B2BConfig(epochs=1, lr=1e-2, micro_batch=3, optimizer="sgd", inputs="dense",
+                            targets="block")  # what compose needs (recipe_sweep pins it)
     L = CFG.num_layers
     recovered = {s: autoplan.apply_plan(CFG, full, SPDPlan.from_spd_blocks(L, G, range(L), s), toks,
                                         b2b=b2b, progress=False)[1] for s in ("b2b", "hg")}
