@@ -226,6 +226,44 @@ def _recovery_table(rows) -> dict:
     return {"table": _example("recovery").results_table(rows)}
 
 
+def _recovery_headline(rows) -> dict:
+    """The default recipe's rows (``examples/recovery.py`` METHODS["recipe"]) and the dense row."""
+    label = _example("recovery").METHODS["recipe"].label
+    dense = next(r for r in rows if r["method"] == "dense")
+    out = {"dense_ppl": dense["ppl"]["wikipedia_eval"],
+           "dense_coqa": dense["ppl"]["coqa_non_wikipedia"]}
+    for r in rows:
+        if r["method"] == label:
+            k = round(100 * r["spd_ratio"])
+            out.update({f"chg{k}": f"{r['avg_change_points']:+.2f}", f"se{k}": r["se_points"],
+                        f"ppl{k}": r["ppl"]["wikipedia_eval"],
+                        f"coqa{k}": r["ppl"]["coqa_non_wikipedia"], f"wall{k}": r["wall_minutes"],
+                        f"items{k}": r["items_per_task"],
+                        f"ppl_rise{k}": 100 * (r["ppl"]["wikipedia_eval"] / out["dense_ppl"] - 1),
+                        f"coqa_rise{k}": 100 * (r["ppl"]["coqa_non_wikipedia"] / out["dense_coqa"]
+                                                - 1)})
+    return out
+
+
+def _previous_reproduced(ds) -> dict:
+    """The previous recipe's row equals docs/recipe.md's HG+B2B cell at 100 % (same items)."""
+    rows, sweep = ds
+    label = _example("recovery").METHODS["hg_b2b_prev"].label
+    row = next(r for r in rows if r["method"] == label and r["spd_ratio"] == 1.0)
+    text = f"{row['avg_change_points']:+.2f} +/- {row['se_points']:.2f}"
+    assert _cell(sweep, "hg@1").startswith(text), (text, _cell(sweep, "hg@1"))
+    return {"row": text}
+
+
+def _recovery_vs_previous(details) -> dict:
+    """The default recipe against the previous one at 100 %, paired on the same items."""
+    from megatron_spd.evaluate import paired_difference
+
+    p = paired_difference(details["hg_b2b_prev@1"]["evaluation"]["tasks"],
+                          details["recipe@1"]["evaluation"]["tasks"])
+    return {"delta": f"{100 * p['delta']:+.2f}", "se": 100 * p["se"]}
+
+
 def _proxies_table(lines) -> dict:
     return {"table": _example("recovery_proxies").proxies_table(lines)}
 
@@ -335,6 +373,16 @@ CLAIMS = [
     Claim("latency.md", "latency/projection.json", _projection_tables, "{at70}"),
     Claim("latency.md", "latency/projection.json", _projection_tables, "{at100}"),
     Claim("recovery.md", RECOVERY, _recovery_table, "{table}"),
+    Claim("recovery.md", RECOVERY, _recovery_headline,
+          "default recipe is {chg100} +/- {se100:.2f} points from dense on {items100} items "
+          "per task, perplexity {ppl100:.2f} (dense {dense_ppl:.2f}) on Wikipedia and {coqa100:.2f} "
+          "(dense {dense_coqa:.2f}) on the CoQA stories, after {wall100:.1f} minutes of recovery."),
+    Claim("recovery.md", RECOVERY, _recovery_headline,
+          "perplexity +{coqa_rise100:.0f} % vs +{ppl_rise100:.0f} % over dense"),
+    Claim("recovery.md", (RECOVERY, "recipe_results.json"), _previous_reproduced,
+          "The previous recipe reproduces its published {row} (docs/recipe.md) exactly."),
+    Claim("recovery.md", "recovery/details.json", _recovery_vs_previous,
+          "Against the previous recipe on the same items it gains {delta} +/- {se:.2f} points."),
     Claim("recovery.md", PROXIES, _proxies_table, "{table}"),
     Claim("recovery.md", PROXIES, _proxies,
           "takes the zero-shot model from {zs:.2f} to {c0:.2f} with a bias per group"),
