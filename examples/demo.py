@@ -5,7 +5,8 @@ Runs the four user tasks with the real command-line tools, exactly as a user wou
 a summary at the end:
   1. convert the bundled GGUF to a megatron-core checkpoint (TP-agnostic, plan inside);
   2. measure per-block SPD sensitivity (G = 3) and write a plan for 50% SPD;
-  3. recover accuracy with block-to-block distillation (tools/spd.py also does head grouping);
+  3. recover accuracy: the plan's closed-form compensation, then block-to-block distillation
+     (tools/spd.py also does head grouping);
   4. serve it: evaluate dense / zero-shot SPD / recovered SPD on the same items, generate with
      the sync points really dropped over 3 torchrun ranks, and time decode on a simulated link.
 Everything lands in runs/demo/ (JSON + PNG). Sizes are small so the demo takes minutes on a
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
                         "2b. plan: the least sensitive blocks, each to be distilled")
     times["recover"] = run([PY, "tools/spd.py", "distill", "--ckpt", str(ckpt), "--plan", str(plan),
                             *calib, "--epochs", "1", "--out", str(spd), "--overwrite"],
-                           "3. recover: block-to-block distillation (B2B) of every SPD block")
+                           "3. recover: compensation fit + block-to-block distillation (B2B) of every SPD block")
     evals = {}
     dense_json = out / "eval_dense.json"
     for name, extra in (("dense", ["--ckpt", str(ckpt)]),
