@@ -207,6 +207,11 @@ def test_wrap_finalize_runs_megatron_finalize_then_the_spd_reduction(monkeypatch
 
 # ----- Megatron-LM's own code on our checkpoints (MEGATRON_LM_DIR) ------------------------------
 
+# with rank-local compensation on one block: parameters Megatron-LM does not know, stored per layer
+ROUND_TRIP_PLAN = SPDPlan(3, ["dense", "zs", "zs"],
+                          {"compensation": {"blocks": [2], "rank": 2, "inputs": "ln1"}}).to_dict()
+
+
 def megatron_lm_round_trip(work: str) -> None:
     """Run in a subprocess whose path starts with the patched Megatron-LM copy: Megatron-LM's
     argument parsing, builder, loader and saver on CPU. Results go to work/result.json."""
@@ -225,6 +230,7 @@ def megatron_lm_round_trip(work: str) -> None:
 
     from megatron_spd import distributed
     from megatron_spd.checkpoint import save_checkpoint
+    from megatron_spd.compensation import zero_entries
     from megatron_spd.factory import open_model
     from megatron_spd.model import forward_logits, load_full_state_dict
     from megatron_spd.spec import build_model
@@ -233,13 +239,16 @@ def megatron_lm_round_trip(work: str) -> None:
     from tests.test_checkpoint import write_tokenizer
 
     work = Path(work)
-    plan = SPDPlan(3, ["dense", "zs", "zs"])
+    plan = SPDPlan.from_dict(ROUND_TRIP_PLAN)
     other = work / "other.json"
     SPDPlan(3, ["zs", "zs", "dense"]).save(other)
     distributed.init(1)
     tok = write_tokenizer(work / "tok")
     ours = build_model(CFG, plan)
-    load_full_state_dict(ours, random_full_state_dict(CFG, seed=3))
+    g = torch.Generator().manual_seed(4)
+    load_full_state_dict(ours, {**random_full_state_dict(CFG, seed=3),
+                                **{k: 0.3 * torch.randn(v.shape, generator=g)
+                                   for k, v in zero_entries(CFG, plan).items()}})
     save_checkpoint(ours, work / "ours", config=CFG, plan=plan, tokenizer=load_tokenizer(tok))
     tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -286,6 +295,8 @@ def megatron_lm_round_trip(work: str) -> None:
     out["restored_plan"] = json.loads(args.spd_plan_json)
     model = build(args)
     out["spd_layers"] = [type(m).__name__ for m in model.decoder.layers]
+    out["compensated"] = sorted({n.split(".")[2] for n, _ in model.named_parameters()
+                                 if ".spd_compensation." in n})
     checkpointing.load_checkpoint([model], None, None, strict=True)
     with torch.no_grad():
         out["mlm_vs_ours"] = (forward_logits(model, tokens) - ref).abs().max().item()
@@ -342,13 +353,14 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
                        env={**os.environ, "PYTHONPATH": path}, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     out = json.loads((work / "result.json").read_text())
-    plan = SPDPlan(3, ["dense", "zs", "zs"]).to_dict()
+    plan = ROUND_TRIP_PLAN
     print(f"\nMegatron-LM vs ours max|dlogits| {out['mlm_vs_ours']:.1e}; "
           f"ours from Megatron-LM's save {out['ours_from_mlm']:.1e}")
     assert out["restored_plan"] == plan and out["mlm_saved_plan"] == plan
     assert out["mlm_dense_source"] == str(work / "ours")  # the teacher of a later fine-tune
     assert out["spd_layers"] == out["plan_from_load"] == \
         ["TransformerLayer", "SPDTransformerLayer", "SPDTransformerLayer"]
+    assert out["compensated"] == ["2"]
     assert out["mlm_vs_ours"] <= 1e-6 and out["ours_from_mlm"] <= 1e-6
     assert "differs from the plan stored" in out["mismatch"]
     assert out["server_spd_plan"].endswith("other.json")
