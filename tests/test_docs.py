@@ -226,35 +226,24 @@ def _recovery_table(rows) -> dict:
     return {"table": _example("recovery").results_table(rows)}
 
 
-def _recovery_headline(rows) -> dict:
-    """The default recipe's rows (``examples/recovery.py`` METHODS["recipe"]) and the dense row."""
-    label = _example("recovery").METHODS["recipe"].label
+def _recovery_rows(rows) -> dict:
+    """Every recovered row as ``<METHODS name>_<field><ratio %>`` (e.g. ``recipe_chg100``), and
+    the dense row's perplexities."""
     dense = next(r for r in rows if r["method"] == "dense")
     out = {"dense_ppl": dense["ppl"]["wikipedia_eval"],
            "dense_coqa": dense["ppl"]["coqa_non_wikipedia"]}
-    for r in rows:
-        if r["method"] == label:
-            k = round(100 * r["spd_ratio"])
-            out.update({f"chg{k}": f"{r['avg_change_points']:+.2f}", f"se{k}": r["se_points"],
-                        f"ppl{k}": r["ppl"]["wikipedia_eval"],
-                        f"coqa{k}": r["ppl"]["coqa_non_wikipedia"], f"wall{k}": r["wall_minutes"],
-                        f"items{k}": r["items_per_task"],
-                        f"ppl_rise{k}": 100 * (r["ppl"]["wikipedia_eval"] / out["dense_ppl"] - 1),
-                        f"coqa_rise{k}": 100 * (r["ppl"]["coqa_non_wikipedia"] / out["dense_coqa"]
-                                                - 1)})
-    return out
-
-
-def _recovery_e2e(rows) -> dict:
-    """The end-to-end rows (METHODS["recipe_e2e"]), by ratio."""
-    label = _example("recovery").METHODS["recipe_e2e"].label
-    out = {}
-    for r in rows:
-        if r["method"] == label:
-            k = round(100 * r["spd_ratio"])
-            out.update({f"chg{k}": f"{r['avg_change_points']:+.2f}", f"se{k}": r["se_points"],
-                        f"ppl{k}": r["ppl"]["wikipedia_eval"],
-                        f"coqa{k}": r["ppl"]["coqa_non_wikipedia"], f"wall{k}": r["wall_minutes"]})
+    for name, method in _example("recovery").METHODS.items():
+        for r in rows:
+            if r["method"] != method.label:
+                continue
+            k, ppl, coqa = (round(100 * r["spd_ratio"]), r["ppl"]["wikipedia_eval"],
+                            r["ppl"]["coqa_non_wikipedia"])
+            out.update({f"{name}_chg{k}": f"{r['avg_change_points']:+.2f}",
+                        f"{name}_se{k}": r["se_points"], f"{name}_ppl{k}": ppl,
+                        f"{name}_coqa{k}": coqa, f"{name}_wall{k}": r["wall_minutes"],
+                        f"{name}_items{k}": r["items_per_task"],
+                        f"{name}_ppl_rise{k}": 100 * (ppl / out["dense_ppl"] - 1),
+                        f"{name}_coqa_rise{k}": 100 * (coqa / out["dense_coqa"] - 1)})
     return out
 
 
@@ -279,19 +268,6 @@ def _recovery_pairs(details) -> dict:
         p = paired_difference(details[f"{a}@{ratio}"]["evaluation"]["tasks"],
                               details[f"{b}@{ratio}"]["evaluation"]["tasks"])
         out[f"{a}_{b}{ratio.replace('.', '_')}"] = f"{100 * p['delta']:+.2f} +/- {100 * p['se']:.2f}"
-    return out
-
-
-def _recovery_ppl(rows) -> dict:
-    """Perplexities of the 100 % rows, keyed by METHODS name."""
-    methods = _example("recovery").METHODS
-    out = {}
-    for name, m in methods.items():
-        for r in rows:
-            if r["method"] == m.label and r["spd_ratio"] == 1.0:
-                out[f"{name}_wiki"] = r["ppl"]["wikipedia_eval"]
-                out[f"{name}_coqa"] = r["ppl"]["coqa_non_wikipedia"]
-                out[f"{name}_min"] = r["wall_minutes"]
     return out
 
 
@@ -404,17 +380,19 @@ CLAIMS = [
     Claim("latency.md", "latency/projection.json", _projection_tables, "{at70}"),
     Claim("latency.md", "latency/projection.json", _projection_tables, "{at100}"),
     Claim("recovery.md", RECOVERY, _recovery_table, "{table}"),
-    Claim("recovery.md", RECOVERY, _recovery_headline,
-          "default recipe is {chg100} +/- {se100:.2f} points from dense on {items100} items "
-          "per task, perplexity {ppl100:.2f} (dense {dense_ppl:.2f}) on Wikipedia and {coqa100:.2f} "
-          "(dense {dense_coqa:.2f}) on the CoQA stories, after {wall100:.1f} minutes of recovery."),
-    Claim("recovery.md", RECOVERY, _recovery_headline,
-          "perplexity +{coqa_rise100:.0f} % vs +{ppl_rise100:.0f} % over dense"),
-    Claim("recovery.md", RECOVERY, _recovery_headline,
-          "default recipe is {chg75} +/- {se75:.2f} points from dense, perplexity {ppl75:.2f} on "
-          "Wikipedia and {coqa75:.2f} on the CoQA stories, after {wall75:.1f} minutes"),
-    Claim("recovery.md", RECOVERY, _recovery_headline,
-          "The perplexity gap is small (+{ppl_rise75:.0f} %)"),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "default recipe is {recipe_chg100} +/- {recipe_se100:.2f} points from dense on "
+          "{recipe_items100} items per task, perplexity {recipe_ppl100:.2f} (dense {dense_ppl:.2f}) "
+          "on Wikipedia and {recipe_coqa100:.2f} (dense {dense_coqa:.2f}) on the CoQA stories, "
+          "after {recipe_wall100:.1f} minutes of recovery."),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "perplexity +{recipe_coqa_rise100:.0f} % vs +{recipe_ppl_rise100:.0f} % over dense"),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "default recipe is {recipe_chg75} +/- {recipe_se75:.2f} points from dense, perplexity "
+          "{recipe_ppl75:.2f} on Wikipedia and {recipe_coqa75:.2f} on the CoQA stories, after "
+          "{recipe_wall75:.1f} minutes"),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "The perplexity gap is small (+{recipe_ppl_rise75:.0f} %)"),
     Claim("recovery.md", (RECOVERY, "recipe_results.json"), _previous_reproduced,
           "The previous recipe reproduces its published {row} (docs/recipe.md) exactly."),
     Claim("recovery.md", "recovery/details.json", _recovery_pairs,
@@ -424,17 +402,18 @@ CLAIMS = [
           "{hg_b2b_prev_hg_b2b_seq1} points over the previous recipe"),
     Claim("recovery.md", "recovery/details.json", _recovery_pairs,
           "its accuracy effect ({hg_b2b_seq_recipe1} points, paired) cannot be resolved"),
-    Claim("recovery.md", RECOVERY, _recovery_ppl,
-          "lowers perplexity on both texts ({hg_b2b_seq_wiki:.2f} -> {recipe_wiki:.2f} on "
-          "Wikipedia, {hg_b2b_seq_coqa:.2f} -> {recipe_coqa:.2f} on the CoQA stories)"),
-    Claim("recovery.md", RECOVERY, _recovery_ppl,
-          "its {hg_b2b_seq_min:.1f} minutes were measured beside the test suite"),
-    Claim("recovery.md", RECOVERY, _recovery_e2e,
-          "reaches **{chg100} +/- {se100:.2f} points** at 100 % (perplexity {ppl100:.2f} and "
-          "{coqa100:.2f}), {wall100:.1f} minutes in all"),
-    Claim("recovery.md", RECOVERY, _recovery_e2e,
-          "and {chg75} +/- {se75:.2f} at 75 % (perplexity {ppl75:.2f} and {coqa75:.2f}), "
-          "{wall75:.1f} minutes"),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "lowers perplexity on both texts ({hg_b2b_seq_ppl100:.2f} -> {recipe_ppl100:.2f} on "
+          "Wikipedia, {hg_b2b_seq_coqa100:.2f} -> {recipe_coqa100:.2f} on the CoQA stories)"),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "its {hg_b2b_seq_wall100:.1f} minutes were measured beside the test suite"),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "reaches **{recipe_e2e_chg100} +/- {recipe_e2e_se100:.2f} points** at 100 % (perplexity "
+          "{recipe_e2e_ppl100:.2f} and {recipe_e2e_coqa100:.2f}), {recipe_e2e_wall100:.1f} minutes "
+          "in all"),
+    Claim("recovery.md", RECOVERY, _recovery_rows,
+          "and {recipe_e2e_chg75} +/- {recipe_e2e_se75:.2f} at 75 % (perplexity "
+          "{recipe_e2e_ppl75:.2f} and {recipe_e2e_coqa75:.2f}), {recipe_e2e_wall75:.1f} minutes"),
     Claim("recovery.md", "recovery/details.json", _recovery_pairs,
           "Paired against the default recipe alone: {recipe_recipe_e2e1} points at 100 %, "
           "{recipe_recipe_e2e0_75} at 75 %."),
