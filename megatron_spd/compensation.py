@@ -162,3 +162,12 @@ def full_shapes(cfg, plan) -> dict[str, tuple[int, ...]]:
 def zero_entries(cfg, plan) -> dict[str, torch.Tensor]:
     """Zero compensation for every block the plan gives one (plain SPD until fitted)."""
     return {k: torch.zeros(shape) for k, shape in full_shapes(cfg, plan).items()}
+
+
+def entries_for_plan(full: dict[str, torch.Tensor], cfg, plan) -> dict[str, torch.Tensor]:
+    """``full`` with exactly the compensation entries ``plan`` gives: zero where the weights lack
+    them (plain SPD until fitted), the weights' own that the plan does not give left out."""
+    want = full_shapes(cfg, plan)
+    kept = {k: v for k, v in full.items() if ".spd_compensation." not in k
+            or (k in want and tuple(v.shape) == want[k])}
+    return {**zero_entries(cfg, plan), **kept}

@@ -31,6 +31,7 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
     """Build the model at the current TP degree (``distributed.init(tp)`` first) with ``plan``
     (default: the source's own plan) and load its weights; every rank calls it. ``tokenizer``
     replaces the source's own; ``verify=False`` skips the checksum check of a checkpoint."""
+    from .compensation import entries_for_plan
     from .distributed import barrier, is_rank0
     from .model import load_full_state_dict
     from .spec import build_model
@@ -51,8 +52,8 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
         if _compensation_matches(plan, ckpt.plan, ckpt.config, str(ckpt.root)):
             load_into(model, ckpt)
         else:  # the stored tensors do not match the model's: through the full state dict
-            load_full_state_dict(model, _with_compensation(read_full_state_dict(ckpt),
-                                                           ckpt.config, plan))
+            load_full_state_dict(model, entries_for_plan(read_full_state_dict(ckpt),
+                                                         ckpt.config, plan))
         return LoadedModel(model, ckpt.config, plan, tok, ckpt.dense_source)
     if kind in ("default", "gguf") and not is_rank0():
         barrier()  # rank 0 fills the conversion cache first; the others then read it
@@ -63,7 +64,7 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
     plan = plan or src_plan
     _compensation_matches(plan, src_plan, cfg, str(source or "the default model"))
     model = build_model(cfg, plan, sequence_parallel=sequence_parallel)
-    load_full_state_dict(model, _with_compensation(full, cfg, plan))
+    load_full_state_dict(model, entries_for_plan(full, cfg, plan))
     return LoadedModel(model, cfg, plan, tok)
 
 
@@ -90,16 +91,6 @@ def _compensation_matches(plan: SPDPlan, weights_plan: Optional[SPDPlan], cfg: M
             print(f"[megatron-spd] the compensation the weights from {source} hold for blocks "
                   f"{unused} is not used: the plan gives those blocks none", flush=True)
     return False
-
-
-def _with_compensation(full: dict, cfg: ModelConfig, plan: SPDPlan) -> dict:
-    """``full`` with exactly the compensation entries ``plan`` gives (zero where missing)."""
-    from .compensation import full_shapes, zero_entries
-
-    want = full_shapes(cfg, plan)
-    kept = {k: v for k, v in full.items() if ".spd_compensation." not in k
-            or (k in want and tuple(v.shape) == want[k])}
-    return {**zero_entries(cfg, plan), **kept}
 
 
 def unrecovered_note(plan: SPDPlan, weights_plan: Optional[SPDPlan], source: str

@@ -104,11 +104,12 @@ def apply_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: tor
     """Run HG, compensation and B2B as the plan says (``recover.recover``, block by block);
     returns (model with the plan, its full state dict, plan with records). ``b2b=None`` does
     HG and compensation only. HG and compensation need T=1; B2B runs at any T dividing G."""
-    from ..compensation import zero_entries
+    from ..compensation import entries_for_plan, zero_entries
     from ..spec import build_model
 
-    dense = build_model(cfg, SPDPlan.dense(cfg.num_layers, plan.groups))
-    load_full_state_dict(dense, {k: v for k, v in full.items() if "spd_compensation" not in k})
+    dense_plan = SPDPlan.dense(cfg.num_layers, plan.groups)
+    dense = build_model(cfg, dense_plan)
+    load_full_state_dict(dense, entries_for_plan(full, cfg, dense_plan))
     dense.eval()
     model = build_model(cfg, plan)
     load_full_state_dict(model, {**zero_entries(cfg, plan), **full})
