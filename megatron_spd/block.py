@@ -66,8 +66,9 @@ from .layers import SPDColumnParallelLinear, SPDRowParallelLinear
 from .plan import check_groups
 
 
-def check_supported(config, local_groups: int) -> None:
-    """Raise ValueError for a TransformerConfig setting the SPD block cannot honour."""
+def check_supported(config, local_groups: int, compensation_rank: int = 0) -> None:
+    """Raise ValueError for a TransformerConfig setting the SPD block (with a rank-
+    ``compensation_rank`` compensation, compensation.py) cannot honour."""
     problems = []
     if config.cuda_graph_impl != "none":
         problems.append(f"cuda_graph_impl={config.cuda_graph_impl!r}: megatron's per-layer CUDA "
@@ -93,6 +94,12 @@ def check_supported(config, local_groups: int) -> None:
                         "per rank: each group's fc1 bias is added inside the linear, and "
                         "megatron's fused bias-GeLU needs one bias tensor; turn the fusion off "
                         "or run with TP = G")
+    if (compensation_rank > 0 and config.recompute_granularity == "selective"
+            and "layernorm" in config.recompute_modules):  # TransformerLayer's own test
+        problems.append(f"a rank-{compensation_rank} SPD compensation reads LN1's output, which "
+                        "selective 'layernorm' recompute frees after the attention; drop "
+                        "'layernorm' from recompute_modules or use a bias-only compensation "
+                        "(rank 0)")
     if problems:
         raise ValueError("SPDTransformerLayer cannot honour this TransformerConfig: "
                          + "; ".join(problems))
@@ -121,19 +128,13 @@ class SPDTransformerLayer(TransformerLayer):
               else parallel_state.get_tensor_model_parallel_world_size())
         check_groups(spd_groups, tp, config.num_attention_heads, config.num_query_groups,
                      config.ffn_hidden_size)
-        check_supported(config, spd_groups // tp)  # before megatron acts on the settings
+        check_supported(config, spd_groups // tp,  # before megatron acts on the settings
+                        (spd_compensation or {}).get("rank", 0))
         super().__init__(config, submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection,
                          vp_stage=vp_stage)
         self.spd_groups = spd_groups
         self.local_groups = spd_groups // tp
-        comp_rank = (spd_compensation or {}).get("rank", 0)
-        if comp_rank > 0 and self.recompute_input_layernorm:
-            raise ValueError("SPDTransformerLayer cannot honour this TransformerConfig: a rank-"
-                             f"{comp_rank} SPD compensation reads LN1's output, "
-                             "which selective 'layernorm' recompute frees after the attention; "
-                             "drop 'layernorm' from recompute_modules or use a bias-only "
-                             "compensation (rank 0)")
         self.spd_compensation = None if spd_compensation is None else SPDCompensation(
             config, self.local_groups, tp_group=self.tp_group, **spd_compensation)
         attn, mlp = self.self_attention, self.mlp

@@ -89,6 +89,11 @@ def test_refuses_settings_it_cannot_honour():
     check_supported(opt, 1)  # one group per rank: the bias comes back to the fused kernel
     with pytest.raises(ValueError, match="biased GeLU and 2 SPD groups"):
         check_supported(opt, 2)
+    recompute_ln = LLAMA.transformer_config(1, recompute_granularity="selective",
+                                            recompute_modules=["layernorm"])
+    check_supported(recompute_ln, 2, compensation_rank=0)  # a bias needs no LN1 output
+    with pytest.raises(ValueError, match="rank-4 SPD compensation reads LN1's output"):
+        check_supported(recompute_ln, 2, compensation_rank=4)
 
 
 # ----- activation recompute in SPD blocks (TP=2) ---------------------------------------------
