@@ -27,6 +27,16 @@ def check_model(model) -> None:
                          "sequence_parallel=False (the plan it makes serves with either)")
 
 
+def require_full_weights(step: str, result: str) -> None:
+    """Recipe steps that gather statistics over every group (HG, the compensation fit) run on
+    the full weights: refuse T > 1 (the ``result`` checkpoint then serves at any T)."""
+    from .. import distributed
+
+    if distributed.tp_size() != 1:
+        raise ValueError(f"{step} gathers statistics on the full weights: run it at T=1 (the "
+                         f"G-way emulation); the {result} checkpoint then serves at any T")
+
+
 def micro_batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))

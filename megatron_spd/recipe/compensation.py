@@ -31,7 +31,7 @@ from .. import compat
 from ..compensation import PARAM_NAMES
 from ..config import FullStateDict
 from . import activations
-from .headgroup import _block_stats
+from .headgroup import block_stats
 
 
 @dataclass
@@ -100,7 +100,7 @@ def block_partials(layer, x_cache: torch.Tensor, cfg, groups: int, ctx: dict, *,
                    micro_batch: int = 4, max_tokens: int = 8192):
     """(X [t, h], per-SPD-group partials A_g [t, G, h], b_O or 0) of dense ``layer`` on
     calibration inputs ``x_cache`` [n, s, h]; the KV groups of an SPD group are contiguous."""
-    x, parts, _ = _block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
+    x, parts, _ = block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
     per = parts.shape[1] // groups
     kv_groups = [list(range(g * per, (g + 1) * per)) for g in range(groups)]
     return x, group_partials(parts, kv_groups), out_bias(layer)
@@ -146,11 +146,7 @@ def fit_block(model, block: int, x_cache: torch.Tensor, cfg, groups: int, rank: 
               max_tokens: int = 8192) -> CompensationFit:
     """Fit block ``block`` of the dense ``model`` (T=1; its weights as the plan will use them,
     i.e. after any head-grouping permutation) on its calibration inputs ``x_cache``."""
-    from .. import distributed
-
-    if distributed.tp_size() != 1:
-        raise ValueError("compensation is fitted on the full weights: run it at T=1 (the G-way "
-                         "emulation); the fitted checkpoint then serves at any T")
+    activations.require_full_weights("the compensation fit", "fitted")
     layer = model.decoder.layers[block]
     ctx = activations.context(model, x_cache.shape[1])
     x, parts, b_o = block_partials(layer, x_cache, cfg, groups, ctx, micro_batch=micro_batch,

@@ -102,7 +102,7 @@ def permute_block(full: FullStateDict, cfg: ModelConfig, block: int, kv_order: l
 # ----- statistics on calibration inputs ---------------------------------------------------
 
 @torch.no_grad()
-def _block_stats(layer, x_cache: torch.Tensor, cfg: ModelConfig, ctx: dict, micro_batch: int,
+def block_stats(layer, x_cache: torch.Tensor, cfg: ModelConfig, ctx: dict, micro_batch: int,
                  max_tokens: int):
     """Per-KV-group attention partials P_k (without b_O), block inputs X, mean attention map
     per KV group, all on a subsample of tokens."""
@@ -235,15 +235,11 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
     units are assigned on the compensated partials ``H_g + C_g`` the SPD block will see."""
     if mlp not in MLP_MODES:
         raise ValueError(f"unknown HG mlp mode {mlp!r}; use one of {MLP_MODES}")
-    from .. import distributed
-
-    if distributed.tp_size() != 1:
-        raise ValueError("head grouping gathers statistics on the full weights: run it at T=1 "
-                         "(the G-way emulation); the permuted checkpoint then serves at any T")
+    activations.require_full_weights("head grouping", "permuted")
     ng, ffn = cfg.num_query_groups, cfg.ffn_hidden_size
     layer = model.decoder.layers[block]
     ctx = activations.context(model, x_cache.shape[1])
-    x, parts, maps = _block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
+    x, parts, maps = block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
     notes: list[str] = []
     head_freedom = ng > groups
     if head_freedom:
