@@ -28,6 +28,7 @@ parameters.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -71,10 +72,21 @@ def input_size(hidden: int, inputs: str) -> int:
     return hidden * (2 if inputs == "ln1+partial" else 1)
 
 
+def param_shapes(groups: int, hidden: int, rank: int, inputs: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of one block's compensation parameters for ``groups`` groups (all G in a full
+    state dict, a rank's G/T in the module)."""
+    shapes = {"bias": (groups, hidden)}
+    if rank > 0:
+        shapes.update(weight_in=(groups, rank, input_size(hidden, inputs)),
+                      weight_out=(groups, hidden, rank))
+    return shapes
+
+
 def cost(hidden: int, groups: int, rank: int, inputs: str) -> dict[str, int]:
     """Added parameters and forward FLOPs per token of one block's compensation (all groups)."""
     d_in = input_size(hidden, inputs)
-    return {"params": groups * (hidden + rank * (d_in + hidden)),
+    shapes = param_shapes(groups, hidden, rank, inputs).values()
+    return {"params": sum(math.prod(s) for s in shapes),
             "flops_per_token": groups * (2 * rank * (d_in + hidden) + hidden)}
 
 
@@ -97,11 +109,7 @@ class SPDCompensation(MegatronModule):
         super().__init__(config)
         h, dtype = config.hidden_size, config.params_dtype
         self.inputs, self.rank, self.tp_group = inputs, rank, tp_group
-        shapes = {"bias": (local_groups, h)}
-        if rank > 0:
-            shapes.update(weight_in=(local_groups, rank, input_size(h, inputs)),
-                          weight_out=(local_groups, h, rank))
-        for name, shape in shapes.items():
+        for name, shape in param_shapes(local_groups, h, rank, inputs).items():
             p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
             set_tensor_model_parallel_attributes(p, True, 0, 1)  # sharded with the groups
             self.register_parameter(name, p)
@@ -151,11 +159,8 @@ def full_shapes(cfg, plan) -> dict[str, tuple[int, ...]]:
         c = plan.compensation_for(i)
         if c is None:
             continue
-        p = f"decoder.layers.{i}.spd_compensation."
-        out[p + "bias"] = (plan.groups, h)
-        if c["rank"] > 0:
-            out[p + "weight_in"] = (plan.groups, c["rank"], input_size(h, c["inputs"]))
-            out[p + "weight_out"] = (plan.groups, h, c["rank"])
+        out.update({f"decoder.layers.{i}.spd_compensation.{name}": shape for name, shape
+                    in param_shapes(plan.groups, h, c["rank"], c["inputs"]).items()})
     return out
 
 
