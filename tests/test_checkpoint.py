@@ -357,9 +357,10 @@ def test_every_model_config_field_maps_to_megatron_lm_args():
 def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str = "ours",
                        tiny: bool = False) -> None:
     """Run in a fresh interpreter: save a small (``tiny``: CFG) dense model to ``out``. With
-    ``marker``, announce the start of the weight write there and save in a loop (the test
-    kills this process)."""
+    ``marker``, announce the start of the weight write there and never finish the save (the
+    test kills this process, during or after the write, always before the swap)."""
     import os
+    import time
     from pathlib import Path
 
     from megatron_spd import checkpoint, distributed
@@ -380,13 +381,11 @@ def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str 
     def announced(state, directory):
         Path(marker).write_text(str(os.getpid()))
         real(state, directory)
+        time.sleep(3600)  # a save that finished within the test's watch would leave nothing
     if marker:
         checkpoint._write_weights = announced
-    while True:
-        checkpoint.save_checkpoint(model, out, config=cfg, plan=dense,
-                                   tokenizer=load_tokenizer(tok_path), overwrite=True)
-        if not marker:
-            return
+    checkpoint.save_checkpoint(model, out, config=cfg, plan=dense,
+                               tokenizer=load_tokenizer(tok_path), overwrite=True)
 
 
 def _descendants(pid: int) -> set[int]:
