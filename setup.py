@@ -27,6 +27,14 @@ setup(
         "matplotlib",
         "numpy",
     ],
+    entry_points={
+        # the same commands as tools/*.py (Megatron users call scripts; pip users get these)
+        "console_scripts": [
+            f"megatron-spd-{name.replace('_', '-')}=megatron_spd.cli.{name}:main"
+            for name in ("convert_checkpoint", "spd", "finetune", "generate", "evaluate",
+                         "benchmark")
+        ],
+    },
     extras_require={
         # test-only: an independent reference model (HF transformers) for the conversion tests
         "test": ["pytest", "transformers"],

@@ -48,7 +48,7 @@ def run(cmd: list[str], step: str) -> float:
 
 def main(argv=None) -> None:
     sys.path.insert(0, str(ROOT))
-    from megatron_spd import cli
+    from megatron_spd.cli import common as cli
 
     p = cli.parser(__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
 
 
 def _default_gguf() -> str:
-    from megatron_spd.defaults import default_gguf_path
+    from megatron_spd.data.defaults import default_gguf_path
 
     return str(default_gguf_path())
 

@@ -32,7 +32,7 @@ if [[ -n "${NODE_RANK:-}" ]]; then
   launch "$NODE_RANK" "$MASTER"
   exit
 fi
-PORT=${PORT:-$("$PY" -c 'from megatron_spd.distributed import free_port; print(free_port())')}
+PORT=${PORT:-$("$PY" -c 'from megatron_spd.parallel.distributed import free_port; print(free_port())')}
 pids=()
 for node in 0 1; do
   launch "$node" "127.0.0.1:$PORT" > >(sed "s/^/[node $node] /") 2>&1 &

@@ -42,7 +42,7 @@ case "$MODE" in
   cross) NPROC=($((TP - 1)) 1) ;;
   *) echo "usage: $0 [dp|cross] [tools/generate.py arguments]" >&2; exit 2 ;;
 esac
-PORT=${PORT:-$("$PY" -c 'from megatron_spd.distributed import free_port; print(free_port())')}
+PORT=${PORT:-$("$PY" -c 'from megatron_spd.parallel.distributed import free_port; print(free_port())')}
 ARGS=("$@")
 [[ ${#ARGS[@]} -eq 0 ]] && ARGS=(--prompt "The capital of France is" --prompt "Water boils at"
                                  --max-new-tokens 12)

@@ -188,10 +188,10 @@ def check_recompute(state: dict) -> dict:
 
 
 def check_bf16_train_step(shapes: Shapes) -> dict:
-    from megatron_spd import compat
-    from megatron_spd.grads import reduce_tp_partial_grads
-    from megatron_spd.model import forward_logits
-    from megatron_spd.spec import build_model
+    from megatron_spd.parallel import compat
+    from megatron_spd.core.grads import reduce_tp_partial_grads
+    from megatron_spd.core.sharding import forward_logits
+    from megatron_spd.core.spec import build_model
 
     cfg = shapes.train
     plan = SPDPlan.from_spd_blocks(cfg.num_layers, 2, range(cfg.num_layers))  # 100% SPD
@@ -232,8 +232,8 @@ KV_PATHS = {"megatron": dict(tensor_path=False), "tensorised_eager": dict(cuda_g
 
 
 def check_kv_cache(state: dict) -> dict:
-    from megatron_spd.model import forward_logits
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.sharding import forward_logits
+    from megatron_spd.core.spec import build_model
 
     out = {"relative_tolerance": KV_REL_TOL, "cases": {}}
     prompt, feed = [10, 11, 12, 13, 14, 15, 16], [9, 8, 7, 6, 5]
@@ -263,7 +263,7 @@ def check_kv_cache(state: dict) -> dict:
 
 def measure_bandwidth(nbytes: int) -> dict:
     """Device memory bandwidth from a large copy: (read + write bytes) / time, median of 5."""
-    from megatron_spd import clock, compat
+    from megatron_spd.parallel import clock, compat
 
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=compat.device())
     dst = torch.empty_like(src)
@@ -280,7 +280,7 @@ def measure_bandwidth(nbytes: int) -> dict:
 def _time_decode(model, prompt: torch.Tensor, shapes: Shapes, **cache_options) -> dict:
     """Median ms/token over ``repeats`` timed visits (prefill untimed, then ``new_tokens``
     greedy decode steps), after one untimed visit (which also captures the graph)."""
-    from megatron_spd import clock
+    from megatron_spd.parallel import clock
     from megatron_spd.inference import decode_step, new_cache, prefill
 
     b = prompt.shape[0]
@@ -305,8 +305,8 @@ def _time_decode(model, prompt: torch.Tensor, shapes: Shapes, **cache_options) -
 
 
 def measure_decode(shapes: Shapes, state: dict) -> dict:
-    from megatron_spd import compat
-    from megatron_spd.spec import build_model
+    from megatron_spd.parallel import compat
+    from megatron_spd.core.spec import build_model
 
     cfg = shapes.shard
     model = build_model(cfg, None, params_dtype=torch.bfloat16,
@@ -380,8 +380,8 @@ def _section(report: dict, name: str, fn, *args) -> None:
 def _host() -> dict:
     import megatron.core
 
-    from megatron_spd import compat
-    from megatron_spd.config import device_flags
+    from megatron_spd.parallel import compat
+    from megatron_spd.core.config import device_flags
 
     gpu = torch.cuda.is_available()
     return {"device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
@@ -412,7 +412,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def run(shapes: Shapes, smoke: bool) -> dict:
-    from megatron_spd import distributed
+    from megatron_spd.parallel import distributed
 
     started = time.perf_counter()
     distributed.init()
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes: a CPU run proves the script")
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps per timed visit")
     args = p.parse_args(argv)
-    from megatron_spd.io import atomic_write_json
+    from megatron_spd.files import atomic_write_json
 
     shapes = SMOKE if args.smoke else FULL
     if args.new_tokens:

@@ -35,8 +35,8 @@ VARIANTS = {"zs": "ZS", "b2b": "ZS+B2B", "hg": "ZS+B2B+HG", "auto": "auto (class
 
 
 def parse_args(argv=None):
-    from megatron_spd import cli
-    from megatron_spd.defaults import DEFAULT_GROUPS
+    from megatron_spd.cli import common as cli
+    from megatron_spd.data.defaults import DEFAULT_GROUPS
     from megatron_spd.recipe.distill import B2BConfig
     from megatron_spd.recipe.run import Calibration
 
@@ -87,7 +87,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from megatron_spd import distributed
+    from megatron_spd.parallel import distributed
 
     with distributed.running(1):
         sweep(args)
@@ -97,14 +97,14 @@ def sweep(args) -> None:
     """Stages 1-4 (module doc) in the current single-process world."""
     import torch
 
-    from megatron_spd.sources import load_weights
-    from megatron_spd.data import calibration_batches, load_texts
+    from megatron_spd.loading.sources import load_weights
+    from megatron_spd.data.texts import calibration_batches, load_texts
     from megatron_spd.evaluate import PAPER_TASKS, evaluate_tasks, perplexity
-    from megatron_spd.io import atomic_write_json
-    from megatron_spd.model import load_full_state_dict
-    from megatron_spd.plan import SPDPlan
+    from megatron_spd.files import atomic_write_json
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.plan import SPDPlan
     from megatron_spd.recipe import autoplan, distill, sensitivity
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     work, docs = Path(args.work), Path(args.docs)
     work.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ def _change(dense: dict, entry: dict) -> str:
 
 def write_report(results, sens, sens_local, records, args, docs: Path, tasks, ratios,
                  variants) -> None:
-    from megatron_spd.io import atomic_write_json, atomic_write_text
+    from megatron_spd.files import atomic_write_json, atomic_write_text
 
     dense = results.get("zs@0", {})
     rows = ["| variant | SPD ratio | SPD blocks | Wikipedia ppl | 6-task avg (%) | +/- s.e. | "
@@ -376,7 +376,7 @@ def plot(results, ratios, variants, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M, SPD with G=3 groups")
     fig.tight_layout()
-    from megatron_spd.io import save_figure
+    from megatron_spd.files import save_figure
 
     save_figure(fig, path)
     plt.close(fig)

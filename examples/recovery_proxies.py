@@ -74,16 +74,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from megatron_spd import distributed
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.data import calibration_batches, load_texts
+    from megatron_spd.parallel import distributed
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.data.texts import calibration_batches, load_texts
     from megatron_spd.evaluate import perplexity
-    from megatron_spd.factory import open_model
-    from megatron_spd.model import load_full_state_dict
-    from megatron_spd.plan import SPDPlan
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.plan import SPDPlan
     from megatron_spd.recipe import autoplan, distill
-    from megatron_spd.sources import load_weights
-    from megatron_spd.spec import build_model
+    from megatron_spd.loading.sources import load_weights
+    from megatron_spd.core.spec import build_model
     from megatron_spd.train.loop import FinetuneConfig, finetune
 
     sys.path.insert(0, str(ROOT / "examples"))

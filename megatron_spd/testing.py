@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from . import distributed
+from .parallel import distributed
 
 
 def _worker(rank: int, world: int, port: int, tp: int | None, threads: int, fn: Callable,
@@ -81,9 +81,9 @@ def logits_and_grads(cfg, plan, full_state_dict: dict, tokens: torch.Tensor,
     with ``plan`` and the given full weights at the current TP degree: the quantities every
     exactness comparison (TP=N vs T=1, megatron vs tests/reference.py) is made on.
     ``prepare(model)`` runs after the model is built (e.g. to register hooks)."""
-    from .grads import reduce_tp_partial_grads
-    from .model import forward_logits, gather_full_state_dict, load_full_state_dict
-    from .spec import build_model
+    from .core.grads import reduce_tp_partial_grads
+    from .core.sharding import forward_logits, gather_full_state_dict, load_full_state_dict
+    from .core.spec import build_model
 
     model = build_model(cfg, plan, sequence_parallel=sequence_parallel, **config_overrides)
     load_full_state_dict(model, full_state_dict)

@@ -73,7 +73,7 @@ def _byte_level_bpe(family: str):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import processors, trainers
 
-    from megatron_spd.tokenizer import GGUF_SPLIT_REGEXES
+    from megatron_spd.data.tokenizer import GGUF_SPLIT_REGEXES
 
     llama = family == "llama3"
     specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama else \

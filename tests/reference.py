@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_spd.config import ModelConfig
-from megatron_spd.plan import SPDPlan
+from megatron_spd.core.config import ModelConfig
+from megatron_spd.core.plan import SPDPlan
 
 
 def random_full_state_dict(cfg: ModelConfig, seed: int = 0, scale: float = 0.08) -> dict:

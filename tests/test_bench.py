@@ -19,7 +19,7 @@ import pytest
 from megatron_spd.bench import analytic
 from megatron_spd.bench.latency import PRESETS, LinkSetting, Workload, spd_plan
 from megatron_spd.bench.run import threads_per_rank
-from megatron_spd.comm import link_profile
+from megatron_spd.parallel.collectives import link_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA_US = 2000  # simulated link alpha for the CLI run: 2 ms per collective
@@ -150,7 +150,7 @@ def test_auto_link_scale_is_cpu_over_device_compute_per_phase(monkeypatch):
     """``--link-scale auto``: per phase, (this machine's compute time of the dense step, from the
     least disturbed calibration visit, collectives excluded) / (the analytic compute time of the
     same step on the device in the eager regime)."""
-    from megatron_spd import distributed
+    from megatron_spd.parallel import distributed
     from megatron_spd.bench import latency
 
     visits = iter([{"prefill_s": 0.9, "decode_s": 0.20,
@@ -245,7 +245,7 @@ def test_benchmark_cli_end_to_end(tmp_path):
 
 
 def _free_port() -> int:
-    from megatron_spd.distributed import free_port
+    from megatron_spd.parallel.distributed import free_port
 
     return free_port()
 

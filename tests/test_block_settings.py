@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_spd.config import ModelConfig, device_flags
-from megatron_spd.plan import SPDPlan
+from megatron_spd.core.config import ModelConfig, device_flags
+from megatron_spd.core.plan import SPDPlan
 from megatron_spd.testing import run_ranks
 
 from reference import random_full_state_dict
@@ -73,7 +73,7 @@ def test_transformer_config_uses_this_devices_flags():
 
 
 def test_refuses_settings_it_cannot_honour():
-    from megatron_spd.block import check_supported
+    from megatron_spd.core.block import check_supported
 
     check_supported(LLAMA.transformer_config(1), 2)  # the defaults are fine
     bad = {
@@ -127,7 +127,7 @@ def _train_step(overrides: dict) -> dict:
 
 
 def _recompute_ranks() -> dict:
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     out = {name: _train_step(over) for name, over in {"none": {}, **RECOMPUTE}.items()}
     try:  # the refusal reaches model building

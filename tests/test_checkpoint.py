@@ -15,8 +15,8 @@ import shutil
 import pytest
 import torch
 
-from megatron_spd.config import ModelConfig
-from megatron_spd.plan import PlanError, SPDPlan
+from megatron_spd.core.config import ModelConfig
+from megatron_spd.core.plan import PlanError, SPDPlan
 from megatron_spd.testing import run_ranks
 from tests.reference import random_full_state_dict
 
@@ -41,7 +41,7 @@ def write_tokenizer(path) -> str:
 
 
 def _logits(model):
-    from megatron_spd.model import forward_logits
+    from megatron_spd.core.sharding import forward_logits
 
     with torch.no_grad():
         return forward_logits(model, TOKENS)
@@ -51,7 +51,7 @@ def _reinit(tp: int) -> None:
     """Same processes, another TP degree (saves a spawn of ~5 s per rank group)."""
     from megatron.core import parallel_state
 
-    from megatron_spd import distributed
+    from megatron_spd.parallel import distributed
 
     parallel_state.destroy_model_parallel()
     distributed.init(tp)
@@ -66,7 +66,7 @@ def save_like_megatron_lm(model, directory, args, iteration: int) -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
-    from megatron_spd.distributed import barrier, is_rank0
+    from megatron_spd.parallel.distributed import barrier, is_rank0
 
     sd = model.sharded_state_dict()
     optim = {f"exp_avg.{k}": dataclasses.replace(v, key=f"optimizer.state.exp_avg.{v.key}",
@@ -93,14 +93,14 @@ def _reshard_and_atomic(full, tok_path, tmp):
     iter_* checkpoint with optimizer tensors saved at TP=3 -> TP=1; a killed save; refusals."""
     from pathlib import Path
 
-    from megatron_spd import checkpoint
-    from megatron_spd.checkpoint import CheckpointError, save_checkpoint
-    from megatron_spd.checkpoint_args import args_from_config
-    from megatron_spd.distributed import barrier, is_rank0
-    from megatron_spd.factory import open_model
-    from megatron_spd.model import load_full_state_dict
-    from megatron_spd.spec import build_model
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.checkpoint import store as checkpoint
+    from megatron_spd.checkpoint.store import CheckpointError, save_checkpoint
+    from megatron_spd.checkpoint.args import args_from_config
+    from megatron_spd.parallel.distributed import barrier, is_rank0
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.spec import build_model
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     tmp = Path(tmp)
     tok = load_tokenizer(tok_path)
@@ -164,7 +164,7 @@ def _reshard_and_atomic(full, tok_path, tmp):
 
 
 def _open_at_tp2(ckpt):
-    from megatron_spd.factory import open_model
+    from megatron_spd.loading.open_model import open_model
 
     try:
         open_model(ckpt)
@@ -183,8 +183,8 @@ def saved(tmp_path_factory):
 
 
 def test_reshard_megatron_lm_layout_and_atomic_save(saved):
-    from megatron_spd.checkpoint import CheckpointError, read_checkpoint
-    from megatron_spd.sources import dense_origin, load_weights, source_kind
+    from megatron_spd.checkpoint.store import CheckpointError, read_checkpoint
+    from megatron_spd.loading.sources import dense_origin, load_weights, source_kind
 
     tmp, full, _, res = saved
     ref = res[0]["tp3_built"]
@@ -249,9 +249,9 @@ def test_reshard_megatron_lm_layout_and_atomic_save(saved):
 
 
 def test_damaged_checkpoints_give_clear_errors(saved):
-    from megatron_spd.checkpoint import CheckpointError, read_checkpoint
-    from megatron_spd.sources import load_weights
-    from megatron_spd.tokenizer import TokenizerError
+    from megatron_spd.checkpoint.store import CheckpointError, read_checkpoint
+    from megatron_spd.loading.sources import load_weights
+    from megatron_spd.data.tokenizer import TokenizerError
 
     tmp = saved[0]
     bad = tmp / "damaged"
@@ -289,7 +289,7 @@ def test_damaged_checkpoints_give_clear_errors(saved):
 
 
 def test_output_dir_check_never_replaces_user_files(saved, tmp_path):
-    from megatron_spd.checkpoint import CheckpointError, check_output_dir
+    from megatron_spd.checkpoint.store import CheckpointError, check_output_dir
 
     check_output_dir(tmp_path / "new")  # absent: fine
     (tmp_path / "empty").mkdir()
@@ -312,8 +312,8 @@ def test_output_dir_check_never_replaces_user_files(saved, tmp_path):
 
 def test_format_1_checkpoints_still_load(saved, tmp_path):
     """spd_checkpoint.json (config + plan) beside weights/ with an empty common.pt."""
-    from megatron_spd.checkpoint import read_checkpoint
-    from megatron_spd.sources import load_weights
+    from megatron_spd.checkpoint.store import read_checkpoint
+    from megatron_spd.loading.sources import load_weights
 
     tmp, full, _, _ = saved
     old = tmp_path / "v1"
@@ -333,7 +333,7 @@ def test_format_1_checkpoints_still_load(saved, tmp_path):
 
 
 def test_every_model_config_field_maps_to_megatron_lm_args():
-    from megatron_spd.checkpoint_args import args_from_config, config_from_args, \
+    from megatron_spd.checkpoint.args import args_from_config, config_from_args, \
         unmapped_config_fields
 
     assert unmapped_config_fields() == []
@@ -363,10 +363,11 @@ def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str 
     import time
     from pathlib import Path
 
-    from megatron_spd import checkpoint, distributed
-    from megatron_spd.model import load_full_state_dict
-    from megatron_spd.spec import build_model
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.checkpoint import store as checkpoint
+    from megatron_spd.parallel import distributed
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.spec import build_model
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     distributed.init(1)
     cfg = CFG if tiny else dataclasses.replace(CFG, hidden_size=384, ffn_hidden_size=1536,
@@ -455,7 +456,7 @@ def test_killed_save_leaves_no_process_and_the_next_save_cleans_up(tmp_path, cap
     import subprocess
     import sys
 
-    from megatron_spd.checkpoint import read_checkpoint
+    from megatron_spd.checkpoint.store import read_checkpoint
     from tests.conftest import ROOT
 
     tok_path = write_tokenizer(tmp_path / "tok")
@@ -481,8 +482,8 @@ def test_plan_inline_survives_every_tool(tmp_path):
     import subprocess
     import sys
 
-    from megatron_spd.checkpoint import read_args
-    from megatron_spd.checkpoint_args import plan_from_args
+    from megatron_spd.checkpoint.store import read_args
+    from megatron_spd.checkpoint.args import plan_from_args
     from tests.conftest import ROOT
     from tests.test_finetune import _write_corpus
 

@@ -1,4 +1,4 @@
-"""megatron_spd.cli: options from config dataclasses (defaults and help from the dataclass, the
+"""megatron_spd.cli.common: options from config dataclasses (defaults and help from the dataclass, the
 built dataclass in the namespace, its validation as a usage error), no abbreviated flags, and
 every tool's parser reading its defaults from the package instead of a copy."""
 from __future__ import annotations
@@ -9,18 +9,19 @@ from typing import Optional
 
 import pytest
 
-from megatron_spd import cli
+from megatron_spd import options
+from megatron_spd.cli import common as cli
 
 
 @dataclass
 class Toy:
-    steps: int = cli.option(3, "how many steps")
-    rate: float = cli.option(0.5, "a rate", flag="--learning-rate")
-    mode: str = cli.option("a", "a mode", choices=("a", "b"))
-    ratios: tuple[float, ...] = cli.option((0.0, 1.0), "ratios", type=cli.floats)
-    source: Optional[str] = cli.option(None, "where from", type=str)
-    stream: bool = cli.option(True, "stream the output")
-    verbose: bool = cli.option(False, "say more")
+    steps: int = options.option(3, "how many steps")
+    rate: float = options.option(0.5, "a rate", flag="--learning-rate")
+    mode: str = options.option("a", "a mode", choices=("a", "b"))
+    ratios: tuple[float, ...] = options.option((0.0, 1.0), "ratios", type=options.floats)
+    source: Optional[str] = options.option(None, "where from", type=str)
+    stream: bool = options.option(True, "stream the output")
+    verbose: bool = options.option(False, "say more")
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -73,7 +74,7 @@ def test_tools_take_their_defaults_from_the_package():
     from megatron_spd.recipe.distill import B2BConfig
     from megatron_spd.recipe.run import Calibration
     from megatron_spd.train import FinetuneConfig
-    from tools import evaluate, finetune, generate, spd
+    from megatron_spd.cli import evaluate, finetune, generate, spd
 
     d = spd.parse_args(["distill", "--plan", "p.json", "--out", "o"])
     assert d.b2b == B2BConfig() and d.calib == Calibration()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_spd.comm import LinkProfile, PROFILES, link_profile, wire_bytes
+from megatron_spd.parallel.collectives import LinkProfile, PROFILES, link_profile, wire_bytes
 from megatron_spd.testing import run_ranks
 
 ALPHA_S, WIRE_S = 0.3, 0.04
@@ -50,7 +50,7 @@ def _ranks_check() -> dict:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import mappings
 
-    from megatron_spd.comm import CollectiveCounter, simulate_link
+    from megatron_spd.parallel.collectives import CollectiveCounter, simulate_link
 
     tp = parallel_state.get_tensor_model_parallel_group()
     world = dist.get_world_size()
@@ -105,7 +105,7 @@ def test_clock_synchronises_cuda_before_reading(monkeypatch):
     kernels finished (clock.now); never while a CUDA graph is being captured."""
     import torch
 
-    from megatron_spd import clock
+    from megatron_spd.parallel import clock
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

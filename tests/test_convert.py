@@ -144,7 +144,7 @@ def _refusals(hf_cfg: dict, llama3: dict) -> None:
         with pytest.raises(ConversionError, match=message):
             model_config_from_hf({**hf_cfg, **change})
     # export: a combination no HF architecture has
-    from megatron_spd.config import ModelConfig
+    from megatron_spd.core.config import ModelConfig
     from megatron_spd.convert.hf import hf_config_from_model_config
 
     odd = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -157,9 +157,9 @@ def _refusals(hf_cfg: dict, llama3: dict) -> None:
 
 def _open_save_logits(hf_dirs, ckpt_dirs, tokens):
     """On each of 2 TP ranks: open HF dirs at TP=2, logits, save as megatron-spd checkpoints."""
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.factory import open_model
-    from megatron_spd.model import forward_logits
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.core.sharding import forward_logits
 
     out = []
     for hf_dir, ckpt in zip(hf_dirs, ckpt_dirs):
@@ -173,8 +173,8 @@ def _open_save_logits(hf_dirs, ckpt_dirs, tokens):
 def test_hf_mcore_hf_round_trip_bit_exact_and_logits(tmp_path):
     from safetensors.torch import load_file
 
-    from megatron_spd.convert.run import to_hf
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.loading.convert import to_hf
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     variants = {"untied_bias_gqa": dict(tied=False, bias=True, heads=4, kv=2, seed=1),
                 "tied_mha": dict(tied=True, bias=False, heads=4, kv=4, seed=2)}
@@ -216,8 +216,8 @@ N_WINDOWS, CTX = 8, 512
 
 def _smollm2_logits_and_nll(short, windows):
     """Logits of ``short`` and per-token NLL of ``windows`` at the current TP (default model)."""
-    from megatron_spd.factory import open_model
-    from megatron_spd.model import forward_logits
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.core.sharding import forward_logits
 
     lm = open_model(None)
     with torch.no_grad():
@@ -231,9 +231,9 @@ def _smollm2_logits_and_nll(short, windows):
 
 @pytest.mark.real_model
 def test_smollm2_gguf_matches_hf_reference_tp1_tp3():
-    from megatron_spd.sources import load_weights
+    from megatron_spd.loading.sources import load_weights
     from megatron_spd.convert.hf import hf_config_from_model_config
-    from megatron_spd.data import load_texts, token_stream
+    from megatron_spd.data.texts import load_texts, token_stream
 
     cfg, full, tok, plan = load_weights(None)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,

@@ -1,4 +1,4 @@
-"""megatron_spd.data: bundled corpus, local files through `datasets`, splits, token blocks.
+"""megatron_spd.data.texts: bundled corpus, local files through `datasets`, splits, token blocks.
 
 No model is needed; a byte-level toy tokenizer makes token counts predictable.
 """
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from megatron_spd import data
+from megatron_spd.data import texts as data
 from toy_tokenizer import ByteTokenizer
 
 

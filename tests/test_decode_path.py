@@ -77,7 +77,7 @@ def _trace_decode_step(model) -> list[list[tuple]]:
 
 
 def _compare_paths(trace: bool) -> dict:
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     out = {}
     for name, (cfg, plan) in CASES.items():

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_spd.config import ModelConfig
+from megatron_spd.core.config import ModelConfig
 from megatron_spd.errors import ContextError, InputError, MetricError, OutputError, check_finite
-from megatron_spd.io import replace_dir
+from megatron_spd.files import replace_dir
 from tests.reference import random_full_state_dict
 from tests.test_checkpoint import write_tokenizer
 
@@ -35,7 +35,7 @@ META = "spd_checkpoint.json"
 
 def _hf_dir(path: Path, full: dict) -> Path:
     from megatron_spd.convert.hf import save_hf
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(write_tokenizer(path.parent / f"{path.name}_tok"))
     save_hf(path, CFG, full, tok)
@@ -45,7 +45,7 @@ def _hf_dir(path: Path, full: dict) -> Path:
 def _tool(name: str):
     import importlib
 
-    return importlib.import_module(f"tools.{name}").main
+    return importlib.import_module(f"megatron_spd.cli.{name}").main
 
 
 def run_tool(name: str, *argv: str, capsys=None) -> tuple[int, str]:
@@ -226,7 +226,7 @@ def test_lengths_beyond_the_context_are_refused_before_any_work(tiny, tmp_path, 
               "--seq-len"),
              ("benchmark", ["measure", "--model", ck, "--prompt", "60", "--new-tokens", "8",
                             "--repeats", "1", "--ratios", "0", "--no-stock"], "context of 64")]
-    from megatron_spd.plan import SPDPlan
+    from megatron_spd.core.plan import SPDPlan
 
     SPDPlan.from_spd_blocks(2, 2, [1], "b2b").save(tmp_path / "p.json")
     for name, argv, flag in cases:

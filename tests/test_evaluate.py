@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from megatron_spd.config import ModelConfig
+from megatron_spd.core.config import ModelConfig
 from megatron_spd.evaluate import PAPER_TASKS, TASKS, TaskError, get_task, parse_task_list
 from megatron_spd.evaluate.perplexity import windows
-from megatron_spd.plan import SPDPlan
+from megatron_spd.core.plan import SPDPlan
 from megatron_spd.testing import run_ranks
 
 from reference import random_full_state_dict, reference_logits
@@ -39,10 +39,10 @@ CHOICES = [(list(range(40, 90)), [7, 8, 9, 10]), (list(range(40, 90)), [11]),
 
 def _tp_worker(sd):
     """At TP=2: every task on its first ITEMS items, and perplexity with and without overlap."""
-    from megatron_spd import data
+    from megatron_spd.data import texts as data
     from megatron_spd.evaluate import evaluate_task, loglikelihoods, perplexity
-    from megatron_spd.model import load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     model = build_model(CFG, PLAN)
     load_full_state_dict(model, sd)
@@ -132,7 +132,7 @@ def _direct_nll(sd, stream: torch.Tensor, begin: int, end: int, first: int) -> f
 
 @pytest.mark.parametrize("key,stride", [("ppl", PPL_CTX), ("ppl_sliding", PPL_STRIDE)])
 def test_perplexity_equals_direct_nll(tp_results, sd, key, stride):
-    from megatron_spd import data
+    from megatron_spd.data import texts as data
 
     r0, r1 = tp_results
     assert r0[key]["ppl"] == r1[key]["ppl"]
@@ -172,7 +172,7 @@ def test_unknown_task_is_a_clear_error():
 
     with pytest.raises(TaskError, match="unknown task 'mmlu'"):
         evaluate_tasks(None, ByteTokenizer(), ["piqa", "mmlu"], 1)  # fails before any scoring
-    from tools.evaluate import parse_args
+    from megatron_spd.cli.evaluate import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--tasks", "bogus"])
@@ -203,9 +203,9 @@ def test_items_follow_lm_eval_prompts():
 
 @pytest.mark.real_model
 def test_encode_pair_with_the_real_tokenizer():
-    from megatron_spd.defaults import default_gguf_path
+    from megatron_spd.data.defaults import default_gguf_path
     from megatron_spd.evaluate import encode_pair
-    from megatron_spd.tokenizer import gguf_tokenizer
+    from megatron_spd.data.tokenizer import gguf_tokenizer
 
     tok = gguf_tokenizer(default_gguf_path())
     ctx, cont = encode_pair(tok, "The capital of France is ", "Paris")  # space moves right
@@ -219,7 +219,7 @@ def test_encode_pair_with_the_real_tokenizer():
 @pytest.mark.real_model
 def test_tool_on_smollm2_dense_and_spd_plan(tmp_path, monkeypatch):
     """End to end through tools/evaluate.py: default model, then a plan override."""
-    from tools.evaluate import main
+    from megatron_spd.cli.evaluate import main
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # each main() picks a fresh single-process port
@@ -270,7 +270,7 @@ def test_paired_difference_of_the_six_task_average():
 
 
 def test_evaluate_tool_rejects_a_baseline_without_item_results(tmp_path):
-    from tools.evaluate import parse_args
+    from megatron_spd.cli.evaluate import parse_args
 
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"tasks": {"piqa": {"acc": 0.5, "n": 2}}, "limit": 2}))

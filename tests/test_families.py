@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_spd.plan import SPDPlan
+from megatron_spd.core.plan import SPDPlan
 from megatron_spd.testing import run_ranks
 
 from families import FAMILIES, GGUF_ARCH, TEXTS, VOCAB, WINDOW, hf_llama3_divisors, write_gguf, \
@@ -56,12 +56,12 @@ def _loss_weights():
 # ----- what each rank computes ------------------------------------------------------------------
 
 def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.factory import open_model
-    from megatron_spd.grads import reduce_tp_partial_grads
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.core.grads import reduce_tp_partial_grads
     from megatron_spd.inference.engine import decode_step, new_cache, prefill
-    from megatron_spd.model import forward_logits, gather_full_state_dict, load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.sharding import forward_logits, gather_full_state_dict, load_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     out: dict = {}
     lm = open_model(hf_dir)
@@ -97,9 +97,9 @@ def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
 
 def _recipe(cfg, full) -> dict:
     """Sensitivity sweep, head grouping (dense function unchanged) and B2B on this family."""
-    from megatron_spd.model import forward_logits, load_full_state_dict
+    from megatron_spd.core.sharding import forward_logits, load_full_state_dict
     from megatron_spd.recipe import activations, distill, headgroup, recover, sensitivity
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     calib = torch.randint(3, 280, (4, WINDOW), generator=torch.Generator().manual_seed(5))
     dense, spd = sensitivity.build_pair(cfg, full, G)
@@ -232,7 +232,7 @@ def test_kv_cache_decode_equals_recompute(ranks, family):
 
 
 def test_sliding_window_caps_the_context(ranks):
-    from megatron_spd.config import ModelConfig
+    from megatron_spd.core.config import ModelConfig
 
     assert f"exceed the model's context of {WINDOW}" in ranks[1]["mistral"]["too_long"]
     with pytest.raises(ValueError, match="cannot restrict attention to a window"):
@@ -258,8 +258,8 @@ def test_hf_mcore_hf_round_trip_bit_exact(models, ranks, family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from megatron_spd.convert.hf import model_config_from_hf
-    from megatron_spd.convert.run import to_hf
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.loading.convert import to_hf
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     src, model = models[family]
     out = tmp_path / "hf"
@@ -283,8 +283,8 @@ def test_hf_mcore_hf_round_trip_bit_exact(models, ranks, family, tmp_path):
 def test_perplexity_tool_equals_transformers(models, tmp_path):
     """tools/evaluate.py on each HF directory (one process each, run side by side) against
     transformers' NLL on the same tokens and windows (ctx = the Mistral window)."""
-    from megatron_spd.data import load_texts, token_stream
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.data.texts import load_texts, token_stream
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(TEXTS * 3))
@@ -350,7 +350,7 @@ def test_gguf_equals_hf_and_transformers_loader(models, ggufs, family):
 def test_gguf_tokenizer_equals_tokenizer_json_and_transformers(models, ggufs, family):
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     ours, src = load_tokenizer(ggufs[family]), load_tokenizer(models[family][0])
     arch, tokenizer_dict, _ = get_gguf_tokenizer(str(ggufs[family]))

@@ -29,7 +29,7 @@ VOCAB_WORDS = 100
 
 
 def _tiny_cfg():
-    from megatron_spd.config import ModelConfig
+    from megatron_spd.core.config import ModelConfig
 
     return ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                        ffn_hidden_size=64, vocab_size=128, max_seq_length=64)
@@ -38,7 +38,7 @@ def _tiny_cfg():
 def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from megatron_spd.tokenizer import HFTokenizer
+    from megatron_spd.data.tokenizer import HFTokenizer
 
     vocab = {"<eos>": 0, **{f"w{i}": i + 1 for i in range(VOCAB_WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
@@ -73,10 +73,10 @@ def _two_rank_checks(work: str):
     """TP=2: make the tiny checkpoint; the reference run for the DP test; kill + resume; KD."""
     from pathlib import Path
 
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.model import gather_tp
-    from megatron_spd.plan import SPDPlan
-    from megatron_spd.spec import build_model
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.core.sharding import gather_tp
+    from megatron_spd.core.plan import SPDPlan
+    from megatron_spd.core.spec import build_model
     from megatron_spd.train import finetune
     from megatron_spd.train.losses import kd_loss
 
@@ -133,7 +133,7 @@ def _losses(report):
 
 
 def test_resume_continues_the_same_trajectory(tiny_runs):
-    from megatron_spd.sources import load_weights
+    from megatron_spd.loading.sources import load_weights
 
     work, res = tiny_runs
     full, resumed = res["full"], res["resumed"]
@@ -188,7 +188,7 @@ def test_vocab_parallel_distillation_matches_full_vocab(tiny_runs):
 
 def test_dp2_tp2_equals_tp2_with_twice_the_batch(tiny_runs):
     """Also with sequence parallel: the DP=2 x TP=2 + SP run must give the same update too."""
-    from megatron_spd.sources import load_weights
+    from megatron_spd.loading.sources import load_weights
 
     work, res = tiny_runs
     runs = run_ranks(_four_rank_run, 4, str(work), tp=2, timeout=1200)[0]
@@ -213,7 +213,7 @@ def test_dp2_tp2_equals_tp2_with_twice_the_batch(tiny_runs):
 def _smollm2_finetune(work: str):
     from pathlib import Path
 
-    from megatron_spd.plan import SPDPlan
+    from megatron_spd.core.plan import SPDPlan
     from megatron_spd.train import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(steps=3, seq_len=32, micro_batch=2, lr=1e-4, clip_grad=1.0,

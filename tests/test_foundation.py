@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_spd.config import ModelConfig
-from megatron_spd.plan import PlanError, SPDPlan
+from megatron_spd.core.config import ModelConfig
+from megatron_spd.core.plan import PlanError, SPDPlan
 from megatron_spd.testing import run_ranks
 
 from reference import random_full_state_dict, reference_logits
@@ -52,9 +52,9 @@ def _loss_weights(cfg):
 
 def _run(name: str, sp: bool = False):
     """Logits and full gradients of a weighted-logit loss for case ``name`` at the current TP."""
-    from megatron_spd.grads import reduce_tp_partial_grads
-    from megatron_spd.model import forward_logits, gather_full_state_dict, load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.grads import reduce_tp_partial_grads
+    from megatron_spd.core.sharding import forward_logits, gather_full_state_dict, load_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     cfg = _cfg(name)
     model = build_model(cfg, PLANS[name], sequence_parallel=sp)
@@ -67,9 +67,9 @@ def _run(name: str, sp: bool = False):
 
 def _block_collectives(name: str, sp: bool):
     """Collectives issued by block 0 alone, forward and backward, for plan ``name``."""
-    from megatron_spd.comm import CollectiveCounter
-    from megatron_spd.model import causal_mask
-    from megatron_spd.spec import build_model
+    from megatron_spd.parallel.collectives import CollectiveCounter
+    from megatron_spd.core.sharding import causal_mask
+    from megatron_spd.core.spec import build_model
 
     model = build_model(LLAMA, PLANS[name], sequence_parallel=sp)
     layer = model.decoder.layers[0]
@@ -91,8 +91,8 @@ def _world1():
 
 def _bf16():
     """bf16 parameters at the current TP: parameter dtypes and logits, dense and G=2 plans."""
-    from megatron_spd.model import forward_logits, load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.sharding import forward_logits, load_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     out = {}
     for name in ("dense", "g2"):
@@ -111,7 +111,7 @@ def _world2():
             out[(name, sp)] = _run(name, sp)
         out[("blocks", sp)] = {n: _block_collectives(n, sp) for n in ("dense", "g2")}
     try:
-        from megatron_spd.spec import build_model
+        from megatron_spd.core.spec import build_model
 
         build_model(LLAMA, SPDPlan(4, ["zs"] * 2))
     except PlanError as e:

@@ -69,10 +69,10 @@ def test_ttft_and_tpot_on_a_fake_clock(monkeypatch):
     """Time to first token runs from the start of the prompt's own batch's prefill to its first
     token; time per output token is the mean over the later tokens. A fake clock advances only
     inside prefill (1 s) and the decode steps (0.1, 0.2, 0.3 s, ...), so the timings are exact."""
-    from megatron_spd import distributed
+    from megatron_spd.parallel import distributed
     from megatron_spd.inference import GenerationConfig, engine, generate_ids
     from megatron_spd.inference.run import summary
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     clock = [100.0]
     steps = iter([0.1, 0.2, 0.3, 0.1, 0.2, 0.3])
@@ -108,7 +108,7 @@ def test_ttft_and_tpot_on_a_fake_clock(monkeypatch):
 def _cache_vs_recompute(model, prompt: list[int], feed: list[int]) -> float:
     """Max |cached - recomputed| over prefill and len(feed) decode steps (no padding)."""
     from megatron_spd.inference import decode_step, new_cache, prefill
-    from megatron_spd.model import forward_logits
+    from megatron_spd.core.sharding import forward_logits
 
     cache = new_cache(1, len(prompt) + len(feed))
     seq = torch.tensor([prompt])
@@ -140,7 +140,7 @@ def _padded_vs_alone(model, prompts: list[list[int]], feed: list[int]) -> float:
 
 
 def _count_step_collectives(model) -> dict:
-    from megatron_spd.comm import CollectiveCounter
+    from megatron_spd.parallel.collectives import CollectiveCounter
     from megatron_spd.inference import decode_step, new_cache, prefill
 
     cache = new_cache(2, 8)
@@ -155,7 +155,7 @@ def _tiny_checks() -> dict:
     import torch.distributed as dist
 
     from megatron_spd.inference import GenerationConfig, GenerationError, generate, generate_ids
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     out: dict = {"rank": dist.get_rank()}
     greedy = GenerationConfig(max_new_tokens=6, stop_on_eos=False, max_batch_size=3)
@@ -251,7 +251,7 @@ def _die_mid_generation(mode: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from megatron_spd.inference import GenerationConfig, GenerationError, engine
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     model = build_model(TINY).eval()
     if dist.get_rank() == 1:
@@ -308,7 +308,7 @@ REAL_SPD_BLOCKS = range(15, 30)
 
 
 def _real_generation() -> dict:
-    from megatron_spd.factory import open_model
+    from megatron_spd.loading.open_model import open_model
     from megatron_spd.inference import GenerationConfig, generate
 
     out = {}
@@ -369,7 +369,7 @@ def _sharded() -> dict:
 
     from megatron_spd.inference import GenerationConfig, generate
     from megatron_spd.inference.run import generate_sharded
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     model = build_model(TINY).eval()  # same seed on every rank: identical replicas
     prompts = ["ab", "cde", "f", "ghij", "k"]

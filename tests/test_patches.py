@@ -1,7 +1,7 @@
 """The Megatron-LM patch (patches/): it applies, its hooks carry the plan, and Megatron-LM's own
 code round-trips our checkpoints.
 
-Without Megatron-LM (CI): the hooks the patched files call (``megatron_spd.megatron_lm``) are
+Without Megatron-LM (CI): the hooks the patched files call (``megatron_spd.integrations.megatron_lm``) are
 tested on ``args`` namespaces: the plan from ``--spd-plan`` or restored from the ``--load``
 checkpoint, a mismatched plan refused, settings SPD blocks cannot honour refused.
 
@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_spd.checkpoint_args import args_from_config, plan_json
-from megatron_spd.config import ModelConfig
-from megatron_spd.plan import PlanError, SPDPlan
+from megatron_spd.checkpoint.args import args_from_config, plan_json
+from megatron_spd.core.config import ModelConfig
+from megatron_spd.core.plan import PlanError, SPDPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = ROOT / "patches" / "megatron-lm-core_v0.16.1-spd.patch"
@@ -69,7 +69,7 @@ def test_patch_applies_cleanly_and_patched_files_parse(tmp_path):
     for f in PATCHED_FILES:
         text = (tmp_path / f).read_text()
         ast.parse(text)
-        assert "megatron_spd.megatron_lm" in text
+        assert "megatron_spd.integrations.megatron_lm" in text
 
 
 # ----- the hooks, without Megatron-LM ------------------------------------------------------------
@@ -92,7 +92,7 @@ def _fake_checkpoint(path: Path, plan) -> Path:
 
 
 def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp_path, capsys):
-    from megatron_spd.megatron_lm import check_checkpoint_plan, resolve_plan
+    from megatron_spd.integrations.megatron_lm import check_checkpoint_plan, resolve_plan
 
     spd = SPDPlan(3, ["zs", "dense", "b2b"])
     other = SPDPlan(3, ["dense", "zs", "zs"])
@@ -136,7 +136,7 @@ def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp
 
 
 def test_unrecovered_blocks_are_named_the_same_way_on_every_route():
-    from megatron_spd.factory import unrecovered_note
+    from megatron_spd.loading.open_model import unrecovered_note
 
     plan = SPDPlan(3, ["zs", "hg", "b2b"])
     assert unrecovered_note(plan, plan, "ck") is None
@@ -148,8 +148,8 @@ def test_unrecovered_blocks_are_named_the_same_way_on_every_route():
 def test_hooks_build_the_plan_specs_and_refuse_unsupported_settings(tmp_path):
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from megatron_spd.block import SPDTransformerLayer
-    from megatron_spd.megatron_lm import add_arguments, layer_spec, resolve_plan
+    from megatron_spd.core.block import SPDTransformerLayer
+    from megatron_spd.integrations.megatron_lm import add_arguments, layer_spec, resolve_plan
 
     parser = add_arguments(argparse.ArgumentParser())
     assert parser.parse_args(["--spd-plan", "p.json"]).spd_plan == "p.json"
@@ -188,7 +188,7 @@ def test_hooks_build_the_plan_specs_and_refuse_unsupported_settings(tmp_path):
 
 
 def test_wrap_finalize_runs_megatron_finalize_then_the_spd_reduction(monkeypatch):
-    from megatron_spd import megatron_lm
+    from megatron_spd.integrations import megatron_lm
 
     log = []
     monkeypatch.setattr(megatron_lm, "reduce_tp_partial_grads",
@@ -228,13 +228,13 @@ def megatron_lm_round_trip(work: str) -> None:
     from megatron.training import checkpointing
     from megatron.training import global_vars
 
-    from megatron_spd import distributed
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.compensation import zero_entries
-    from megatron_spd.factory import open_model
-    from megatron_spd.model import forward_logits, load_full_state_dict
-    from megatron_spd.spec import build_model
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.parallel import distributed
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.core.compensation import zero_entries
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.core.sharding import forward_logits, load_full_state_dict
+    from megatron_spd.core.spec import build_model
+    from megatron_spd.data.tokenizer import load_tokenizer
     from tests.reference import random_full_state_dict
     from tests.test_checkpoint import write_tokenizer
 
@@ -367,12 +367,9 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
 
 
 def _tool(name: str):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"megatron_spd.cli.{name}")
 
 
 def test_tools_take_megatron_lm_flag_names_and_no_abbreviations(tmp_path):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from megatron_spd.plan import PLAN_FORMAT, PlanError, SPDPlan
+from megatron_spd.core.plan import PLAN_FORMAT, PlanError, SPDPlan
 
 
 def test_round_trip_keeps_unknown_optional_keys(tmp_path):

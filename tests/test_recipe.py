@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from megatron_spd.config import ModelConfig
-from megatron_spd.plan import SPDPlan
+from megatron_spd.core.config import ModelConfig
+from megatron_spd.core.plan import SPDPlan
 from megatron_spd.testing import run_ranks
 
 # 4 KV groups for G=2: head regrouping has freedom; GQA (2 query heads per KV head)
@@ -25,8 +25,8 @@ TOL = 1e-4
 
 
 def random_full(cfg: ModelConfig, seed: int = 0):
-    from megatron_spd.model import gather_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.sharding import gather_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     torch.manual_seed(seed)
     full = gather_full_state_dict(build_model(cfg))
@@ -41,7 +41,7 @@ def tokens(n: int = 6, s: int = 32, seed: int = 2) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def single():
-    from megatron_spd import distributed
+    from megatron_spd.parallel import distributed
 
     distributed.init(1)
     yield
@@ -49,8 +49,8 @@ def single():
 
 
 def _logits(cfg, plan, full, toks):
-    from megatron_spd.model import forward_logits, load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.sharding import forward_logits, load_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     m = build_model(cfg, plan)
     load_full_state_dict(m, full)
@@ -121,9 +121,9 @@ def test_classify_rule():
 
 
 def test_b2b_lowers_mse_and_touches_one_block(single):
-    from megatron_spd.model import gather_full_state_dict, load_full_state_dict
+    from megatron_spd.core.sharding import gather_full_state_dict, load_full_state_dict
     from megatron_spd.recipe import distill, recover, sensitivity
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     full, toks = random_full(CFG), tokens(8)
     dense, _ = sensitivity.build_pair(CFG, full, G)
@@ -183,9 +183,9 @@ def test_headgroup_preserves_dense_function(single, cfg):
 def _serve(cfg, plan_dict, full, toks, train_block):
     """At T ranks: logits of the plan's model, a B2B run on ``train_block``'s weights, and the
     cumulative sweep's perplexities."""
-    from megatron_spd.model import forward_logits, gather_full_state_dict, load_full_state_dict
+    from megatron_spd.core.sharding import forward_logits, gather_full_state_dict, load_full_state_dict
     from megatron_spd.recipe import distill, recover
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     plan = SPDPlan.from_dict(plan_dict)
     model = build_model(cfg, plan)

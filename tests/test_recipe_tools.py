@@ -17,7 +17,7 @@ import random
 import pytest
 import torch
 
-from megatron_spd.plan import SPDPlan
+from megatron_spd.core.plan import SPDPlan
 
 from test_recipe import CFG, G, random_full
 
@@ -27,7 +27,7 @@ WORDS = 100
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from megatron_spd.tokenizer import HFTokenizer
+    from megatron_spd.data.tokenizer import HFTokenizer
 
     vocab = {"<eos>": 0, **{f"w{i}": i + 1 for i in range(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
@@ -38,10 +38,10 @@ def _tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(checkpoint dir, corpus file, full state dict)."""
-    from megatron_spd import distributed
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.model import load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.parallel import distributed
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     work = tmp_path_factory.mktemp("recipe_tools")
     rng = random.Random(0)
@@ -66,9 +66,9 @@ def tiny(tmp_path_factory):
 def _zs_ppls(full, tokens, order):
     """Calibration perplexity with the n least sensitive blocks zero-shot SPD, n = 0..L, from
     whole-model forwards."""
-    from megatron_spd import distributed
-    from megatron_spd.model import forward_logits, load_full_state_dict
-    from megatron_spd.spec import build_model
+    from megatron_spd.parallel import distributed
+    from megatron_spd.core.sharding import forward_logits, load_full_state_dict
+    from megatron_spd.core.spec import build_model
 
     out = []
     with distributed.running(1), torch.no_grad():
@@ -85,7 +85,7 @@ def _zs_ppls(full, tokens, order):
 def test_plan_max_ppl_increase_via_the_cli(tiny, tmp_path):
     from megatron_spd.recipe.run import Calibration
     from megatron_spd.recipe.sensitivity import Sensitivity
-    from tools.spd import main
+    from megatron_spd.cli.spd import main
 
     ckpt, corpus, full = tiny
     calib = ["--calib", str(corpus), "--samples", "4", "--seq-len", "32"]
@@ -125,9 +125,9 @@ def test_recipe_sweep_smoke(tiny, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import recipe_sweep
 
-    from megatron_spd import distributed
-    from megatron_spd.factory import open_model
-    from megatron_spd.data import load_texts
+    from megatron_spd.parallel import distributed
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.data.texts import load_texts
     from megatron_spd.evaluate import perplexity
 
     ckpt, corpus, _ = tiny

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_spd.config import ModelConfig
-from megatron_spd.plan import PlanError, SPDPlan
+from megatron_spd.core.config import ModelConfig
+from megatron_spd.core.plan import PlanError, SPDPlan
 from megatron_spd.testing import run_ranks
 
 from reference import random_full_state_dict
@@ -29,7 +29,7 @@ def _plan(groups: int, rank: int, inputs: str = "ln1+partial", comp_blocks=(0, 2
 
 def _full_with_compensation(plan: SPDPlan, seed: int = 5) -> dict:
     """Random weights, including non-zero compensation for the plan's compensated blocks."""
-    from megatron_spd.compensation import zero_entries
+    from megatron_spd.core.compensation import zero_entries
 
     full = random_full_state_dict(CFG, 3)
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +56,7 @@ def _planted(t=600, h=24, groups=3, rank=4, seed=0):
 
 
 def test_fit_recovers_planted_linear_relation():
-    from megatron_spd.recipe.compensation import apply_groups, fit_groups
+    from megatron_spd.recipe.compensation_fit import apply_groups, fit_groups
 
     ln1, partials, missing = _planted(rank=4)
     w = fit_groups(ln1.float(), partials.float(), rank=4, inputs="ln1", ridge=1e-9)
@@ -77,7 +77,7 @@ def test_fit_recovers_planted_linear_relation():
 
 def test_fit_uses_own_partial_when_asked():
     """A missing term that depends on the group's own partial: only ``ln1+partial`` fits it."""
-    from megatron_spd.recipe.compensation import apply_groups, fit_groups
+    from megatron_spd.recipe.compensation_fit import apply_groups, fit_groups
 
     g = torch.Generator().manual_seed(3)
     t, h = 500, 16
@@ -117,11 +117,11 @@ def test_plan_compensation_key_checked():
 
 def _run(plan_dict: dict, full: dict, sp: bool = False):
     """Logits, full gradients and block-0 collectives of the plan's model at the current TP."""
-    from megatron_spd.comm import CollectiveCounter
-    from megatron_spd.grads import reduce_tp_partial_grads
-    from megatron_spd.model import (causal_mask, forward_logits, gather_full_state_dict,
+    from megatron_spd.parallel.collectives import CollectiveCounter
+    from megatron_spd.core.grads import reduce_tp_partial_grads
+    from megatron_spd.core.sharding import (causal_mask, forward_logits, gather_full_state_dict,
                                     load_full_state_dict, model_params)
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     plan = SPDPlan.from_dict(plan_dict)
     model = build_model(CFG, plan, sequence_parallel=sp)
@@ -210,10 +210,10 @@ def test_compensation_changes_the_block_not_the_communication(served):
 
 
 def _save(plan_dict: dict, full: dict, out: str, tok_path: str):
-    from megatron_spd.checkpoint import save_checkpoint
-    from megatron_spd.model import load_full_state_dict
-    from megatron_spd.spec import build_model
-    from megatron_spd.tokenizer import load_tokenizer
+    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.spec import build_model
+    from megatron_spd.data.tokenizer import load_tokenizer
 
     plan = SPDPlan.from_dict(plan_dict)
     model = build_model(CFG, plan)
@@ -224,10 +224,10 @@ def _save(plan_dict: dict, full: dict, out: str, tok_path: str):
 def test_compensated_checkpoint_reshards(tmp_path):
     """Saved at T=2 (dist_checkpointing, the groups' parameters sharded), read back at T=1 with
     the plan from the checkpoint: the same weights and logits."""
-    from megatron_spd import distributed
-    from megatron_spd.factory import open_model
-    from megatron_spd.sources import load_weights
-    from megatron_spd.model import forward_logits
+    from megatron_spd.parallel import distributed
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.loading.sources import load_weights
+    from megatron_spd.core.sharding import forward_logits
 
     plan = _plan(4, 3)
     full = _full_with_compensation(plan)
@@ -252,9 +252,9 @@ def test_open_model_with_another_compensation(tmp_path, capsys):
     """A plan whose compensation the checkpoint does not hold: what it lacks starts at zero (the
     block is plain SPD: the logits of the plan without compensation) and what the plan does not
     give is left out (the logits of that plan); each is said on rank 0, never silently."""
-    from megatron_spd import distributed
-    from megatron_spd.factory import open_model
-    from megatron_spd.model import forward_logits
+    from megatron_spd.parallel import distributed
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.core.sharding import forward_logits
 
     plan = _plan(4, 3)
     bare = SPDPlan(4, plan.strategies)
@@ -289,9 +289,9 @@ def _scaled_full(seed: int = 0) -> dict:
 
 
 def _recovered(full, toks, plan, steps, b2b):
-    from megatron_spd.model import gather_full_state_dict, load_full_state_dict
+    from megatron_spd.core.sharding import gather_full_state_dict, load_full_state_dict
     from megatron_spd.recipe import recover
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     dense = build_model(CFG, SPDPlan.dense(CFG.num_layers, plan.groups))
     load_full_state_dict(dense, full)
@@ -303,7 +303,7 @@ def _recovered(full, toks, plan, steps, b2b):
 
 @pytest.fixture()
 def single():
-    from megatron_spd import distributed
+    from megatron_spd.parallel import distributed
 
     distributed.init(1)
     yield
@@ -357,9 +357,9 @@ def test_headgrouping_with_compensation(single):
     """HG + compensation through apply_plan: the dense function of the permuted weights is
     unchanged, the fitted compensation is in the weights, and the SPD block's calibration
     output error is lower than with HG alone."""
-    from megatron_spd.model import forward_logits, load_full_state_dict
+    from megatron_spd.core.sharding import forward_logits, load_full_state_dict
     from megatron_spd.recipe import activations, autoplan
-    from megatron_spd.spec import build_model
+    from megatron_spd.core.spec import build_model
 
     full = _scaled_full()
     toks = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(2))
@@ -388,7 +388,7 @@ def test_headgrouping_with_compensation(single):
 
 
 def test_make_plan_gives_spd_blocks_compensation():
-    from megatron_spd.compensation import CompensationConfig, plan_cost
+    from megatron_spd.core.compensation import CompensationConfig, plan_cost
     from megatron_spd.recipe import autoplan
     from megatron_spd.recipe.sensitivity import Sensitivity
 

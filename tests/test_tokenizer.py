@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_spd.tokenizer import (SentencePieceTokenizer, TokenizerError, hf_tokenizer_from_dir,
+from megatron_spd.data.tokenizer import (SentencePieceTokenizer, TokenizerError, hf_tokenizer_from_dir,
                                     load_tokenizer)
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
@@ -73,8 +73,8 @@ def test_gguf_vocabulary_matches_transformers_converter():
     """SmolLM2's embedded BPE, rebuilt here, tokenizes like HF transformers' own GGUF converter."""
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    from megatron_spd.data import load_texts
-    from megatron_spd.defaults import default_gguf_path
+    from megatron_spd.data.texts import load_texts
+    from megatron_spd.data.defaults import default_gguf_path
 
     path = default_gguf_path()
     tok = load_tokenizer(path)

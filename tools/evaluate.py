@@ -1,59 +1,8 @@
 #!/usr/bin/env python
 """Zero-shot accuracy (lm-eval conventions) and perplexity of a model under an SPD plan.
 
-    python tools/evaluate.py [--ckpt DIR] [--plan PLAN.json] [--tasks hellaswag,piqa,...]
-        [--limit N] [--ppl-text FILE --ppl-ctx 512 --ppl-tokens N] --json OUT.json
-    torchrun --nproc-per-node 3 tools/evaluate.py --tp 3 ...
-
-No --ckpt = the bundled SmolLM2-135M-Instruct; --plan overrides the checkpoint's plan. Tasks:
-hellaswag, piqa, arc_easy, arc_challenge, winogrande, lambada, sciq ("all" = these, "none" = no
-tasks). Perplexity defaults to the first 50k tokens of the bundled Wikipedia paragraphs in
-non-overlapping 512-token windows (--ppl-tokens 0 skips it). The JSON holds per-task numbers, the
-paper's 6-task average, ``ppl``/``bpb`` and the plan used. --baseline OTHER.json (a report of
-another model on the same or a larger --limit) adds the 6-task change versus it with its paired
-standard error (per-item differences), key ``vs_baseline``. The work is
-megatron_spd.evaluate.run; this file only parses the command line.
-"""
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_spd import cli  # noqa: E402
-
-
-def parse_args(argv=None):
-    from megatron_spd.evaluate.baseline import BaselineError, load_baseline
-    from megatron_spd.evaluate.run import EvalConfig
-
-    p = cli.parser(__doc__.split("\n\n")[0])
-    cli.add_source(p)
-    cli.add_plan(p, help="SPD plan JSON overriding the checkpoint's plan")
-    cli.add_tp(p)
-    cli.add_json(p)
-    p.add_argument("--baseline", default=None,
-                   help="report JSON of another model on the same items: also report the change "
-                        "of the 6-task average versus it (paired standard error)")
-    cli.add_config(p, EvalConfig, attr="eval", title="what to score (evaluate.run.EvalConfig)")
-    args = p.parse_args(argv)
-    if args.baseline:
-        try:  # fail now, not after the evaluation
-            load_baseline(args.baseline, args.eval.limit)
-        except BaselineError as e:
-            p.error(str(e))
-    return args
-
-
-@cli.entry
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from megatron_spd.evaluate.run import evaluate_source
-
-    return evaluate_source(args.ckpt, args.eval, plan=args.plan, tp=args.tp,
-                           baseline=args.baseline, json_out=args.json, **cli.source_options(args))
-
+The command is megatron_spd.cli.evaluate (also installed as ``megatron-spd-evaluate``)."""
+from megatron_spd.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

@@ -1,56 +1,8 @@
 #!/usr/bin/env python
 """Fine-tune an SPD model (its plan is inside the checkpoint) on text, at any TP x DP.
 
-    torchrun --nproc-per-node 4 tools/finetune.py --tp 2 --ckpt CKPT --out FT_CKPT \\
-        --steps 200 --distill 0.5 --save FT_CKPT.train --save-interval 50 --json ft.json
-
-World size / TP = data-parallel degree. Without --ckpt the default SmolLM2-135M is used; --plan
-applies a plan to it first (e.g. 100% SPD without any recovery). A run whose --save directory
-already holds a checkpoint resumes from it. The result at --out serves unchanged with
-tools/generate.py and tools/evaluate.py.
-"""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_spd import cli  # noqa: E402
-
-
-def parse_args(argv=None):
-    from megatron_spd.checkpoint import CHECKPOINT_OUTPUT
-    from megatron_spd.train.loop import FinetuneConfig
-
-    p = cli.parser(__doc__)
-    cli.add_source(p)
-    cli.add_plan(p, help="plan JSON to apply instead of the checkpoint's own")
-    cli.add_out(p, CHECKPOINT_OUTPUT, "where the fine-tuned checkpoint is written")
-    cli.add_dir(p, "--save", "training-checkpoint directory (resumes from it if it holds one)")
-    cli.add_tp(p)
-    p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--data", help="local .txt/.jsonl/.parquet (default: bundled Wikipedia paragraphs)")
-    cli.add_text_field(p)
-    p.add_argument("--teacher",
-                   help="teacher source, run with a dense plan (default: the dense model --ckpt "
-                        "was derived from, as its checkpoint records; else --ckpt itself)")
-    cli.add_json(p, "the report (loss curve, held-out loss)")
-    cli.add_png(p, "--plot", "the loss curve")
-    cli.add_config(p, FinetuneConfig, attr="config", title="training (train.FinetuneConfig)")
-    return p.parse_args(argv)
-
-
-@cli.entry
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    from megatron_spd import distributed
-    from megatron_spd.train.loop import finetune
-
-    with distributed.running(args.tp, seed=args.config.seed):
-        finetune(args.ckpt, out=args.out, cfg=args.config, save_dir=args.save, plan=args.plan,
-                 teacher_source=args.teacher, data_source=args.data, text_field=args.text_field,
-                 sequence_parallel=args.sequence_parallel, json_out=args.json, plot=args.plot,
-                 overwrite=args.overwrite, **cli.source_options(args))
-
+The command is megatron_spd.cli.finetune (also installed as ``megatron-spd-finetune``)."""
+from megatron_spd.cli.finetune import main
 
 if __name__ == "__main__":
     main()

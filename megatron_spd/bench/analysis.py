@@ -18,9 +18,9 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-from ..comm import LinkProfile
-from ..config import ModelConfig
-from ..plan import SPDPlan
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
+from ..parallel.collectives import LinkProfile
 from . import analytic
 
 

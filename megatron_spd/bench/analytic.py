@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..cli import floats, ints, option, words
-from ..comm import LinkProfile, link_profile
-from ..config import ModelConfig
+from ..core.config import ModelConfig
+from ..options import floats, ints, option, words
+from ..parallel.collectives import LinkProfile, link_profile
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,15 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from .. import clock, compat, distributed
-from ..cli import floats, option
-from ..comm import CollectiveCounter, LinkProfile, link_profile, simulate_link
-from ..config import ModelConfig
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
+from ..core.sharding import FullStateDict, load_full_state_dict, model_params
+from ..core.spec import build_model
 from ..errors import ContextError
 from ..inference import decode_step, new_cache, prefill
-from ..model import FullStateDict, load_full_state_dict, model_params
-from ..plan import SPDPlan
-from ..spec import build_model
+from ..options import floats, option
+from ..parallel import clock, compat, distributed
+from ..parallel.collectives import CollectiveCounter, LinkProfile, link_profile, simulate_link
 from . import analysis, analytic
 
 FORMAT = "megatron-spd-latency/1"

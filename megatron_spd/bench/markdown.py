@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..io import atomic_write_text
+from ..files import atomic_write_text
 
 DECODE_TARGET = 0.90   # share of the theoretical decode saving to realise
 E2E_TARGET = 0.20      # end-to-end reduction at 70% SPD, LLaMA2-70B, TP=8, 10 GB/s link

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import save_figure
+from ..files import save_figure
 
 PHASES = (("prefill", "time to first token (prefill)"), ("decode", "time per output token"))
 

@@ -16,11 +16,10 @@ from typing import Optional
 
 import torch
 
-from .. import distributed
-from ..io import atomic_write_json
+from ..files import atomic_write_json
+from ..parallel import distributed
 from . import analytic, markdown, plots
-from .latency import (PRESETS, LinkSetting, WeightSource, Workload, preset_source,
-                      run_latency)
+from .latency import PRESETS, LinkSetting, WeightSource, Workload, preset_source, run_latency
 
 
 def threads_per_rank(cores: Optional[int] = None, local_ranks: Optional[int] = None) -> int:
@@ -62,7 +61,7 @@ def measure(model: str, wl: Workload, links: LinkSetting, *, tp: Optional[int] =
 def _checkpoint_source(path: Optional[str], groups: Optional[int]) -> WeightSource:
     """Weights of a checkpoint, HF directory or .gguf (None: SmolLM2-135M) and its plan's G."""
     def source():
-        from ..sources import load_weights
+        from ..loading.sources import load_weights
 
         cfg, full, _, plan = load_weights(path, progress=False)
         return cfg, groups or plan.groups, full

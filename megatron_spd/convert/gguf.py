@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
 from .hf import LLAMA3_ROPE_CONSTANTS, ConversionError, FullStateDict, hf_to_full
 
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",

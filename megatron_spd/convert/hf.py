@@ -17,10 +17,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import FullStateDict, ModelConfig
+from ..core.config import FullStateDict, ModelConfig
 from ..errors import SPDError
-from ..io import atomic_write_json, read_json_object
-
+from ..files import atomic_write_json, read_json_object
 
 L = "decoder.layers.{i}."
 HF = "model.layers.{i}."

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
 from .hf import ConversionError, FullStateDict
 
 # sharded-key suffix (under decoder.layers.) -> per-layer state-dict suffix

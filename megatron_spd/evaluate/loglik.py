@@ -21,9 +21,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .. import distributed
+from ..core.sharding import forward_logits
 from ..inference import extend, new_cache, prefill, rewind
-from ..model import forward_logits
+from ..parallel import distributed
 
 Request = tuple[Sequence[int], Sequence[int]]
 

@@ -18,9 +18,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .. import distributed
-from ..data import token_stream
-from ..model import forward_logits
+from ..core.sharding import forward_logits
+from ..data.texts import token_stream
+from ..parallel import distributed
 from .loglik import DEFAULT_BATCH_TOKENS, eval_mode
 
 

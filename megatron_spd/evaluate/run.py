@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .. import data, distributed
-from ..cli import option
+from ..data import texts as data
 from ..errors import check_context, check_finite
+from ..options import option
+from ..parallel import distributed
 from .loglik import DEFAULT_BATCH_TOKENS
 from .perplexity import perplexity
 from .tasks import TASKS, parse_task_list
@@ -132,8 +133,8 @@ def evaluate_source(source: str | Path | None = None, cfg: EvalConfig = EvalConf
     ``tp`` with ``plan`` (default: its own),
     evaluate it, pair it with ``baseline`` (a report of another model) if given, print the
     summary on rank 0 and save the report to ``json_out`` after every task."""
-    from ..factory import open_model
-    from ..io import atomic_write_json
+    from ..files import atomic_write_json
+    from ..loading.open_model import open_model
     from .baseline import compare, load_baseline
 
     if baseline:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..defaults import olmo_eval_dir
+from ..data.defaults import olmo_eval_dir
 from ..errors import SPDError
 
 

@@ -3,7 +3,7 @@
 megatron-core's ``StaticInferenceEngine`` needs CUDA-only calls (docs/megatron-core-on-cpu.md,
 item 19), so this is a thin engine over ``GPTModel.forward`` with a megatron static inference
 context as its KV cache. Two paths, chosen per batch at prefill:
-- tensorised (models from ``megatron_spd.spec``, whose attention is ``CachedSelfAttention``):
+- tensorised (models from ``megatron_spd.core.spec``, whose attention is ``CachedSelfAttention``):
   cache length, padding and masks in device tensors, K/V written in place, fused attention
   (kv_cache.py); each decode step is one ``DecodeStep``, captured in a CUDA graph on GPU
   (graph.py; eager on CPU, with ``cuda_graph=False``, or if capture fails, with a warning);
@@ -37,13 +37,13 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .. import compat
-from ..cli import option
-from ..distributed import is_rank0
+from ..core.cached_attention import CacheContext, uses_cached_attention
+from ..core.sharding import causal_mask
 from ..errors import SPDError
-from ..model import causal_mask
+from ..options import option
+from ..parallel import compat
+from ..parallel.distributed import is_rank0
 from .graph import DecodeStep
-from .kv_cache import CacheContext, uses_cached_attention
 from .sampling import SamplingParams, make_generator, sample
 
 

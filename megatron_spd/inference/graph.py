@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import CacheContext
+from ..core.cached_attention import CacheContext
 
 WARMUP_STEPS = 2  # eager runs on a side stream before capture (torch's documented recipe)
 

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
-from .. import distributed
+from ..parallel import distributed
 from .engine import GenerationConfig, GenerationError, GenerationResult, StreamCallback, generate
 
 
@@ -87,8 +87,8 @@ def generate_source(source: str | Path | None, prompts: Sequence[str],
     generate after every prompt (``stream``: the first prompt's text as it is produced), list
     the outputs with their timings and write ``json_out`` on rank 0. Returns the results on
     global rank 0, None elsewhere."""
-    from ..factory import open_model
-    from ..io import atomic_write_json
+    from ..files import atomic_write_json
+    from ..loading.open_model import open_model
 
     with distributed.running(tp, timeout_s=timeout_s):
         rank0 = distributed.is_rank0()

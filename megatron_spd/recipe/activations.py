@@ -15,9 +15,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .. import compat
-from ..config import FullStateDict
-from ..model import causal_mask, gather_full_state_dict, model_params, shard_for_rank
+from ..core.config import FullStateDict
+from ..core.sharding import causal_mask, gather_full_state_dict, model_params, shard_for_rank
+from ..parallel import compat
 
 
 def check_model(model) -> None:
@@ -30,7 +30,7 @@ def check_model(model) -> None:
 def require_full_weights(step: str, result: str) -> None:
     """Recipe steps that gather statistics over every group (HG, the compensation fit) run on
     the full weights: refuse T > 1 (the ``result`` checkpoint then serves at any T)."""
-    from .. import distributed
+    from ..parallel import distributed
 
     if distributed.tp_size() != 1:
         raise ValueError(f"{step} gathers statistics on the full weights: run it at T=1 (the "

@@ -20,10 +20,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..compensation import CompensationConfig
-from ..config import ModelConfig
-from ..model import FullStateDict, gather_full_state_dict, load_full_state_dict
-from ..plan import SPDPlan
+from ..core.compensation import CompensationConfig
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
+from ..core.sharding import FullStateDict, gather_full_state_dict, load_full_state_dict
 from . import activations, classify, distill, headgroup, recover
 from .sensitivity import Sensitivity
 
@@ -104,8 +104,8 @@ def apply_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: tor
     """Run HG, compensation and B2B as the plan says (``recover.recover``, block by block);
     returns (model with the plan, its full state dict, plan with records). ``b2b=None`` does
     HG and compensation only. HG and compensation need T=1; B2B runs at any T dividing G."""
-    from ..compensation import entries_for_plan, zero_entries
-    from ..spec import build_model
+    from ..core.compensation import entries_for_plan, zero_entries
+    from ..core.spec import build_model
 
     dense_plan = SPDPlan.dense(cfg.num_layers, plan.groups)
     dense = build_model(cfg, dense_plan)

@@ -35,8 +35,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..cli import floats, option
-from ..grads import reduce_tp_partial_grads
+from ..core.grads import reduce_tp_partial_grads
+from ..options import floats, option
 from ..train.optim import OptimConfig, adamw
 from . import activations
 

@@ -32,9 +32,9 @@ from typing import Any, Optional
 
 import torch
 
-from .. import distributed
-from ..config import ModelConfig
-from ..model import FullStateDict
+from ..core.config import ModelConfig
+from ..core.sharding import FullStateDict
+from ..parallel import distributed
 from . import activations
 
 MLP_MODES = ("units", "match", "none")
@@ -253,7 +253,7 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
     b_o = 0.0 if bias is None else bias.float()
     comp_weights, comp = None, torch.zeros(x.shape[0], groups, x.shape[1])
     if compensation is not None:
-        from .compensation import fit_stats, group_partials
+        from .compensation_fit import fit_stats, group_partials
 
         comp_weights, comp, explained = fit_stats(layer, x, group_partials(parts, kv_groups),
                                                   b_o, **compensation)

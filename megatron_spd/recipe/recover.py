@@ -23,8 +23,9 @@ from typing import Any, Optional
 
 import torch
 
-from .. import distributed
-from . import activations, compensation, distill, headgroup
+from ..parallel import distributed
+from . import activations, distill, headgroup
+from . import compensation_fit as compensation
 
 
 @dataclass

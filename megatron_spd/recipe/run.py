@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import distributed
-from ..cli import option
-from ..data import SPLITS
+from ..core.compensation import CompensationConfig
+from ..data.texts import SPLITS
 from ..errors import check_context, check_finite
-from ..compensation import CompensationConfig
-from ..io import atomic_write_json
+from ..files import atomic_write_json
+from ..options import option
+from ..parallel import distributed
 from .distill import B2BConfig
 
 
@@ -53,7 +53,7 @@ class Calibration:
     def batches(self, tokenizer, cfg):
         """``[samples, seq_len]`` token ids (data.calibration_batches) for the model of ``cfg``
         (ContextError first if ``seq_len`` exceeds its context)."""
-        from ..data import calibration_batches
+        from ..data.texts import calibration_batches
 
         check_context(self.seq_len, cfg.max_seq_length, "--seq-len")
         return calibration_batches(tokenizer, self.samples, self.seq_len, self.source,
@@ -74,7 +74,7 @@ def _finish(report: dict, json_out: Optional[str | Path]) -> dict:
 def _dense_inputs(source, calib: Calibration, groups: Optional[int], **source_options):
     """(dense model, SPD model, calibration tokens, dense block inputs); ``source_options``:
     ``load_weights``' tokenizer/verify."""
-    from ..sources import load_weights
+    from ..loading.sources import load_weights
     from . import activations
     from .sensitivity import build_pair
 
@@ -85,7 +85,7 @@ def _dense_inputs(source, calib: Calibration, groups: Optional[int], **source_op
     return dense, spd, tokens, xs
 
 
-def sensitivity(source: str | Path | None = None, calib: Calibration = Calibration(), *,
+def run_sensitivity(source: str | Path | None = None, calib: Calibration = Calibration(), *,
                 groups: Optional[int] = None, mode: str = "cumulative",
                 tp: Optional[int] = None, json_out: Optional[str | Path] = None,
                 png: Optional[str | Path] = None, tokenizer: Optional[str | Path] = None,
@@ -112,7 +112,7 @@ def sensitivity(source: str | Path | None = None, calib: Calibration = Calibrati
         return _finish(report, json_out)
 
 
-def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float] = None,
+def run_plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float] = None,
          max_ppl_increase: Optional[float] = None, strategy: str = "auto",
          t1: Optional[float] = None, t2: Optional[float] = None,
          compensation: CompensationConfig = CompensationConfig(),
@@ -124,8 +124,8 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
     (an existing plan there only with ``overwrite``, anything else never); the perplexity
     budget is measured zero-shot on ``source``'s calibration text (without compensation, which
     is fitted later). ``compensation`` goes to every SPD block."""
-    from ..io import check_output
-    from ..plan import PLAN_OUTPUT
+    from ..core.plan import PLAN_OUTPUT
+    from ..files import check_output
     from . import autoplan
     from .sensitivity import Sensitivity
 
@@ -156,7 +156,7 @@ def plan(sensitivity_json: str | Path, out: str | Path, *, ratio: Optional[float
         return _finish(result.to_dict(), json_out)
 
 
-def recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None = None,
+def run_recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None = None,
             calib: Calibration = Calibration(), b2b: Optional[B2BConfig] = B2BConfig(),
             hg_mlp: Optional[str] = None, tp: Optional[int] = None,
             json_out: Optional[str | Path] = None, tokenizer: Optional[str | Path] = None,
@@ -165,9 +165,9 @@ def recover(plan_json: str | Path, out: str | Path, *, source: str | Path | None
     apply_plan's default), the closed-form fit of the compensation the plan gives, then (unless
     ``b2b`` is None) B2B on its ``b2b`` and ``hg`` blocks; saves the checkpoint at ``out``
     (checked first: an existing one of ours is replaced only with ``overwrite``)."""
-    from ..checkpoint import check_output_dir, save_checkpoint
-    from ..sources import dense_origin, load_weights
-    from ..plan import SPDPlan
+    from ..checkpoint.store import check_output_dir, save_checkpoint
+    from ..core.plan import SPDPlan
+    from ..loading.sources import dense_origin, load_weights
     from . import autoplan
 
     check_output_dir(out, overwrite)

@@ -15,20 +15,20 @@ every block in SPD form (the T=1 emulation of G groups, or real TP at T=G ranks)
 """
 from __future__ import annotations
 
-import time
 import dataclasses
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .. import distributed
-from ..config import ModelConfig
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
+from ..core.sharding import FullStateDict, load_full_state_dict
 from ..errors import InputError
-from ..io import atomic_write_json, read_json_object, save_figure
-from ..model import FullStateDict, load_full_state_dict
-from ..plan import SPDPlan
+from ..files import atomic_write_json, read_json_object, save_figure
+from ..parallel import distributed
 from . import activations
 
 MODES = ("cumulative", "independent", "local")
@@ -92,7 +92,7 @@ class Sensitivity:
 
 def build_pair(cfg: ModelConfig, full: FullStateDict, groups: int):
     """(dense model, all-SPD model) at the current TP, both holding ``full``."""
-    from ..spec import build_model
+    from ..core.spec import build_model
 
     dense = build_model(cfg, SPDPlan.dense(cfg.num_layers, groups))
     spd = build_model(cfg, SPDPlan.from_spd_blocks(cfg.num_layers, groups,

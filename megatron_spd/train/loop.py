@@ -7,7 +7,7 @@
 2. Optionally open the teacher: the source's dense origin (``sources.dense_origin``: the
    model itself, or the original a B2B/HG/fine-tuned checkpoint records) with a dense plan of
    the same G (the issue's "logit distillation from the dense teacher").
-3. Text through ``megatron_spd.data`` (bundled Wikipedia paragraphs or a local file): the
+3. Text through ``megatron_spd.data.texts`` (bundled Wikipedia paragraphs or a local file): the
    ``train`` split is cut into [N, seq_len + 1] blocks, held-out loss is measured on the
    ``eval`` split, which never overlaps it.
 4. Train with tqdm on rank 0 (loss, lr, tokens/s) and a log line every ``log_interval`` steps;
@@ -27,15 +27,16 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 
-from .. import data, distributed
-from ..checkpoint import check_output_dir, save_checkpoint
-from ..cli import option
-from ..distributed import dp_rank_size, is_rank0
+from ..checkpoint.store import check_output_dir, save_checkpoint
+from ..core.plan import SPDPlan
+from ..data import texts as data
 from ..errors import InputError, MetricError, check_context, check_finite
-from ..factory import open_model
-from ..sources import dense_origin
-from ..io import atomic_write_json
-from ..plan import SPDPlan
+from ..files import atomic_write_json
+from ..loading.open_model import open_model
+from ..loading.sources import dense_origin
+from ..options import option
+from ..parallel import distributed
+from ..parallel.distributed import dp_rank_size, is_rank0
 from . import state
 from .batches import SampleOrder
 from .optim import OptimConfig

@@ -20,8 +20,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
-from .. import compat
-from ..cli import option
+from ..options import option
+from ..parallel import compat
 
 DECAY_STYLES = ("constant", "linear", "cosine")
 

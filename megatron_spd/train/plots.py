@@ -12,7 +12,7 @@ def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import save_figure
+    from ..files import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train loss")

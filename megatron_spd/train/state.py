@@ -24,10 +24,10 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 
-from ..checkpoint import save_checkpoint
-from ..distributed import barrier, is_rank0
+from ..checkpoint.store import save_checkpoint
 from ..errors import SPDError
-from ..io import atomic_write_json, atomic_write_with, read_json_object
+from ..files import atomic_write_json, atomic_write_with, read_json_object
+from ..parallel.distributed import barrier, is_rank0
 
 LATEST = "latest.json"
 TRAINER_DIR = "trainer"

@@ -20,11 +20,11 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-from .. import compat
-from ..distributed import dp_rank_size
-from ..cli import option
-from ..grads import reduce_tp_partial_grads
-from ..model import causal_mask
+from ..core.grads import reduce_tp_partial_grads
+from ..core.sharding import causal_mask
+from ..options import option
+from ..parallel import compat
+from ..parallel.distributed import dp_rank_size
 from .batches import SampleOrder
 from .losses import kd_loss, lm_loss
 from .optim import OptimConfig, Optimizer

@@ -31,12 +31,28 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from .errors import SPDError
-from .io import JSON_REPORT, PNG_FIGURE, WORK_DIR, OutputKind, check_output
+from ..core.plan import is_plan_file
+from ..errors import SPDError
+from ..files import PNG_FIGURE, WORK_DIR, OutputKind, check_output
+
+
+def _is_json_report(path: Path) -> bool:
+    """A JSON document that is not an SPD plan (a plan is an input people edit; reports are
+    regenerated, so a rerun replaces its own)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return not is_plan_file(path)
+
+
+JSON_REPORT = OutputKind("JSON report", ours=_is_json_report, needs_overwrite=False)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -216,7 +232,7 @@ def add_dir(p: Parser, flag: str, help: str) -> None:
 
 
 def add_timeout(p) -> None:
-    from .distributed import DEFAULT_TIMEOUT_S
+    from ..parallel.distributed import DEFAULT_TIMEOUT_S
 
     _add(p, "--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
          help="torch.distributed timeout: how long ranks wait for a dead or stuck peer")
@@ -232,19 +248,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def floats(text: str) -> tuple[float, ...]:
-    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0) (an option's ``type``)."""
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def words(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 # ----- config dataclasses as options ------------------------------------------------------------
@@ -290,12 +293,6 @@ def add_config(p: Parser, cls: type, *, attr: str, exclude: Iterable[str] = (),
         _add(group, flag, **kw)
         built[f.name] = dest
     p._configs.append((attr, cls, built))
-
-
-def option(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field with its command-line help (and ``flag``/``choices``/``type``) in the
-    metadata ``add_config`` reads; mutable defaults (lists, dicts) are not supported."""
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 def default_of(function: Callable, parameter: str) -> Any:

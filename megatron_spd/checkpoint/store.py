@@ -39,15 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint_args import CHECKPOINT_VERSION, DENSE_SOURCE_ARG, args_from_config, \
-    config_from_args, plan_from_args
-from .config import ModelConfig
-from .convert.hf import ConversionError, FullStateDict
-from .errors import OutputError, SPDError
-from .io import OutputKind, atomic_write_json, atomic_write_text, check_output, \
-    read_json_object, replace_dir
-from .plan import SPDPlan
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from ..convert.hf import ConversionError, FullStateDict
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
+from ..data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from ..errors import OutputError, SPDError
+from ..files import (OutputKind, atomic_write_json, atomic_write_text, check_output,
+                     read_json_object, replace_dir)
+from .args import (CHECKPOINT_VERSION, DENSE_SOURCE_ARG, args_from_config, config_from_args,
+                   plan_from_args)
 
 CKPT_FORMAT = "megatron-spd-checkpoint/2"
 LEGACY_FORMAT = "megatron-spd-checkpoint/1"  # spd_checkpoint.json + weights/ (read only)
@@ -271,8 +271,8 @@ def _manifest(root: Path) -> dict[str, dict[str, Any]]:
 def read_full_state_dict(ckpt: StoredCheckpoint) -> FullStateDict:
     """The full (TP=1, fp32) state dict, read with no process group; only the model's tensors
     are read (a Megatron-LM checkpoint's optimizer state stays on disk)."""
-    from .compensation import full_shapes
-    from .convert.mcore import mcore_plain_to_full
+    from ..convert.mcore import mcore_plain_to_full
+    from ..core.compensation import full_shapes
 
     extra = None if ckpt.plan is None else full_shapes(ckpt.config, ckpt.plan)
     try:
@@ -328,7 +328,7 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     ``dense_source``: the original dense model when these weights were changed for SPD."""
     from megatron.core import parallel_state
 
-    from .distributed import barrier, is_rank0
+    from ..parallel.distributed import barrier, is_rank0
 
     out_dir = Path(out_dir).absolute()
     tmp = out_dir.with_name(f".{out_dir.name}.saving")
@@ -393,8 +393,11 @@ def _in_process_strategy():
     """
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
 
     class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir) -> None:

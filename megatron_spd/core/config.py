@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import compat
+from ..parallel import compat
 
 #: A model's weights at TP=1 under megatron-core's names and layouts, fp32: the interchange format
 #: between converters, recipes and checkpoints (model.py shards it for a rank and gathers it back).

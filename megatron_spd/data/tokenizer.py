@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import SPDError
-from .io import read_json_object
+from ..errors import SPDError
+from ..files import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -212,7 +212,8 @@ def _gguf_pre_tokenizer(pre: str):
     """Like the families' tokenizer.json: a regex split, then byte-level mapping without its own
     regex. llama.cpp applies no Unicode normaliser for these (Qwen2's tokenizer.json has NFC;
     a GGUF file carries none, so we follow llama.cpp)."""
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
 
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder", "refact"):
@@ -231,7 +232,8 @@ def _gguf_pre_tokenizer(pre: str):
 def gguf_tokenizer(reader_or_path) -> HFTokenizer:
     """Rebuild a GGUF file's byte-level BPE vocabulary with the ``tokenizers`` library."""
     import gguf
-    from tokenizers import AddedToken, Tokenizer as TkTokenizer, decoders, models
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as TkTokenizer
 
     reader = reader_or_path if isinstance(reader_or_path, gguf.GGUFReader) \
         else gguf.GGUFReader(str(reader_or_path))

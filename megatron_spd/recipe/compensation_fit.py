@@ -27,9 +27,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .. import compat
-from ..compensation import PARAM_NAMES
-from ..config import FullStateDict
+from ..core.compensation import PARAM_NAMES
+from ..core.config import FullStateDict
+from ..parallel import compat
 from . import activations
 from .headgroup import block_stats
 

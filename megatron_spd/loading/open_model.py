@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import StoredCheckpoint, load_into, read_checkpoint, read_full_state_dict
-from .config import ModelConfig
-from .plan import PlanError, SPDPlan
+from ..checkpoint.store import StoredCheckpoint, load_into, read_checkpoint, read_full_state_dict
+from ..core.config import ModelConfig
+from ..core.plan import PlanError, SPDPlan
+from ..data.tokenizer import Tokenizer
 from .sources import check_vocab, default_plan_for, load_weights, source_kind
-from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -31,10 +31,10 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
     """Build the model at the current TP degree (``distributed.init(tp)`` first) with ``plan``
     (default: the source's own plan) and load its weights; every rank calls it. ``tokenizer``
     replaces the source's own; ``verify=False`` skips the checksum check of a checkpoint."""
-    from .compensation import entries_for_plan
-    from .distributed import barrier, is_rank0
-    from .model import load_full_state_dict
-    from .spec import build_model
+    from ..core.compensation import entries_for_plan
+    from ..core.sharding import load_full_state_dict
+    from ..core.spec import build_model
+    from ..parallel.distributed import barrier, is_rank0
 
     if plan is not None and not isinstance(plan, SPDPlan):
         plan = SPDPlan.load(plan)
@@ -73,8 +73,8 @@ def _compensation_matches(plan: SPDPlan, weights_plan: Optional[SPDPlan], cfg: M
     """Whether the weights hold exactly the compensation ``plan`` gives; if not, says on rank 0
     what happens: compensation the weights lack starts at zero (plain SPD for that block), the
     weights' own compensation that the plan does not give is not used."""
-    from .compensation import full_shapes
-    from .distributed import is_rank0
+    from ..core.compensation import full_shapes
+    from ..parallel.distributed import is_rank0
 
     want = full_shapes(cfg, plan)
     have = {} if weights_plan is None else full_shapes(cfg, weights_plan)
@@ -110,7 +110,7 @@ def unrecovered_note(plan: SPDPlan, weights_plan: Optional[SPDPlan], source: str
 
 def _note_unrecovered(plan: Optional[SPDPlan], weights_plan: Optional[SPDPlan],
                       source: str) -> None:
-    from .distributed import is_rank0
+    from ..parallel.distributed import is_rank0
 
     note = unrecovered_note(plan, weights_plan, source) if plan is not None else None
     if note and is_rank0():
@@ -122,7 +122,7 @@ def _read_on_rank0_first(source, verify: bool) -> StoredCheckpoint:
     rank then reads the small metadata, and all raise the same error if rank 0 found one."""
     import torch.distributed as dist
 
-    from .distributed import is_rank0
+    from ..parallel.distributed import is_rank0
 
     error = [None]
     if is_rank0():

@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Optional
 
-from .checkpoint_args import DENSE_SOURCE_ARG, PLAN_ARG, plan_from_args, plan_json
-from .grads import reduce_tp_partial_grads
-from .plan import PlanError, SPDPlan
-from .spec import block_spec
+from ..checkpoint.args import DENSE_SOURCE_ARG, PLAN_ARG, plan_from_args, plan_json
+from ..core.grads import reduce_tp_partial_grads
+from ..core.plan import PlanError, SPDPlan
+from ..core.spec import block_spec
 
 # what makes two plans build different models (the rest is provenance)
 _STRUCTURAL_KEYS = ("groups", "strategies", "compensation")
@@ -80,7 +80,7 @@ def _checkpoint_plan(args: Any) -> tuple[Optional[SPDPlan], Optional[str], Optio
     """The plan stored with the model this run starts from, where it was found, and that
     checkpoint's path. Checkpoints megatron-spd cannot read (legacy 'torch' format) carry no
     plan: Megatron-LM loads them as before."""
-    from .checkpoint import CheckpointError, read_args
+    from ..checkpoint.store import CheckpointError, read_args
 
     paths = [(flag, getattr(args, flag, None)) for flag in ("load", "pretrained_checkpoint")]
     for flag, path in paths:
@@ -114,8 +114,8 @@ def resolve_plan(args: Any) -> Optional[SPDPlan]:
         problems = _unsupported(args)
         if problems:
             raise PlanError("megatron-spd plan: " + "; ".join(problems))
-        from .distributed import is_rank0
-        from .factory import unrecovered_note
+        from ..loading.open_model import unrecovered_note
+        from ..parallel.distributed import is_rank0
 
         note = unrecovered_note(plan, stored, where or "random initialisation (nothing to load)")
         if is_rank0() and flag_plan is None:
@@ -124,7 +124,7 @@ def resolve_plan(args: Any) -> Optional[SPDPlan]:
         if is_rank0() and note:
             print(f"[megatron-spd] {note}", flush=True)
         if path is not None:  # saves of this run record it: the fine-tuning teacher
-            from .sources import dense_origin
+            from ..loading.sources import dense_origin
 
             setattr(args, DENSE_SOURCE_ARG, dense_origin(path))
     setattr(args, PLAN_ARG, None if plan is None else plan_json(plan))

@@ -13,14 +13,14 @@ import os
 import shutil
 from pathlib import Path
 
-from . import distributed
-from .checkpoint import CheckpointError, is_checkpoint, read_checkpoint, read_full_state_dict
-from .config import ModelConfig
-from .convert.hf import FullStateDict, load_hf
-from .defaults import DEFAULT_GROUPS, default_gguf_path
-from .io import atomic_write_json
-from .plan import SPDPlan
-from .tokenizer import Tokenizer, TokenizerError, hf_tokenizer_from_dir, load_tokenizer
+from ..checkpoint.store import CheckpointError, is_checkpoint, read_checkpoint, read_full_state_dict
+from ..convert.hf import FullStateDict, load_hf
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
+from ..data.defaults import DEFAULT_GROUPS, default_gguf_path
+from ..data.tokenizer import Tokenizer, TokenizerError, hf_tokenizer_from_dir, load_tokenizer
+from ..files import atomic_write_json
+from ..parallel import distributed
 
 #: How checkpoints name the bundled SmolLM2 as their dense origin (any tool's source argument).
 DEFAULT_SOURCE = "default"
@@ -75,8 +75,8 @@ def _load_gguf_cached(path: Path, progress: bool) -> tuple[ModelConfig, FullStat
     by the file's path, size and mtime (a changed file is converted again)."""
     from safetensors.torch import load_file, save_file
 
-    from .convert.gguf import load_gguf, read_gguf
-    from .tokenizer import gguf_tokenizer
+    from ..convert.gguf import load_gguf, read_gguf
+    from ..data.tokenizer import gguf_tokenizer
 
     cached = _gguf_cache_path(path)
     if (cached / "done").is_file():

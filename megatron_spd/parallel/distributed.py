@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..errors import InputError
 from . import compat
-from .errors import InputError
 
 DEFAULT_TIMEOUT_S = 600.0
 

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import ModelConfig
-from ..io import OutputKind
-from ..plan import SPDPlan
+from ..core.config import ModelConfig
+from ..core.plan import SPDPlan
+from ..files import OutputKind
 
 #: Files a Hugging Face model directory written by ``to_hf`` may hold (``save_hf`` and the
 #: tokenizer's own): a directory with anything else is someone's, and never replaced.
@@ -36,7 +36,7 @@ HF_OUTPUT = OutputKind("Hugging Face model directory", directory=True, ours=is_h
 
 def output_kind(to: str) -> OutputKind:
     """What a conversion ``--to`` mcore / hf writes at ``--out``."""
-    from ..checkpoint import CHECKPOINT_OUTPUT
+    from ..checkpoint.store import CHECKPOINT_OUTPUT
 
     return HF_OUTPUT if to == "hf" else CHECKPOINT_OUTPUT
 
@@ -84,9 +84,9 @@ def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Pa
              verify: bool = True) -> dict[str, Any]:
     """Convert at the current TP (every rank calls it) into a Megatron-LM-layout checkpoint
     with the plan inline; returns the summary. ``out`` is checked before anything is read."""
-    from ..checkpoint import check_output_dir, save_checkpoint
-    from ..distributed import tp_size
-    from ..factory import open_model
+    from ..checkpoint.store import check_output_dir, save_checkpoint
+    from ..parallel.distributed import tp_size
+    from .open_model import open_model
 
     check_output_dir(out, overwrite)
     t0 = time.perf_counter()
@@ -105,9 +105,9 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
     ``out`` may be absent, empty, or (with ``overwrite``) a directory ``to_hf`` wrote before."""
     import torch
 
-    from ..io import check_output, replace_dir
-    from ..sources import load_weights
-    from .hf import save_hf
+    from ..convert.hf import save_hf
+    from ..files import check_output, replace_dir
+    from .sources import load_weights
 
     check_output(out, HF_OUTPUT, overwrite=overwrite)
     t0 = time.perf_counter()
@@ -134,8 +134,8 @@ def convert(source: Optional[str], out: str | Path, *, to: str = "mcore",
     is checked first: absent, empty, or one of ours of that kind with ``overwrite``."""
     import json
 
-    from .. import distributed
-    from ..io import atomic_write_json
+    from ..files import atomic_write_json
+    from ..parallel import distributed
 
     if to == "hf":
         if plan or (tp or 1) > 1:

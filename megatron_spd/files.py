@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 from .errors import InputError, OutputError
 
-
 # ----- what an output path may replace -----------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -98,18 +97,6 @@ def check_output(path: str | Path, kind: OutputKind, *, overwrite: bool = False,
                           "replace it, or choose another path")
 
 
-def _is_json_report(path: Path) -> bool:
-    """A JSON document that is not an SPD plan (a plan is an input people edit; reports are
-    regenerated, so a rerun replaces its own)."""
-    from .plan import is_plan_file
-
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return not is_plan_file(path)
-
-
 def _is_png(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -127,7 +114,6 @@ def _is_markdown(path: Path) -> bool:
 
 
 #: Reports, figures and generated documents: a rerun replaces its own output without a flag.
-JSON_REPORT = OutputKind("JSON report", ours=_is_json_report, needs_overwrite=False)
 PNG_FIGURE = OutputKind("PNG figure", ours=_is_png, needs_overwrite=False)
 MARKDOWN_DOC = OutputKind("Markdown document", ours=_is_markdown, needs_overwrite=False)
 #: A directory a tool adds files to and never replaces (a training run's save directory).

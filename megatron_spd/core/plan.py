@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .errors import SPDError
-from .io import OutputKind, atomic_write_text, read_json_object
+from ..errors import SPDError
+from ..files import OutputKind, atomic_write_text, read_json_object
 
 PLAN_FORMAT = "megatron-spd-plan/1"
 STRATEGIES = ("dense", "zs", "b2b", "hg")

@@ -53,12 +53,10 @@ from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    gather_from_sequence_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region,
+                                                    reduce_scatter_to_sequence_parallel_region)
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .compensation import SPDCompensation
@@ -143,7 +141,7 @@ class SPDTransformerLayer(TransformerLayer):
         for mod, cls in expected:
             if not isinstance(mod, cls):
                 raise TypeError(f"SPDTransformerLayer needs {cls.__name__} in its spec, got "
-                                f"{type(mod).__name__}; build specs with megatron_spd.spec")
+                                f"{type(mod).__name__}; build specs with megatron_spd.core.spec")
         attn.linear_proj.spd_groups = self.local_groups
         mlp.linear_fc1.spd_groups = self.local_groups
         mlp.linear_fc1.spd_gated = config.gated_linear_unit

@@ -19,10 +19,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from . import compat
+from ..parallel import compat
 from .block import SPDTransformerLayer
+from .cached_attention import CachedSelfAttention
 from .config import ModelConfig
-from .inference.kv_cache import CachedSelfAttention
 from .layers import SPDColumnParallelLinear, SPDRowParallelLinear
 from .plan import SPDPlan
 
@@ -95,7 +95,7 @@ def build_model(cfg: ModelConfig, plan: Optional[SPDPlan] = None, *,
                 **config_overrides) -> GPTModel:
     """A megatron-core GPTModel for ``cfg`` at the current TP degree with ``plan``'s SPD blocks.
 
-    Needs ``parallel_state`` initialised (``megatron_spd.distributed.init``). Raises PlanError if
+    Needs ``parallel_state`` initialised (``megatron_spd.parallel.distributed.init``). Raises PlanError if
     the plan does not fit the model or the TP degree.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -1,0 +1,100 @@
+"""The SPD recipe from the command line: sensitivity -> plan -> headgroup / distill -> checkpoint.
+
+    python tools/spd.py sensitivity [--ckpt SRC] [--groups 3] [--samples 4 --seq-len 512]
+        [--calib FILE] [--mode cumulative|independent|local|all] --json SENS.json [--png SENS.png]
+    python tools/spd.py plan --sensitivity SENS.json (--ratio 0.5 | --max-ppl-increase 2.0)
+        [--strategy auto|zs|b2b|hg] [--t1 X --t2 Y] [--no-compensation | --compensation-rank R] --out PLAN.json
+    python tools/spd.py headgroup [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--mlp units]
+    python tools/spd.py distill [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--epochs 2 --lr 1e-3
+        --optimizer adamw --inputs dense|spd]
+    torchrun --nproc-per-node 3 tools/spd.py sensitivity --tp 3 ...   (and distill, without hg)
+
+``plan`` gives every SPD block rank-local compensation unless ``--no-compensation``.
+``headgroup`` permutes the ``hg`` blocks of the plan (HG only); ``distill`` runs the whole plan
+block by block: HG on ``hg`` blocks, the closed-form compensation fit, B2B on ``b2b`` and
+``hg`` blocks. Both write a megatron-spd checkpoint
+with the plan inside, which ``tools/generate.py --ckpt`` and ``tools/evaluate.py --ckpt`` serve.
+No --ckpt = the bundled SmolLM2-135M-Instruct. Calibration text defaults to the bundled Wikipedia
+paragraphs (split ``calib``, disjoint from the evaluation split). Defaults (recipe.run.Calibration,
+recipe.distill.B2BConfig) are those of the published numbers in docs/recipe.md. The work is
+megatron_spd.recipe.run; this file only parses the command line.
+"""
+from __future__ import annotations
+
+from . import common as cli
+
+
+def parse_args(argv=None):
+    from ..checkpoint.store import CHECKPOINT_OUTPUT
+    from ..core.compensation import CompensationConfig
+    from ..core.plan import PLAN_OUTPUT
+    from ..recipe import autoplan, classify, headgroup, run, sensitivity
+    from ..recipe.distill import B2BConfig
+    from ..recipe.run import Calibration
+
+    p = cli.parser(__doc__.split("\n\n")[0])
+    sub = cli.subcommands(p)
+
+    def common(s) -> None:
+        cli.add_source(s)
+        cli.add_tp(s)
+        cli.add_json(s)
+        cli.add_config(s, Calibration, attr="calib", title="calibration text")
+
+    s = sub.add_parser("sensitivity", help="per-block sensitivity sweep")
+    common(s)
+    s.add_argument("--groups", type=cli.positive_int, default=None,
+                   help="G (default: the source plan's)")
+    s.add_argument("--mode", default=cli.default_of(run.run_sensitivity, "mode"),
+                   choices=[*sensitivity.MODES, "all"], help="sweep mode; 'all' runs every mode")
+    cli.add_png(s, "--png", "the plot of sensitivity per block")
+    s = sub.add_parser("plan", help="choose SPD blocks and strategies")
+    common(s)
+    s.add_argument("--sensitivity", required=True, help="JSON from the sensitivity subcommand")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=float, help="fraction of blocks to make SPD")
+    g.add_argument("--max-ppl-increase", type=float,
+                   help="largest calibration perplexity increase allowed (measured zero-shot)")
+    s.add_argument("--strategy", default=cli.default_of(run.run_plan, "strategy"),
+                   choices=["auto", *classify.CLASSES],
+                   help="'auto': classify each SPD block by its sensitivity")
+    s.add_argument("--t1", type=float, default=None, help="classification threshold zs/b2b")
+    s.add_argument("--t2", type=float, default=None, help="classification threshold b2b/hg")
+    cli.add_out(s, PLAN_OUTPUT, "plan JSON to write", metavar="PLAN.json")
+    cli.add_config(s, CompensationConfig, attr="compensation",
+                   title="rank-local compensation (compensation.CompensationConfig)")
+    for name, what in (("headgroup", "head grouping of the plan's hg blocks"),
+                       ("distill", "HG + B2B as the plan says; writes a checkpoint")):
+        s = sub.add_parser(name, help=what)
+        common(s)
+        cli.add_plan(s, required=True, help="plan JSON (tools/spd.py plan)")
+        cli.add_out(s, CHECKPOINT_OUTPUT, "checkpoint directory to write", metavar="DIR")
+        s.add_argument("--mlp", default=cli.default_of(autoplan.apply_plan, "hg_mlp"),
+                       choices=headgroup.MLP_MODES, help="HG on the MLP side (recipe/headgroup.py)")
+        if name == "distill":
+            cli.add_config(s, B2BConfig, attr="b2b", dests={"micro_batch": "b2b_micro_batch"},
+                           title="block-to-block distillation (recipe.distill.B2BConfig)")
+    return p.parse_args(argv)
+
+
+@cli.entry
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from ..recipe import run
+
+    common = dict(source=args.ckpt, calib=args.calib, tp=args.tp, json_out=args.json,
+                  **cli.source_options(args))
+    if args.cmd == "sensitivity":
+        return run.run_sensitivity(groups=args.groups, mode=args.mode, png=args.png, **common)
+    if args.cmd == "plan":
+        return run.run_plan(args.sensitivity, args.out, ratio=args.ratio,
+                        max_ppl_increase=args.max_ppl_increase, strategy=args.strategy,
+                        t1=args.t1, t2=args.t2, compensation=args.compensation,
+                        overwrite=args.overwrite, **common)
+    b2b = args.b2b if args.cmd == "distill" else None  # headgroup: HG only
+    return run.run_recover(args.plan, args.out, b2b=b2b, hg_mlp=args.mlp, overwrite=args.overwrite,
+                       **common)
+
+
+if __name__ == "__main__":
+    main()
