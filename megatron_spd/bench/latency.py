@@ -32,9 +32,9 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from ..core.config import ModelConfig
+from ..core.config import FullStateDict, ModelConfig
 from ..core.plan import SPDPlan
-from ..core.sharding import FullStateDict, load_full_state_dict, model_params
+from ..core.sharding import load_full_state_dict, model_params
 from ..core.spec import build_model
 from ..errors import ContextError
 from ..inference import decode_step, new_cache, prefill

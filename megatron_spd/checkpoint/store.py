@@ -39,15 +39,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..convert.hf import ConversionError, FullStateDict
-from ..core.config import ModelConfig
+from ..convert.hf import ConversionError
+from ..core.config import FullStateDict, ModelConfig
 from ..core.plan import SPDPlan
 from ..data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from ..errors import OutputError, SPDError
-from ..files import (OutputKind, atomic_write_json, atomic_write_text, check_output,
-                     read_json_object, replace_dir)
-from .args import (CHECKPOINT_VERSION, DENSE_SOURCE_ARG, args_from_config, config_from_args,
-                   plan_from_args)
+from ..files import (
+    OutputKind,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    read_json_object,
+    replace_dir,
+)
+from .args import (
+    CHECKPOINT_VERSION,
+    DENSE_SOURCE_ARG,
+    args_from_config,
+    config_from_args,
+    plan_from_args,
+)
 
 CKPT_FORMAT = "megatron-spd-checkpoint/2"
 LEGACY_FORMAT = "megatron-spd-checkpoint/1"  # spd_checkpoint.json + weights/ (read only)

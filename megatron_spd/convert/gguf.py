@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..core.config import ModelConfig
-from .hf import LLAMA3_ROPE_CONSTANTS, ConversionError, FullStateDict, hf_to_full
+from ..core.config import FullStateDict, ModelConfig
+from .hf import LLAMA3_ROPE_CONSTANTS, ConversionError, hf_to_full
 
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
            "output_norm.weight": "model.norm.weight",

@@ -16,8 +16,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..core.config import ModelConfig
-from .hf import ConversionError, FullStateDict
+from ..core.config import FullStateDict, ModelConfig
+from .hf import ConversionError
 
 # sharded-key suffix (under decoder.layers.) -> per-layer state-dict suffix
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",

@@ -53,10 +53,12 @@ from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                    gather_from_sequence_parallel_region,
-                                                    reduce_from_tensor_model_parallel_region,
-                                                    reduce_scatter_to_sequence_parallel_region)
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .compensation import SPDCompensation

@@ -35,8 +35,10 @@ from typing import Any, Optional
 import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
-                                             make_sharded_tensors_for_checkpoint)
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from ..options import option
 from .plan import COMPENSATION_INPUTS

@@ -8,8 +8,16 @@ report with another model's; ``run`` is one evaluation as a report, and what too
 """
 from .loglik import loglikelihoods
 from .perplexity import perplexity
-from .tasks import (DEFAULT_TASKS, PAPER_TASKS, TASKS, TaskError, get_task, paired_difference,
-                    paper_average, parse_task_list)
+from .tasks import (
+                    DEFAULT_TASKS,
+                    PAPER_TASKS,
+                    TASKS,
+                    TaskError,
+                    get_task,
+                    paired_difference,
+                    paper_average,
+                    parse_task_list,
+)
 from .zeroshot import encode_pair, evaluate_task, evaluate_tasks
 
 __all__ = ["loglikelihoods", "perplexity", "DEFAULT_TASKS", "PAPER_TASKS", "TASKS", "TaskError",

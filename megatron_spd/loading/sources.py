@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from ..checkpoint.store import CheckpointError, is_checkpoint, read_checkpoint, read_full_state_dict
-from ..convert.hf import FullStateDict, load_hf
-from ..core.config import ModelConfig
+from ..convert.hf import load_hf
+from ..core.config import FullStateDict, ModelConfig
 from ..core.plan import SPDPlan
 from ..data.defaults import DEFAULT_GROUPS, default_gguf_path
 from ..data.tokenizer import Tokenizer, TokenizerError, hf_tokenizer_from_dir, load_tokenizer

@@ -15,9 +15,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..core.config import FullStateDict
+from ..core.config import FullStateDict, ModelConfig
 from ..core.sharding import causal_mask, gather_full_state_dict, model_params, shard_for_rank
-from ..parallel import compat
+from ..parallel import compat, distributed
 
 
 def check_model(model) -> None:
@@ -30,8 +30,6 @@ def check_model(model) -> None:
 def require_full_weights(step: str, result: str) -> None:
     """Recipe steps that gather statistics over every group (HG, the compensation fit) run on
     the full weights: refuse T > 1 (the ``result`` checkpoint then serves at any T)."""
-    from ..parallel import distributed
-
     if distributed.tp_size() != 1:
         raise ValueError(f"{step} gathers statistics on the full weights: run it at T=1 (the "
                          f"G-way emulation); the {result} checkpoint then serves at any T")
@@ -147,3 +145,39 @@ def set_block(model, i: int, tensors: FullStateDict) -> None:
             raise KeyError(f"{name} is not a parameter of block {i} of this model")
         p = params[name]
         p.copy_(shard_for_rank(name, full, p, model, rank, world).to(p.dtype))
+
+
+def block_stats(layer, x_cache: torch.Tensor, cfg: ModelConfig, ctx: dict, micro_batch: int,
+                 max_tokens: int):
+    """Per-KV-group attention partials P_k (without b_O), block inputs X, mean attention map
+    per KV group, all on a subsample of tokens."""
+    attn = layer.self_attention
+    ng, np_, hd = cfg.num_query_groups, cfg.num_attention_heads, cfg.head_dim
+    captured: dict[str, torch.Tensor] = {}
+    h1 = attn.linear_proj.register_forward_pre_hook(
+        lambda m, args: captured.__setitem__("ctx", args[0].detach()))
+    h2 = attn.core_attention.scale_mask_softmax.register_forward_hook(
+        lambda m, args, out: captured.__setitem__("probs", out.detach()))
+    wo = attn.linear_proj.weight.float()
+    xs, parts, maps, n_maps = [], [], None, 0
+    try:
+        for sl in micro_batches(x_cache.shape[0], micro_batch):
+            x = to_sbh(x_cache, sl)
+            attn(layer.input_layernorm(x), attention_mask=ctx["attention_mask"],
+                 rotary_pos_emb=ctx.get("rotary_pos_emb"))
+            c = captured["ctx"].float()                                  # [s, b, np*hd]
+            per = c.reshape(*c.shape[:2], ng, (np_ // ng) * hd)
+            wk = wo.reshape(wo.shape[0], ng, (np_ // ng) * hd)
+            p = torch.einsum("sbkd,hkd->sbkh", per, wk)                  # [s, b, ng, h]
+            xs.append(x.reshape(-1, x.shape[-1]).float().cpu())
+            parts.append(p.reshape(-1, ng, p.shape[-1]).cpu())
+            probs = captured["probs"].float()                            # [b, np, sq, sk]
+            m = probs.reshape(probs.shape[0], ng, np_ // ng, *probs.shape[2:]).mean(2).sum(0)
+            maps = m if maps is None else maps + m
+            n_maps += probs.shape[0]
+            if sum(t.shape[0] for t in xs) >= max_tokens:
+                break
+    finally:
+        h1.remove()
+        h2.remove()
+    return torch.cat(xs)[:max_tokens], torch.cat(parts)[:max_tokens], maps / n_maps

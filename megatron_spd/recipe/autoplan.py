@@ -20,10 +20,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..core.compensation import CompensationConfig
-from ..core.config import ModelConfig
+from ..core.compensation import CompensationConfig, entries_for_plan, zero_entries
+from ..core.config import FullStateDict, ModelConfig
 from ..core.plan import SPDPlan
-from ..core.sharding import FullStateDict, gather_full_state_dict, load_full_state_dict
+from ..core.sharding import gather_full_state_dict, load_full_state_dict
+from ..core.spec import build_model
 from . import activations, classify, distill, headgroup, recover
 from .sensitivity import Sensitivity
 
@@ -104,9 +105,6 @@ def apply_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: tor
     """Run HG, compensation and B2B as the plan says (``recover.recover``, block by block);
     returns (model with the plan, its full state dict, plan with records). ``b2b=None`` does
     HG and compensation only. HG and compensation need T=1; B2B runs at any T dividing G."""
-    from ..core.compensation import entries_for_plan, zero_entries
-    from ..core.spec import build_model
-
     dense_plan = SPDPlan.dense(cfg.num_layers, plan.groups)
     dense = build_model(cfg, dense_plan)
     load_full_state_dict(dense, entries_for_plan(full, cfg, dense_plan))

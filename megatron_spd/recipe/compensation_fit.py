@@ -31,7 +31,6 @@ from ..core.compensation import PARAM_NAMES
 from ..core.config import FullStateDict
 from ..parallel import compat
 from . import activations
-from .headgroup import block_stats
 
 
 @dataclass
@@ -100,7 +99,7 @@ def block_partials(layer, x_cache: torch.Tensor, cfg, groups: int, ctx: dict, *,
                    micro_batch: int = 4, max_tokens: int = 8192):
     """(X [t, h], per-SPD-group partials A_g [t, G, h], b_O or 0) of dense ``layer`` on
     calibration inputs ``x_cache`` [n, s, h]; the KV groups of an SPD group are contiguous."""
-    x, parts, _ = block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
+    x, parts, _ = activations.block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
     per = parts.shape[1] // groups
     kv_groups = [list(range(g * per, (g + 1) * per)) for g in range(groups)]
     return x, group_partials(parts, kv_groups), out_bias(layer)

@@ -32,10 +32,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.config import ModelConfig
-from ..core.sharding import FullStateDict
+from ..core.config import FullStateDict, ModelConfig
 from ..parallel import distributed
 from . import activations
+from .compensation_fit import fit_stats, group_partials
 
 MLP_MODES = ("units", "match", "none")
 
@@ -102,42 +102,6 @@ def permute_block(full: FullStateDict, cfg: ModelConfig, block: int, kv_order: l
 # ----- statistics on calibration inputs ---------------------------------------------------
 
 @torch.no_grad()
-def block_stats(layer, x_cache: torch.Tensor, cfg: ModelConfig, ctx: dict, micro_batch: int,
-                 max_tokens: int):
-    """Per-KV-group attention partials P_k (without b_O), block inputs X, mean attention map
-    per KV group, all on a subsample of tokens."""
-    attn = layer.self_attention
-    ng, np_, hd = cfg.num_query_groups, cfg.num_attention_heads, cfg.head_dim
-    captured: dict[str, torch.Tensor] = {}
-    h1 = attn.linear_proj.register_forward_pre_hook(
-        lambda m, args: captured.__setitem__("ctx", args[0].detach()))
-    h2 = attn.core_attention.scale_mask_softmax.register_forward_hook(
-        lambda m, args, out: captured.__setitem__("probs", out.detach()))
-    wo = attn.linear_proj.weight.float()
-    xs, parts, maps, n_maps = [], [], None, 0
-    try:
-        for sl in activations.micro_batches(x_cache.shape[0], micro_batch):
-            x = activations.to_sbh(x_cache, sl)
-            attn(layer.input_layernorm(x), attention_mask=ctx["attention_mask"],
-                 rotary_pos_emb=ctx.get("rotary_pos_emb"))
-            c = captured["ctx"].float()                                  # [s, b, np*hd]
-            per = c.reshape(*c.shape[:2], ng, (np_ // ng) * hd)
-            wk = wo.reshape(wo.shape[0], ng, (np_ // ng) * hd)
-            p = torch.einsum("sbkd,hkd->sbkh", per, wk)                  # [s, b, ng, h]
-            xs.append(x.reshape(-1, x.shape[-1]).float().cpu())
-            parts.append(p.reshape(-1, ng, p.shape[-1]).cpu())
-            probs = captured["probs"].float()                            # [b, np, sq, sk]
-            m = probs.reshape(probs.shape[0], ng, np_ // ng, *probs.shape[2:]).mean(2).sum(0)
-            maps = m if maps is None else maps + m
-            n_maps += probs.shape[0]
-            if sum(t.shape[0] for t in xs) >= max_tokens:
-                break
-    finally:
-        h1.remove()
-        h2.remove()
-    return torch.cat(xs)[:max_tokens], torch.cat(parts)[:max_tokens], maps / n_maps
-
-
 def _mlp_act(layer, h: torch.Tensor) -> torch.Tensor:
     """Hidden activations a(LN2(h)) ``[t, ffn]`` of the block's full MLP, from its weights."""
     mlp = layer.mlp
@@ -239,7 +203,7 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
     ng, ffn = cfg.num_query_groups, cfg.ffn_hidden_size
     layer = model.decoder.layers[block]
     ctx = activations.context(model, x_cache.shape[1])
-    x, parts, maps = block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
+    x, parts, maps = activations.block_stats(layer, x_cache, cfg, ctx, micro_batch, max_tokens)
     notes: list[str] = []
     head_freedom = ng > groups
     if head_freedom:
@@ -253,7 +217,6 @@ def regroup_block(model, block: int, x_cache: torch.Tensor, cfg: ModelConfig, gr
     b_o = 0.0 if bias is None else bias.float()
     comp_weights, comp = None, torch.zeros(x.shape[0], groups, x.shape[1])
     if compensation is not None:
-        from .compensation_fit import fit_stats, group_partials
 
         comp_weights, comp, explained = fit_stats(layer, x, group_partials(parts, kv_groups),
                                                   b_o, **compensation)

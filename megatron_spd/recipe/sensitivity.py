@@ -23,9 +23,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.config import ModelConfig
+from ..core.config import FullStateDict, ModelConfig
 from ..core.plan import SPDPlan
-from ..core.sharding import FullStateDict, load_full_state_dict
+from ..core.sharding import load_full_state_dict
+from ..core.spec import build_model
 from ..errors import InputError
 from ..files import atomic_write_json, read_json_object, save_figure
 from ..parallel import distributed
@@ -92,8 +93,6 @@ class Sensitivity:
 
 def build_pair(cfg: ModelConfig, full: FullStateDict, groups: int):
     """(dense model, all-SPD model) at the current TP, both holding ``full``."""
-    from ..core.spec import build_model
-
     dense = build_model(cfg, SPDPlan.dense(cfg.num_layers, groups))
     spd = build_model(cfg, SPDPlan.from_spd_blocks(cfg.num_layers, groups,
                                                    range(cfg.num_layers)))
