@@ -77,6 +77,7 @@ def _two_rank_checks(work: str):
     from megatron_spd.core.sharding import gather_tp
     from megatron_spd.core.plan import SPDPlan
     from megatron_spd.core.spec import build_model
+    from megatron_spd.loading.run_config import RunConfig
     from megatron_spd.train import finetune
     from megatron_spd.train.losses import kd_loss
 
@@ -90,14 +91,15 @@ def _two_rank_checks(work: str):
     out = {}
     # Reference for the DP test (TP=2, DP=1, micro-batch 4), uninterrupted, a training
     # checkpoint after every step but the last; the default keep=2 leaves steps 2 and 3.
-    out["full"] = finetune(work / "tiny", out=work / "ft_full", cfg=_ft_cfg(4, save_interval=1),
-                           save_dir=work / "save_full", data_source=data, progress=False)
+    tiny = RunConfig(work / "tiny")
+    out["full"] = finetune(tiny, _ft_cfg(4, save_interval=1), out=work / "ft_full",
+                           save_dir=work / "save_full", data=data, progress=False)
     # The same run killed after step 2 (its checkpoint), then resumed from the save directory.
-    killed = finetune(work / "tiny", out=work / "ft_res", cfg=_ft_cfg(4, save_interval=2),
-                      save_dir=work / "save_res", data_source=data, progress=False, stop_after=2)
+    killed = finetune(tiny, _ft_cfg(4, save_interval=2), out=work / "ft_res",
+                      save_dir=work / "save_res", data=data, progress=False, stop_after=2)
     out["killed_steps"] = killed["stopped_at"]
-    out["resumed"] = finetune(work / "tiny", out=work / "ft_res", cfg=_ft_cfg(4, save_interval=2),
-                              save_dir=work / "save_res", data_source=data, progress=False)
+    out["resumed"] = finetune(tiny, _ft_cfg(4, save_interval=2), out=work / "ft_res",
+                              save_dir=work / "save_res", data=data, progress=False)
     # Vocab-parallel KD against torch on the gathered full vocabulary.
     g = torch.Generator().manual_seed(5)
     s_full = torch.randn(2, 3, 128, generator=g, dtype=torch.float64).float()
@@ -113,11 +115,12 @@ def _two_rank_checks(work: str):
 def _four_rank_run(work: str):
     from pathlib import Path
 
+    from megatron_spd.loading.run_config import RunConfig
     from megatron_spd.train import finetune
 
     work = Path(work)
-    return [finetune(work / "tiny", out=work / f"ft_dp2{tag}", cfg=_ft_cfg(2),
-                     data_source=work / "corpus.txt", progress=False, sequence_parallel=sp)
+    return [finetune(RunConfig(work / "tiny"), _ft_cfg(2), out=work / f"ft_dp2{tag}",
+                     data=work / "corpus.txt", progress=False, sequence_parallel=sp)
             for tag, sp in (("", False), ("_sp", True))]
 
 
@@ -214,13 +217,14 @@ def _smollm2_finetune(work: str):
     from pathlib import Path
 
     from megatron_spd.core.plan import SPDPlan
+    from megatron_spd.loading.run_config import RunConfig
     from megatron_spd.train import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(steps=3, seq_len=32, micro_batch=2, lr=1e-4, clip_grad=1.0,
                          eval_samples=4, log_interval=0)
     plan = SPDPlan.from_spd_blocks(30, 3, range(30))
     tp = torch.distributed.get_world_size()
-    return finetune(None, out=Path(work) / f"ft_t{tp}", cfg=cfg, plan=plan, progress=False)
+    return finetune(RunConfig(plan=plan), cfg, out=Path(work) / f"ft_t{tp}", progress=False)
 
 
 @pytest.mark.real_model

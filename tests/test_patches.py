@@ -91,7 +91,7 @@ def _fake_checkpoint(path: Path, plan) -> Path:
     return path
 
 
-def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp_path, capsys):
+def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp_path, caplog):
     from megatron_spd.integrations.megatron_lm import check_checkpoint_plan, resolve_plan
 
     spd = SPDPlan(3, ["zs", "dense", "b2b"])
@@ -104,7 +104,8 @@ def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp
     args = _args(load=str(ckpt))  # no --spd-plan: restored from the checkpoint
     assert resolve_plan(args).to_dict() == spd.to_dict()
     assert json.loads(args.spd_plan_json) == spd.to_dict()  # inline: Megatron-LM saves carry it
-    assert "SPD plan restored from --load" in capsys.readouterr().out
+    assert "SPD plan restored from --load" in caplog.text
+    caplog.clear()
     args = _args(spd_plan_json=plan_json(spd))  # --use-checkpoint-args restored it
     assert resolve_plan(args).to_dict() == spd.to_dict()
     args = _args(spd_plan=str(tmp_path / "other.json"), load=str(ckpt))
@@ -119,8 +120,7 @@ def test_plan_from_flag_or_restored_from_the_checkpoint_and_mismatch_refused(tmp
     # a dense checkpoint takes any plan; its b2b block was not recovered, which is said
     args = _args(spd_plan=str(tmp_path / "spd.json"), load=str(dense_ckpt))
     assert resolve_plan(args).to_dict() == spd.to_dict()
-    assert "blocks [2] are b2b/hg in the plan but the weights from --load" in \
-        capsys.readouterr().out
+    assert "blocks [2] are b2b/hg in the plan but the weights from --load" in caplog.text
     assert resolve_plan(_args(load=str(dense_ckpt))) is None  # stock dense model
     assert resolve_plan(_args(load=str(tmp_path / "fresh"))) is None  # nothing saved yet
     args = _args(load=str(ckpt))

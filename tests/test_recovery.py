@@ -248,7 +248,7 @@ def test_compensated_checkpoint_reshards(tmp_path):
         distributed.shutdown()
 
 
-def test_open_model_with_another_compensation(tmp_path, capsys):
+def test_open_model_with_another_compensation(tmp_path, caplog):
     """A plan whose compensation the checkpoint does not hold: what it lacks starts at zero (the
     block is plain SPD: the logits of the plan without compensation) and what the plan does not
     give is left out (the logits of that plan); each is said on rank 0, never silently."""
@@ -266,15 +266,16 @@ def test_open_model_with_another_compensation(tmp_path, capsys):
     distributed.init(1)
     try:
         ref = _run(bare.to_dict(), base)[0]
-        capsys.readouterr()
         for ckpt, given, says in (("with", bare, "is not used"), ("without", plan, "starts at zero")):
+            caplog.clear()
             lm = open_model(tmp_path / ckpt, plan=given)
             with torch.no_grad():
                 torch.testing.assert_close(forward_logits(lm.model, TOKENS), ref,
                                            atol=1e-5, rtol=1e-5)
-            assert says in capsys.readouterr().out
+            assert says in caplog.text
+        caplog.clear()
         lm = open_model(tmp_path / "with")  # its own plan: loaded as stored, nothing to say
-        assert capsys.readouterr().out == ""
+        assert caplog.text == ""
     finally:
         distributed.shutdown()
 

@@ -12,19 +12,18 @@ the link simulator, and the analytic projection to LLaMA-2 shapes (docs/latency.
 checkpoint / HF directory / .gguf. --link: nvlink | internode | pcie | ALPHA_US:GBPS; with
 --link-scale auto the link is slowed by (this machine's compute time / the analytic model's
 compute time on --device) per phase, so communication keeps the share it has on that device.
-A PNG is written next to every --json. The work is megatron_spd.bench.run; this file only parses
-the command line.
+A PNG is written next to every --json. The work is megatron_spd.bench.run; this file parses
+the command line and prints the summaries.
 """
 from __future__ import annotations
 
+from ..bench import analytic, markdown, run
+from ..bench.latency import LinkSetting, Workload
+from ..files import MARKDOWN_DOC
 from . import common as cli
 
 
 def parse_args(argv=None):
-    from ..bench import analytic, run
-    from ..bench.latency import LinkSetting, Workload
-    from ..files import MARKDOWN_DOC
-
     p = cli.parser(__doc__)
     sub = cli.subcommands(p)
 
@@ -60,13 +59,13 @@ def parse_args(argv=None):
 @cli.entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from ..bench import run
-
     if args.cmd == "measure":
-        run.measure(args.model, args.workload, args.links, tp=args.tp, groups=args.groups,
-                    threads=args.threads, json_out=args.json, timeout_s=args.timeout_s)
+        report = run.measure(cli.run_config(args, source=args.model), args.workload, args.links,
+                             groups=args.groups, threads=args.threads)
+        if report is not None:
+            print(markdown.summary(report))
     elif args.cmd == "project":
-        run.project(args.projection, json_out=args.json)
+        print(markdown.projection_summary(run.project(args.projection, json_out=args.json)))
     else:
         run.write_doc(args.measured, args.projection, args.out, command=args.command)
 

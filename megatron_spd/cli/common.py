@@ -18,7 +18,10 @@
   writes (an ``io.OutputKind``); after parsing, every given output path is checked (writable;
   an existing path only if the kind may replace it, ``--overwrite`` where that is needed), so
   a run never does its work and then fails to write, and never replaces a user's files.
-- ``entry``: the wrapper every tool's ``main`` goes through: a known error (``errors.SPDError``)
+- ``run_config(args)``: the ``loading.run_config.RunConfig`` of a parsed command line (source,
+  plan, tokenizer, verify, tp, timeout, JSON report, overwrite), built once here.
+- ``entry``: the wrapper every tool's ``main`` goes through: it sets up logging (``logs``;
+  ``--log-all-ranks``, on every parser, logs on every rank); a known error (``errors.SPDError``)
   prints one line ``error: ...`` (global rank 0 only) and exits 1; ``--debug`` (every parser
   has it) shows its traceback instead; any other exception keeps its traceback.
 
@@ -32,7 +35,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -40,6 +42,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from ..core.plan import is_plan_file
 from ..errors import SPDError
 from ..files import PNG_FIGURE, WORK_DIR, OutputKind, check_output
+from . import logs
+
+# Lazy here (function-local): ``loading`` and ``parallel`` import megatron-core (seconds), which
+# a parser and ``--help`` do not need: ``run_config`` and ``add_timeout`` import them.
 
 
 def _is_json_report(path: Path) -> bool:
@@ -89,6 +95,9 @@ class Parser(argparse.ArgumentParser):
         # by ``entry`` from the raw command line (it must work when parsing itself fails)
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the traceback of an error instead of its one-line message")
+        self.add_argument("--log-all-ranks", action="store_true", default=argparse.SUPPRESS,
+                          help="log on every rank, each line marked [rank N] (default: global "
+                               "rank 0 only)")
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
@@ -111,7 +120,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         """Usage error: exit 2; every rank of a torchrun job parses, only global rank 0 prints."""
-        if not _rank0():
+        if not rank0():
             self.exit(2)
         super().error(message)
 
@@ -174,7 +183,7 @@ def add_mcore(p) -> None:
 
 def add_source_options(p) -> None:
     """``--tokenizer`` (a checkpoint without one: Megatron-LM's) and ``--no-verify``;
-    ``source_options(args)`` turns them into the keywords of ``open_model``/``load_weights``."""
+    ``run_config(args)`` puts them into the run's ``RunConfig``."""
     _add(p, "--tokenizer", default=None, metavar="PATH",
          help="tokenizer to use instead of the source's own (tokenizer.json, tokenizer.model, "
               "a Hugging Face directory or a .gguf file); needed for a Megatron-LM checkpoint "
@@ -185,8 +194,19 @@ def add_source_options(p) -> None:
               "checkpoints); sizes are still checked")
 
 
-def source_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"tokenizer": args.tokenizer, "verify": not args.no_verify}
+def run_config(args: argparse.Namespace, **changes: Any):
+    """The ``RunConfig`` of a parsed command line: whichever of ``--ckpt``, ``--plan``,
+    ``--tokenizer``, ``--no-verify``, ``--tp``, ``--timeout-s``, ``--json`` and ``--overwrite`` its
+    parser has (the others keep RunConfig's defaults); ``changes`` override (e.g. ``source``
+    where a tool names it otherwise)."""
+    from ..loading.run_config import RunConfig
+
+    given = {"source": "ckpt", "plan": "plan", "tokenizer": "tokenizer", "tp": "tp",
+             "timeout_s": "timeout_s", "json_out": "json", "overwrite": "overwrite"}
+    values = {field: getattr(args, dest) for field, dest in given.items() if hasattr(args, dest)}
+    if hasattr(args, "no_verify"):
+        values["verify"] = not args.no_verify
+    return RunConfig(**{**values, **changes})
 
 
 def add_plan(p, required: bool = False, help: Optional[str] = None) -> None:
@@ -302,25 +322,28 @@ def default_of(function: Callable, parameter: str) -> Any:
 
 # ----- the wrapper of every tool's main ---------------------------------------------------------
 
-def _rank0() -> bool:
-    """Global rank 0 from torchrun's environment: the parser and ``entry`` run before the process
-    group exists, or after it is gone, and must not import megatron to ask."""
-    return int(os.environ.get("RANK", 0)) == 0
+def rank0() -> bool:
+    """Global rank 0 (``logs.global_rank``: the parser and ``entry`` run before the process group
+    exists, or after it is gone)."""
+    return logs.global_rank() == 0
 
 
 def entry(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a tool's ``main(argv=None)``: an ``SPDError`` prints one line on global rank 0 and
-    exits 1 (``SystemExit``), unless ``--debug`` is on the command line, which re-raises it
-    with its traceback. Other exceptions propagate unchanged (a bug shows its traceback)."""
+    """Wrap a tool's ``main(argv=None)``: logging is set up (``logs.setup``; every rank with
+    ``--log-all-ranks``); an ``SPDError`` prints one line on global rank 0 and exits 1
+    (``SystemExit``), unless ``--debug`` is on the command line, which re-raises it with its
+    traceback. Other exceptions propagate unchanged (a bug shows its traceback)."""
     @functools.wraps(main)
     def run(argv: Optional[Sequence[str]] = None) -> Any:
-        debug = "--debug" in (sys.argv[1:] if argv is None else list(argv))
+        words = sys.argv[1:] if argv is None else list(argv)
+        debug = "--debug" in words
+        logs.setup(all_ranks="--log-all-ranks" in words)
         try:
             return main(argv)
         except SPDError as e:
             if debug:
                 raise
-            if _rank0():
+            if rank0():
                 print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
     return run

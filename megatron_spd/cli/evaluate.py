@@ -11,17 +11,20 @@ non-overlapping 512-token windows (--ppl-tokens 0 skips it). The JSON holds per-
 paper's 6-task average, ``ppl``/``bpb`` and the plan used. --baseline OTHER.json (a report of
 another model on the same or a larger --limit) adds the 6-task change versus it with its paired
 standard error (per-item differences), key ``vs_baseline``. The work is
-megatron_spd.evaluate.run; this file only parses the command line.
+megatron_spd.evaluate.run; this file parses the command line and prints the summary.
 """
 from __future__ import annotations
 
+import logging
+
+from ..evaluate.baseline import BaselineError, load_baseline
+from ..evaluate.run import EvalConfig, evaluate_source, summary
 from . import common as cli
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    from ..evaluate.baseline import BaselineError, load_baseline
-    from ..evaluate.run import EvalConfig
-
     p = cli.parser(__doc__.split("\n\n")[0])
     cli.add_source(p)
     cli.add_plan(p, help="SPD plan JSON overriding the checkpoint's plan")
@@ -43,10 +46,12 @@ def parse_args(argv=None):
 @cli.entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from ..evaluate.run import evaluate_source
-
-    return evaluate_source(args.ckpt, args.eval, plan=args.plan, tp=args.tp,
-                           baseline=args.baseline, json_out=args.json, **cli.source_options(args))
+    report = evaluate_source(cli.run_config(args), args.eval, baseline=args.baseline)
+    if cli.rank0():
+        print(summary(report))
+        if args.json:
+            log.info(f"wrote {args.json}")
+    return report
 
 
 if __name__ == "__main__":

@@ -8,15 +8,14 @@ applies a plan to it first (e.g. 100% SPD without any recovery). A run whose --s
 already holds a checkpoint resumes from it. The result at --out serves unchanged with
 tools/generate.py and tools/evaluate.py.
 """
+from __future__ import annotations
 
-
+from ..checkpoint.store import CHECKPOINT_OUTPUT
+from ..train.loop import FinetuneConfig, finetune
 from . import common as cli
 
 
 def parse_args(argv=None):
-    from ..checkpoint.store import CHECKPOINT_OUTPUT
-    from ..train.loop import FinetuneConfig
-
     p = cli.parser(__doc__)
     cli.add_source(p)
     cli.add_plan(p, help="plan JSON to apply instead of the checkpoint's own")
@@ -38,14 +37,11 @@ def parse_args(argv=None):
 @cli.entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from ..parallel import distributed
-    from ..train.loop import finetune
-
-    with distributed.running(args.tp, seed=args.config.seed):
-        finetune(args.ckpt, out=args.out, cfg=args.config, save_dir=args.save, plan=args.plan,
-                 teacher_source=args.teacher, data_source=args.data, text_field=args.text_field,
-                 sequence_parallel=args.sequence_parallel, json_out=args.json, plot=args.plot,
-                 overwrite=args.overwrite, **cli.source_options(args))
+    run = cli.run_config(args)
+    with run.running(seed=args.config.seed):
+        finetune(run, args.config, out=args.out, save_dir=args.save, teacher=args.teacher,
+                 data=args.data, text_field=args.text_field,
+                 sequence_parallel=args.sequence_parallel, plot=args.plot)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from ..inference.run import generate_source
 
-    generate_source(args.ckpt, args.prompts, args.generation, plan=args.plan, tp=args.tp,
-                    stream=not args.no_stream, timeout_s=args.timeout_s, json_out=args.json,
-                    **cli.source_options(args))
+    run = cli.run_config(args)
+    generate_source(run.source, args.prompts, args.generation, plan=run.plan, tp=run.tp,
+                    stream=not args.no_stream, timeout_s=run.timeout_s, json_out=run.json_out,
+                    tokenizer=run.tokenizer, verify=run.verify)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,16 @@ megatron_spd.recipe.run; this file only parses the command line.
 """
 from __future__ import annotations
 
+from ..checkpoint.store import CHECKPOINT_OUTPUT
+from ..core.compensation import CompensationConfig
+from ..core.plan import PLAN_OUTPUT
+from ..recipe import autoplan, classify, headgroup, run, sensitivity
+from ..recipe.distill import B2BConfig
+from ..recipe.run import Calibration
 from . import common as cli
 
 
 def parse_args(argv=None):
-    from ..checkpoint.store import CHECKPOINT_OUTPUT
-    from ..core.compensation import CompensationConfig
-    from ..core.plan import PLAN_OUTPUT
-    from ..recipe import autoplan, classify, headgroup, run, sensitivity
-    from ..recipe.distill import B2BConfig
-    from ..recipe.run import Calibration
-
     p = cli.parser(__doc__.split("\n\n")[0])
     sub = cli.subcommands(p)
 
@@ -80,20 +79,16 @@ def parse_args(argv=None):
 @cli.entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from ..recipe import run
-
-    common = dict(source=args.ckpt, calib=args.calib, tp=args.tp, json_out=args.json,
-                  **cli.source_options(args))
+    config = cli.run_config(args, plan=None)  # the recipe's --plan is what it applies
     if args.cmd == "sensitivity":
-        return run.run_sensitivity(groups=args.groups, mode=args.mode, png=args.png, **common)
+        return run.run_sensitivity(config, args.calib, groups=args.groups, mode=args.mode,
+                                   png=args.png)
     if args.cmd == "plan":
-        return run.run_plan(args.sensitivity, args.out, ratio=args.ratio,
-                        max_ppl_increase=args.max_ppl_increase, strategy=args.strategy,
-                        t1=args.t1, t2=args.t2, compensation=args.compensation,
-                        overwrite=args.overwrite, **common)
+        return run.run_plan(args.sensitivity, args.out, config, args.calib, ratio=args.ratio,
+                            max_ppl_increase=args.max_ppl_increase, strategy=args.strategy,
+                            t1=args.t1, t2=args.t2, compensation=args.compensation)
     b2b = args.b2b if args.cmd == "distill" else None  # headgroup: HG only
-    return run.run_recover(args.plan, args.out, b2b=b2b, hg_mlp=args.mlp, overwrite=args.overwrite,
-                       **common)
+    return run.run_recover(args.plan, args.out, config, args.calib, b2b=b2b, hg_mlp=args.mlp)
 
 
 if __name__ == "__main__":

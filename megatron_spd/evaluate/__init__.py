@@ -3,8 +3,9 @@
 Public entry points (everything runs identically on every TP rank; only rank 0 shows progress):
 ``perplexity(model, tokenizer, texts_or_tokens, ctx=, n_tokens=)``,
 ``evaluate_tasks(model, tokenizer, tasks, limit)``, ``evaluate_task``, ``loglikelihoods``,
-``TASKS`` / ``PAPER_TASKS`` / ``paper_average`` / ``paired_difference``. ``baseline`` pairs a
-report with another model's; ``run`` is one evaluation as a report, and what tools/evaluate.py runs.
+``TASKS`` / ``PAPER_TASKS`` / ``paper_average`` (and its standard error ``paper_average_se``) /
+``paired_difference``. ``baseline`` pairs a report with another model's; ``run`` is one
+evaluation as a report, and what tools/evaluate.py runs.
 """
 from .loglik import loglikelihoods
 from .perplexity import perplexity
@@ -16,10 +17,11 @@ from .tasks import (
                     get_task,
                     paired_difference,
                     paper_average,
+                    paper_average_se,
                     parse_task_list,
 )
 from .zeroshot import encode_pair, evaluate_task, evaluate_tasks
 
 __all__ = ["loglikelihoods", "perplexity", "DEFAULT_TASKS", "PAPER_TASKS", "TASKS", "TaskError",
-           "get_task", "paired_difference", "paper_average", "parse_task_list", "encode_pair",
-           "evaluate_task", "evaluate_tasks"]
+           "get_task", "paired_difference", "paper_average", "paper_average_se",
+           "parse_task_list", "encode_pair", "evaluate_task", "evaluate_tasks"]

@@ -1,5 +1,6 @@
 """What ``tools/evaluate.py`` runs: one evaluation of a model as a JSON-able report, its text
-summary, and the whole tool body (open a source, evaluate, pair with a baseline, save).
+summary (which the command prints), and the tool body (open a source, evaluate, pair with a
+baseline, save).
 
 ``run_evaluation`` is kept separate from the tool body so recipes (accuracy vs SPD ratio tables)
 produce the same report for each model they build in memory.
@@ -13,8 +14,10 @@ from typing import Any, Callable, Optional
 
 from ..data import texts as data
 from ..errors import check_context, check_finite
+from ..loading.run_config import RunConfig
 from ..options import option
 from ..parallel import distributed
+from .baseline import compare, load_baseline
 from .loglik import DEFAULT_BATCH_TOKENS
 from .perplexity import perplexity
 from .tasks import TASKS, parse_task_list
@@ -125,37 +128,26 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_source(source: str | Path | None = None, cfg: EvalConfig = EvalConfig(), *,
-                    plan: str | Path | None = None, tp: Optional[int] = None,
-                    baseline: str | Path | None = None, json_out: str | Path | None = None,
-                    tokenizer: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
-    """Open ``source`` (None = SmolLM2-135M; ``tokenizer``/``verify``: ``open_model``'s) at TP
-    ``tp`` with ``plan`` (default: its own),
-    evaluate it, pair it with ``baseline`` (a report of another model) if given, print the
-    summary on rank 0 and save the report to ``json_out`` after every task."""
-    from ..files import atomic_write_json
-    from ..loading.open_model import open_model
-    from .baseline import compare, load_baseline
-
+def evaluate_source(run: RunConfig = RunConfig(), cfg: EvalConfig = EvalConfig(), *,
+                    baseline: str | Path | None = None) -> dict[str, Any]:
+    """Open ``run.source`` (None = SmolLM2-135M) at TP ``run.tp`` with ``run.plan`` (default: its
+    own), evaluate it, pair it with ``baseline`` (a report of another model) if given, and save
+    the report to ``run.json_out`` on rank 0 after every task. Returns the report (the command
+    prints its ``summary``)."""
     if baseline:
         load_baseline(baseline, cfg.limit)  # fail now, not after the evaluation
-    with distributed.running(tp):
-        lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
-        header = {"ckpt": str(source) if source else "default (SmolLM2-135M-Instruct)",
+    with run.running():
+        lm = run.open_model()
+        header = {"ckpt": str(run.source) if run.source else "default (SmolLM2-135M-Instruct)",
                   "plan": lm.plan.to_dict(), "spd_ratio": lm.plan.spd_ratio,
                   "config": asdict(cfg)}
 
         def save(report: dict[str, Any]) -> None:
-            if json_out and distributed.is_rank0():
-                atomic_write_json(json_out, {**report, **header})
+            run.write_report({**report, **header})
 
         report = run_evaluation(lm.model, lm.tokenizer, cfg, on_progress=save)
         report.update(header)
         if baseline:
             report["vs_baseline"] = compare(baseline, report)
         save(report)
-        if distributed.is_rank0():
-            print(summary(report))
-            if json_out:
-                print(f"wrote {json_out}")
         return report

@@ -182,6 +182,22 @@ def paper_average(results: dict[str, dict]) -> Optional[dict]:
                       "arc = mean of arc_easy and arc_challenge"}
 
 
+def paper_average_se(results: dict[str, dict]) -> Optional[float]:
+    """Standard error of ``paper_average`` (binomial per task, tasks independent), or None unless
+    all its tasks were run. Between two models on the same items ``paired_difference`` is far
+    tighter."""
+    if paper_average(results) is None:
+        return None
+    var = 0.0
+    for group in PAPER_TASKS.values():
+        gv = 0.0
+        for name in group:
+            acc = results[name][TASKS[name].primary_metric]
+            gv += acc * (1 - acc) / results[name]["n"]
+        var += gv / len(group) ** 2
+    return math.sqrt(var) / len(PAPER_TASKS)
+
+
 def paired_difference(base: dict[str, dict], other: dict[str, dict]) -> dict[str, float]:
     """6-task average of ``other`` minus ``base`` (per-task results from ``evaluate_tasks`` on the
     same items) and its standard error from the per-item paired differences: far tighter than

@@ -14,16 +14,28 @@ called by the patch in patches/.
   weights of SPD blocks drift apart across TP ranks (with --sequence-parallel megatron's own
   finalize already covers them and the extra reduction finds nothing to do).
 Nothing here imports Megatron-LM's ``megatron.training``: it receives ``args`` objects.
+
+What ``resolve_plan`` has to say it logs as WARNING, on global rank 0 only: these hooks run
+inside Megatron-LM's processes, where the command line of this package (which sets up logging
+with its rank-0 filter) never runs; an unconfigured process still shows warnings on stderr
+(logging's last-resort handler).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any, Callable, Optional
 
 from ..checkpoint.args import DENSE_SOURCE_ARG, PLAN_ARG, plan_from_args, plan_json
+from ..checkpoint.store import CheckpointError, read_args
 from ..core.grads import reduce_tp_partial_grads
 from ..core.plan import PlanError, SPDPlan
 from ..core.spec import block_spec
+from ..loading.open_model import unrecovered_note
+from ..loading.sources import dense_origin
+from ..parallel.distributed import is_rank0
+
+log = logging.getLogger(__name__)
 
 # what makes two plans build different models (the rest is provenance)
 _STRUCTURAL_KEYS = ("groups", "strategies", "compensation")
@@ -80,8 +92,6 @@ def _checkpoint_plan(args: Any) -> tuple[Optional[SPDPlan], Optional[str], Optio
     """The plan stored with the model this run starts from, where it was found, and that
     checkpoint's path. Checkpoints megatron-spd cannot read (legacy 'torch' format) carry no
     plan: Megatron-LM loads them as before."""
-    from ..checkpoint.store import CheckpointError, read_args
-
     paths = [(flag, getattr(args, flag, None)) for flag in ("load", "pretrained_checkpoint")]
     for flag, path in paths:
         try:
@@ -114,18 +124,13 @@ def resolve_plan(args: Any) -> Optional[SPDPlan]:
         problems = _unsupported(args)
         if problems:
             raise PlanError("megatron-spd plan: " + "; ".join(problems))
-        from ..loading.open_model import unrecovered_note
-        from ..parallel.distributed import is_rank0
-
         note = unrecovered_note(plan, stored, where or "random initialisation (nothing to load)")
         if is_rank0() and flag_plan is None:
-            print(f"[megatron-spd] SPD plan restored from {where}: SPD blocks {plan.spd_blocks}, "
-                  f"G={plan.groups}", flush=True)
+            log.warning(f"[megatron-spd] SPD plan restored from {where}: SPD blocks "
+                        f"{plan.spd_blocks}, G={plan.groups}")
         if is_rank0() and note:
-            print(f"[megatron-spd] {note}", flush=True)
+            log.warning(f"[megatron-spd] {note}")
         if path is not None:  # saves of this run record it: the fine-tuning teacher
-            from ..loading.sources import dense_origin
-
             setattr(args, DENSE_SOURCE_ARG, dense_origin(path))
     setattr(args, PLAN_ARG, None if plan is None else plan_json(plan))
     return plan

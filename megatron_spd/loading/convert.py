@@ -1,18 +1,29 @@
 """One conversion as the command-line tool runs it: any source -> megatron-spd checkpoint (a
 Megatron-LM checkpoint with the plan inline) at the current TP degree, or -> Hugging Face
-directory. Kept out of the tool so
-tests and other scripts call the same code.
+directory. Kept out of the tool so tests and other scripts call the same code; the tool prints
+the summary (``format_summary``).
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from ..checkpoint.store import CHECKPOINT_OUTPUT, check_output_dir, save_checkpoint
+from ..convert.hf import save_hf
 from ..core.config import ModelConfig
 from ..core.plan import SPDPlan
-from ..files import OutputKind
+from ..files import OutputKind, check_output, replace_dir
+from ..parallel import distributed
+from .open_model import open_model
+from .run_config import RunConfig
+from .sources import load_weights
+
+log = logging.getLogger(__name__)
 
 #: Files a Hugging Face model directory written by ``to_hf`` may hold (``save_hf`` and the
 #: tokenizer's own): a directory with anything else is someone's, and never replaced.
@@ -36,8 +47,6 @@ HF_OUTPUT = OutputKind("Hugging Face model directory", directory=True, ours=is_h
 
 def output_kind(to: str) -> OutputKind:
     """What a conversion ``--to`` mcore / hf writes at ``--out``."""
-    from ..checkpoint.store import CHECKPOINT_OUTPUT
-
     return HF_OUTPUT if to == "hf" else CHECKPOINT_OUTPUT
 
 
@@ -84,17 +93,13 @@ def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Pa
              verify: bool = True) -> dict[str, Any]:
     """Convert at the current TP (every rank calls it) into a Megatron-LM-layout checkpoint
     with the plan inline; returns the summary. ``out`` is checked before anything is read."""
-    from ..checkpoint.store import check_output_dir, save_checkpoint
-    from ..parallel.distributed import tp_size
-    from .open_model import open_model
-
     check_output_dir(out, overwrite)
     t0 = time.perf_counter()
     lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
     t_load = time.perf_counter() - t0
     save_checkpoint(lm.model, out, config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer,
                     dense_source=lm.dense_source, overwrite=overwrite)
-    return summary(lm.config, lm.plan, to="mcore", tp=tp_size(), out=str(out),
+    return summary(lm.config, lm.plan, to="mcore", tp=distributed.tp_size(), out=str(out),
                    load_seconds=round(t_load, 2),
                    seconds=round(time.perf_counter() - t0, 2))
 
@@ -103,19 +108,13 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
           dtype: str = "float32", verify: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) atomically.
     ``out`` may be absent, empty, or (with ``overwrite``) a directory ``to_hf`` wrote before."""
-    import torch
-
-    from ..convert.hf import save_hf
-    from ..files import check_output, replace_dir
-    from .sources import load_weights
-
     check_output(out, HF_OUTPUT, overwrite=overwrite)
     t0 = time.perf_counter()
     cfg, full, tok, plan = load_weights(source, tokenizer=tokenizer, verify=verify)
     out = Path(out).absolute()
     tmp = out.with_name(f".{out.name}.saving")
     if tmp.exists():
-        print(f"removing {tmp}, left by an interrupted conversion", flush=True)
+        log.info(f"removing {tmp}, left by an interrupted conversion")
         shutil.rmtree(tmp)
     save_hf(tmp, cfg, full, tok, dtype=getattr(torch, dtype))
     replace_dir(tmp, out, ours=is_hf_output)
@@ -123,35 +122,23 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
                    seconds=round(time.perf_counter() - t0, 2))
 
 
-def convert(source: Optional[str], out: str | Path, *, to: str = "mcore",
-            plan: SPDPlan | str | Path | None = None, tokenizer: Optional[str] = None,
-            dtype: str = "float32", tp: Optional[int] = None, overwrite: bool = False,
-            json_out: str | Path | None = None, verify: bool = True
+def convert(run: RunConfig, out: str | Path, *, to: str = "mcore", dtype: str = "float32"
             ) -> Optional[dict[str, Any]]:
-    """The whole of ``tools/convert_checkpoint.py``: ``to_mcore`` on every rank at TP ``tp``, or
-    ``to_hf`` on rank 0 (Hugging Face output is TP-free, the other ranks idle); rank 0 prints
-    the summary and writes it to ``json_out`` (else prints it as JSON) and returns it. ``out``
-    is checked first: absent, empty, or one of ours of that kind with ``overwrite``."""
-    import json
-
-    from ..files import atomic_write_json
-    from ..parallel import distributed
-
+    """The whole of ``tools/convert_checkpoint.py``: ``to_mcore`` of ``run.source`` on every rank
+    at TP ``run.tp`` with ``run.plan``, or ``to_hf`` on rank 0 (Hugging Face output is TP-free,
+    the other ranks idle); rank 0 writes the summary to ``run.json_out`` and returns it (None
+    elsewhere). ``out`` is checked first: absent, empty, or one of ours of that kind with
+    ``run.overwrite``."""
     if to == "hf":
-        if plan or (tp or 1) > 1:
-            print("note: --plan/--tp do not apply to --to hf (Hugging Face format is TP-free)")
-        result = to_hf(source, out, tokenizer=tokenizer, dtype=dtype, verify=verify,
-                       overwrite=overwrite) if distributed.is_rank0() else None
+        if run.plan or (run.tp or 1) > 1:
+            log.warning("note: --plan/--tp do not apply to --to hf (Hugging Face format is "
+                        "TP-free)")
+        result = to_hf(run.source, out, tokenizer=run.tokenizer, dtype=dtype, verify=run.verify,
+                       overwrite=run.overwrite) if distributed.is_rank0() else None
     else:
-        with distributed.running(tp):
-            result = to_mcore(source, out, plan=plan, tokenizer=tokenizer, verify=verify,
-                              overwrite=overwrite)
+        with run.running():
+            result = to_mcore(run.source, out, plan=run.plan, tokenizer=run.tokenizer,
+                              verify=run.verify, overwrite=run.overwrite)
     if result is None or not distributed.is_rank0():
         return None
-    print(format_summary(result))
-    if json_out:
-        atomic_write_json(json_out, result)
-        print(f"summary written to {json_out}")
-    else:
-        print(json.dumps(result))
-    return result
+    return run.write_report(result)

@@ -5,15 +5,24 @@ Checkpoints load through dist_checkpointing and reshard to any TP the plan allow
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch.distributed as dist
+
 from ..checkpoint.store import StoredCheckpoint, load_into, read_checkpoint, read_full_state_dict
+from ..core.compensation import entries_for_plan, full_shapes
 from ..core.config import ModelConfig
 from ..core.plan import PlanError, SPDPlan
+from ..core.sharding import load_full_state_dict
+from ..core.spec import build_model
 from ..data.tokenizer import Tokenizer
+from ..parallel.distributed import barrier, is_rank0
 from .sources import check_vocab, default_plan_for, load_weights, source_kind
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,11 +40,6 @@ def open_model(source: str | Path | None = None, *, plan: SPDPlan | str | Path |
     """Build the model at the current TP degree (``distributed.init(tp)`` first) with ``plan``
     (default: the source's own plan) and load its weights; every rank calls it. ``tokenizer``
     replaces the source's own; ``verify=False`` skips the checksum check of a checkpoint."""
-    from ..core.compensation import entries_for_plan
-    from ..core.sharding import load_full_state_dict
-    from ..core.spec import build_model
-    from ..parallel.distributed import barrier, is_rank0
-
     if plan is not None and not isinstance(plan, SPDPlan):
         plan = SPDPlan.load(plan)
     kind = source_kind(source)
@@ -73,23 +77,19 @@ def _compensation_matches(plan: SPDPlan, weights_plan: Optional[SPDPlan], cfg: M
     """Whether the weights hold exactly the compensation ``plan`` gives; if not, says on rank 0
     what happens: compensation the weights lack starts at zero (plain SPD for that block), the
     weights' own compensation that the plan does not give is not used."""
-    from ..core.compensation import full_shapes
-    from ..parallel.distributed import is_rank0
-
     want = full_shapes(cfg, plan)
     have = {} if weights_plan is None else full_shapes(cfg, weights_plan)
     if want == have:
         return True
     new = sorted({int(k.split(".")[2]) for k in want if have.get(k) != want[k]})
     unused = sorted({int(k.split(".")[2]) for k in have if k not in want})
-    if is_rank0():
-        if new:
-            print(f"[megatron-spd] blocks {new} have compensation in the plan that the weights "
-                  f"from {source} do not hold: it starts at zero (plain SPD) until fitted "
-                  "(tools/spd.py distill)", flush=True)
-        if unused:
-            print(f"[megatron-spd] the compensation the weights from {source} hold for blocks "
-                  f"{unused} is not used: the plan gives those blocks none", flush=True)
+    if new:
+        log.warning(f"[megatron-spd] blocks {new} have compensation in the plan that the weights "
+                    f"from {source} do not hold: it starts at zero (plain SPD) until fitted "
+                    "(tools/spd.py distill)")
+    if unused:
+        log.warning(f"[megatron-spd] the compensation the weights from {source} hold for blocks "
+                    f"{unused} is not used: the plan gives those blocks none")
     return False
 
 
@@ -110,20 +110,14 @@ def unrecovered_note(plan: SPDPlan, weights_plan: Optional[SPDPlan], source: str
 
 def _note_unrecovered(plan: Optional[SPDPlan], weights_plan: Optional[SPDPlan],
                       source: str) -> None:
-    from ..parallel.distributed import is_rank0
-
     note = unrecovered_note(plan, weights_plan, source) if plan is not None else None
-    if note and is_rank0():
-        print(f"[megatron-spd] {note}", flush=True)
+    if note:
+        log.warning(f"[megatron-spd] {note}")
 
 
 def _read_on_rank0_first(source, verify: bool) -> StoredCheckpoint:
     """Rank 0 checks the files (checksums are costly: once per job, not once per rank); every
     rank then reads the small metadata, and all raise the same error if rank 0 found one."""
-    import torch.distributed as dist
-
-    from ..parallel.distributed import is_rank0
-
     error = [None]
     if is_rank0():
         try:

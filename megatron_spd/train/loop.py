@@ -1,16 +1,21 @@
 """Fine-tune an SPD checkpoint end to end: open, train, evaluate, checkpoint, resume, report.
 
-``finetune(source, out=...)`` is what ``tools/finetune.py`` runs on every rank:
+``finetune(run, cfg, out=...)`` is what ``tools/finetune.py`` runs on every rank. Its parts are
+the methods of ``FinetuneJob``, in the manner of torchtitan's ``Trainer``: the constructor sets
+up (steps 1-3), ``train_step`` is one step, ``train`` the loop (step 4), ``state_dict`` what a
+resumable checkpoint holds, ``finalize`` step 5. ``FinetuneConfig`` is the one source of the
+run's defaults.
 1. If ``save_dir`` holds a training checkpoint, resume from it (model from that checkpoint,
    optimizer/schedule/RNG from its trainer files, data order from the step number); otherwise
-   open ``source`` with its own plan (or ``plan``).
+   open ``run.source`` with its own plan (or ``run.plan``).
 2. Optionally open the teacher: the source's dense origin (``sources.dense_origin``: the
    model itself, or the original a B2B/HG/fine-tuned checkpoint records) with a dense plan of
    the same G (the issue's "logit distillation from the dense teacher").
 3. Text through ``megatron_spd.data.texts`` (bundled Wikipedia paragraphs or a local file): the
    ``train`` split is cut into [N, seq_len + 1] blocks, held-out loss is measured on the
    ``eval`` split, which never overlaps it.
-4. Train with tqdm on rank 0 (loss, lr, tokens/s) and a log line every ``log_interval`` steps;
+4. Train with tqdm on rank 0 (loss, lr, tokens/s) and a log line every ``log_interval`` steps
+   (``logging``; the command's handler writes around the bar);
    held-out loss every ``eval_interval`` steps; a resumable checkpoint every ``save_interval``.
 5. Save the fine-tuned model as a plain megatron-spd checkpoint at ``out`` (serves unchanged
    with tools/generate.py and tools/evaluate.py), the report JSON and the loss-curve PNG.
@@ -18,6 +23,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -32,7 +38,7 @@ from ..core.plan import SPDPlan
 from ..data import texts as data
 from ..errors import InputError, MetricError, check_context, check_finite
 from ..files import atomic_write_json
-from ..loading.open_model import open_model
+from ..loading.run_config import RunConfig
 from ..loading.sources import dense_origin
 from ..options import option
 from ..parallel import distributed
@@ -40,7 +46,10 @@ from ..parallel.distributed import dp_rank_size, is_rank0
 from . import state
 from .batches import SampleOrder
 from .optim import OptimConfig
+from .plots import plot_curves
 from .trainer import StepConfig, Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,122 +128,166 @@ def _check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
                                 "use a new --save directory to start over")
 
 
-def finetune(source: str | Path | None, *, out: str | Path, cfg: FinetuneConfig,
-             save_dir: str | Path | None = None, plan: SPDPlan | str | Path | None = None,
-             teacher_source: str | Path | None = None, data_source: str | Path | None = None,
-             text_field: str = "text", sequence_parallel: bool = False,
-             json_out: str | Path | None = None, plot: str | Path | None = None,
-             progress: bool = True, stop_after: Optional[int] = None,
-             tokenizer: str | Path | None = None, verify: bool = True,
-             overwrite: bool = False) -> dict[str, Any]:
-    """Fine-tune ``source`` (None = SmolLM2) and save it at ``out``; every rank calls it.
-    ``tokenizer``/``verify``: how ``open_model`` reads the source and the teacher. ``out`` is
-    checked first: an existing checkpoint of ours there is replaced only with ``overwrite``.
+class FinetuneJob:
+    """One fine-tuning run on every rank (inside the process groups): the constructor opens the
+    model (or resumes), the teacher and the data; ``train`` runs the steps; ``finalize`` saves.
 
-    ``stop_after`` ends the run after that many steps as if killed (after any checkpoint due);
-    tests use it to check that a resume continues the same trajectory. Returns the report.
+    ``out`` is checked first: an existing checkpoint of ours there is replaced only with
+    ``run.overwrite``. ``run.tokenizer``/``run.verify``: how the source and the teacher are read.
+    ``teacher``: the distillation teacher's source (default: the source's dense origin).
+    ``data``: the training/evaluation text (default: the bundled Wikipedia paragraphs).
     """
-    check_output_dir(out, overwrite)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if sequence_parallel and tp > 1 and cfg.seq_len % tp:
-        raise InputError(f"sequence parallel needs --seq-len divisible by TP={tp}, got "
-                         f"{cfg.seq_len}")
-    resume = state.latest(save_dir)
-    origin = str(teacher_source) if teacher_source else dense_origin(source)  # recorded in `out`
-    teacher_source = origin
-    settings = _settings(cfg, source, data_source, teacher_source if cfg.distill > 0 else None)
-    if resume is not None:
-        start, ckpt = resume
-        loaded = open_model(ckpt, sequence_parallel=sequence_parallel, verify=verify)
-        if plan is not None:
+
+    def __init__(self, run: RunConfig, cfg: FinetuneConfig, *, out: str | Path,
+                 save_dir: str | Path | None = None, teacher: str | Path | None = None,
+                 data: str | Path | None = None, text_field: str = "text",
+                 sequence_parallel: bool = False, progress: bool = True) -> None:
+        check_output_dir(out, run.overwrite)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if sequence_parallel and tp > 1 and cfg.seq_len % tp:
+            raise InputError(f"sequence parallel needs --seq-len divisible by TP={tp}, got "
+                             f"{cfg.seq_len}")
+        self.run, self.cfg, self.out, self.save_dir = run, cfg, out, save_dir
+        self.progress = progress
+        resume = state.latest(save_dir)
+        self.origin = str(teacher) if teacher else dense_origin(run.source)  # recorded in `out`
+        self.settings = _settings(cfg, run.source, data, self.origin if cfg.distill > 0 else None)
+        self.start, ckpt = resume if resume is not None else (0, None)
+        self.loaded = self._open(ckpt, sequence_parallel)
+        check_context(cfg.seq_len, self.loaded.config.max_seq_length, "--seq-len")
+        self.loaded.dense_source = self.origin  # the fine-tuned weights serve SPD: their origin
+        teacher_model = None
+        if cfg.distill > 0:
+            dense = SPDPlan.dense(self.loaded.config.num_layers, self.loaded.plan.groups)
+            teacher_model = run.replace(source=self.origin).open_model(
+                plan=dense, sequence_parallel=sequence_parallel).model
+        tok = self.loaded.tokenizer
+        self.order = SampleOrder(token_blocks(tok, data, "train", cfg.seq_len, None, text_field),
+                                 seed=cfg.seed)
+        self.held_out = token_blocks(tok, data, "eval", cfg.seq_len, cfg.eval_samples, text_field)
+        self.trainer = Trainer(self.loaded.model, cfg.step_config(), cfg.optim(), cfg.steps,
+                               teacher_model)
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        if ckpt is not None:
+            saved = state.load(ckpt, self.trainer)
+            _check_resume(saved, self.settings)
+            self.history, self.evals = saved["history"], saved["evals"]
+        else:
+            self.evals.append({"step": 0, "loss": self.trainer.evaluate(self.held_out)})
+        _, dp = dp_rank_size()
+        self.tokens_per_step = cfg.micro_batch * cfg.grad_accum * dp * cfg.seq_len
+
+    def _open(self, ckpt: Optional[Path], sequence_parallel: bool):
+        """The model: from the training checkpoint being resumed (whose plan ``run.plan``, if
+        given, must be), else from the source."""
+        if ckpt is None:
+            return self.run.open_model(sequence_parallel=sequence_parallel)
+        loaded = self.run.replace(source=ckpt, tokenizer=None).open_model(
+            plan=None, sequence_parallel=sequence_parallel)
+        if self.run.plan is not None:
+            plan = self.run.plan
             want = plan if isinstance(plan, SPDPlan) else SPDPlan.load(plan)
             if want.strategies != loaded.plan.strategies or want.groups != loaded.plan.groups:
                 raise state.ResumeError(f"{ckpt} was trained with another plan than --plan; "
                                         "drop --plan to resume, or use a new --save directory")
-    else:
-        start, ckpt = 0, None
-        loaded = open_model(source, plan=plan, sequence_parallel=sequence_parallel,
-                            tokenizer=tokenizer, verify=verify)
-    check_context(cfg.seq_len, loaded.config.max_seq_length, "--seq-len")
-    loaded.dense_source = origin  # the fine-tuned weights serve SPD; record what they came from
-    teacher = None
-    if cfg.distill > 0:
-        dense = SPDPlan.dense(loaded.config.num_layers, loaded.plan.groups)
-        teacher = open_model(teacher_source, plan=dense, sequence_parallel=sequence_parallel,
-                             tokenizer=tokenizer, verify=verify).model
-    train = token_blocks(loaded.tokenizer, data_source, "train", cfg.seq_len, None, text_field)
-    held_out = token_blocks(loaded.tokenizer, data_source, "eval", cfg.seq_len,
-                            cfg.eval_samples, text_field)
-    trainer = Trainer(loaded.model, cfg.step_config(), cfg.optim(), cfg.steps, teacher)
-    history: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    if ckpt is not None:
-        saved = state.load(ckpt, trainer)
-        _check_resume(saved, settings)
-        history, evals = saved["history"], saved["evals"]
-    else:
-        evals.append({"step": 0, "loss": trainer.evaluate(held_out)})
-    order = SampleOrder(train, seed=cfg.seed)
-    _, dp = dp_rank_size()
-    tokens_per_step = cfg.micro_batch * cfg.grad_accum * dp * cfg.seq_len
-    _log(f"fine-tuning {cfg.steps} steps from step {start}: {train.shape[0]} train blocks x "
-         f"{cfg.seq_len} tokens, {tokens_per_step} tokens/step, plan {loaded.plan.spd_ratio:.0%} "
-         f"SPD (G={loaded.plan.groups}), TP={settings['tp']} DP={dp}, distill={cfg.distill}; "
-         f"held-out loss {evals[0]['loss']:.4f}")
-    bar = distributed.progress(total=cfg.steps, initial=start, desc="fine-tune", unit="step",
-                               enabled=progress)
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    for step in range(start, end):
+        return loaded
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Optimizer step ``step`` (0-based): its metrics, appended to the history."""
         t0 = time.perf_counter()
-        m = trainer.train_step(order, step)
-        m.update(step=step + 1, tokens_per_s=tokens_per_step / (time.perf_counter() - t0))
+        m = self.trainer.train_step(self.order, step)
+        m.update(step=step + 1, tokens_per_s=self.tokens_per_step / (time.perf_counter() - t0))
         if not math.isfinite(m["loss"]):
             raise MetricError(f"loss is {m['loss']} at step {step + 1}; lower --lr")
-        history.append(m)
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                        tok_s=f"{m['tokens_per_s']:.0f}")
-        n = step + 1
-        if cfg.log_interval and n % cfg.log_interval == 0:
-            _log(f"step {n}/{cfg.steps} loss {m['loss']:.4f} (lm {m['lm_loss']:.4f} kd "
-                 f"{m['kd_loss']:.4f}) grad-norm {m['grad_norm']:.3f} lr {m['lr']:.3e} "
-                 f"{m['tokens_per_s']:.0f} tokens/s", bar)
-        if cfg.eval_interval and n % cfg.eval_interval == 0 and n < cfg.steps:
-            evals.append({"step": n, "loss": trainer.evaluate(held_out)})
-            _log(f"step {n}: held-out loss {evals[-1]['loss']:.4f}", bar)
-        if save_dir is not None and cfg.save_interval and n % cfg.save_interval == 0 \
-                and n < cfg.steps:
-            state.save(save_dir, n, loaded=loaded, trainer=trainer, keep=cfg.keep,
-                       state={**settings, "history": history, "evals": evals})
-    bar.close()
-    report: dict[str, Any] = {**settings, "plan_spd_ratio": loaded.plan.spd_ratio,
-                              "start_step": start, "history": history, "evals": evals}
+        self.history.append(m)
+        return m
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's settings and curves: what a training checkpoint stores beside the model
+        and the optimizer, and what a resume checks and continues."""
+        return {**self.settings, "history": self.history, "evals": self.evals}
+
+    def train(self, stop_after: Optional[int] = None) -> int:
+        """The steps from the start (or resumed) step to ``cfg.steps``, with the progress bar, a
+        log line every ``log_interval``, held-out loss every ``eval_interval`` and a training
+        checkpoint every ``save_interval`` steps. ``stop_after``: end after that many steps as
+        if killed (after any checkpoint due; tests check that a resume continues the same
+        trajectory). Returns the step it ended after."""
+        cfg, loaded = self.cfg, self.loaded
+        _, dp = dp_rank_size()
+        log.info(f"[finetune] fine-tuning {cfg.steps} steps from step {self.start}: "
+                 f"{self.order.samples.shape[0]} train blocks x {cfg.seq_len} tokens, "
+                 f"{self.tokens_per_step} tokens/step, plan {loaded.plan.spd_ratio:.0%} SPD "
+                 f"(G={loaded.plan.groups}), TP={self.settings['tp']} DP={dp}, "
+                 f"distill={cfg.distill}; held-out loss {self.evals[0]['loss']:.4f}")
+        bar = distributed.progress(total=cfg.steps, initial=self.start, desc="fine-tune",
+                                   unit="step", enabled=self.progress)
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.start + stop_after)
+        for step in range(self.start, end):
+            m = self.train_step(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                            tok_s=f"{m['tokens_per_s']:.0f}")
+            n = step + 1
+            if cfg.log_interval and n % cfg.log_interval == 0:
+                log.info(f"[finetune] step {n}/{cfg.steps} loss {m['loss']:.4f} (lm "
+                         f"{m['lm_loss']:.4f} kd {m['kd_loss']:.4f}) grad-norm "
+                         f"{m['grad_norm']:.3f} lr {m['lr']:.3e} {m['tokens_per_s']:.0f} "
+                         "tokens/s")
+            if cfg.eval_interval and n % cfg.eval_interval == 0 and n < cfg.steps:
+                self.evals.append({"step": n, "loss": self.trainer.evaluate(self.held_out)})
+                log.info(f"[finetune] step {n}: held-out loss {self.evals[-1]['loss']:.4f}")
+            if self.save_dir is not None and cfg.save_interval and n % cfg.save_interval == 0 \
+                    and n < cfg.steps:
+                state.save(self.save_dir, n, loaded=loaded, trainer=self.trainer, keep=cfg.keep,
+                           state=self.state_dict())
+        bar.close()
+        return end
+
+    def report(self) -> dict[str, Any]:
+        return {**self.settings, "plan_spd_ratio": self.loaded.plan.spd_ratio,
+                "start_step": self.start, "history": self.history, "evals": self.evals}
+
+    def finalize(self, plot: str | Path | None = None) -> dict[str, Any]:
+        """After the last step: the final held-out loss (finite, or nothing is saved), the
+        fine-tuned checkpoint at ``out``, the report (to ``run.json_out``) and the loss-curve
+        PNG ``plot``, both on rank 0. Returns the report."""
+        cfg, loaded, out, evals = self.cfg, self.loaded, self.out, self.evals
+        evals.append({"step": cfg.steps, "loss": self.trainer.evaluate(self.held_out)})
+        check_finite(evals, "the held-out evaluation")  # before a diverged model is saved
+        save_checkpoint(loaded.model, out, config=loaded.config, plan=loaded.plan,
+                        tokenizer=loaded.tokenizer, dense_source=self.origin,
+                        overwrite=self.run.overwrite)
+        report = self.report()
+        report.update(out=str(out), held_out_loss_before=evals[0]["loss"],
+                      held_out_loss_after=evals[-1]["loss"],
+                      held_out_ppl_before=math.exp(evals[0]["loss"]),
+                      held_out_ppl_after=math.exp(evals[-1]["loss"]))
+        log.info(f"[finetune] done: held-out loss {evals[0]['loss']:.4f} -> "
+                 f"{evals[-1]['loss']:.4f} (ppl {report['held_out_ppl_before']:.2f} -> "
+                 f"{report['held_out_ppl_after']:.2f}); saved {out}")
+        if is_rank0():
+            if self.run.json_out is not None:
+                atomic_write_json(self.run.json_out, report)
+            if plot is not None:
+                plot_curves(self.history, evals, plot)
+        return report
+
+
+def finetune(run: RunConfig, cfg: FinetuneConfig, *, out: str | Path,
+             save_dir: str | Path | None = None, teacher: str | Path | None = None,
+             data: str | Path | None = None, text_field: str = "text",
+             sequence_parallel: bool = False, plot: str | Path | None = None,
+             progress: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Fine-tune ``run.source`` (None = SmolLM2) and save it at ``out``; every rank calls it,
+    inside the process groups (``run.running``). The arguments are ``FinetuneJob``'s;
+    ``stop_after``: ``FinetuneJob.train``'s (the report then says ``stopped_at`` and nothing is
+    saved). Returns the report."""
+    job = FinetuneJob(run, cfg, out=out, save_dir=save_dir, teacher=teacher, data=data,
+                      text_field=text_field, sequence_parallel=sequence_parallel,
+                      progress=progress)
+    end = job.train(stop_after)
     if end < cfg.steps:
-        return {**report, "stopped_at": end}
-    evals.append({"step": cfg.steps, "loss": trainer.evaluate(held_out)})
-    check_finite(evals, "the held-out evaluation")  # before a diverged model is saved
-    save_checkpoint(loaded.model, out, config=loaded.config, plan=loaded.plan,
-                    tokenizer=loaded.tokenizer, dense_source=origin, overwrite=overwrite)
-    report.update(out=str(out), held_out_loss_before=evals[0]["loss"],
-                  held_out_loss_after=evals[-1]["loss"],
-                  held_out_ppl_before=math.exp(evals[0]["loss"]),
-                  held_out_ppl_after=math.exp(evals[-1]["loss"]))
-    _log(f"done: held-out loss {evals[0]['loss']:.4f} -> {evals[-1]['loss']:.4f} (ppl "
-         f"{report['held_out_ppl_before']:.2f} -> {report['held_out_ppl_after']:.2f}); saved {out}")
-    if is_rank0():
-        if json_out is not None:
-            atomic_write_json(json_out, report)
-        if plot is not None:
-            from .plots import plot_curves
-
-            plot_curves(history, evals, plot)
-    return report
-
-
-def _log(msg: str, bar=None) -> None:
-    if not is_rank0():
-        return
-    if bar is not None:
-        bar.write(f"[finetune] {msg}")
-    else:
-        print(f"[finetune] {msg}", flush=True)
+        return {**job.report(), "stopped_at": end}
+    return job.finalize(plot)
