@@ -30,6 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_spd.cli import common as cli
+from megatron_spd.data.defaults import default_gguf_path
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone"]
@@ -47,9 +50,6 @@ def run(cmd: list[str], step: str) -> float:
 
 
 def main(argv=None) -> None:
-    sys.path.insert(0, str(ROOT))
-    from megatron_spd.cli import common as cli
-
     p = cli.parser(__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of blocks made SPD")
@@ -102,8 +102,6 @@ def main(argv=None) -> None:
 
 
 def _default_gguf() -> str:
-    from megatron_spd.data.defaults import default_gguf_path
-
     return str(default_gguf_path())
 
 

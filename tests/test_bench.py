@@ -251,7 +251,7 @@ def _free_port() -> int:
 
 
 def _gpu_check_report(mode: str = "full", graphed: bool = True) -> dict:
-    """The parts of an examples/gpu_check.py report the projection reads (synthetic values)."""
+    """The parts of an research/gpu_check.py report the projection reads (synthetic values)."""
     paths = {"tensorised_eager": {"block_overhead_us": 300.0, "graphed": False},
              "tensorised_graphed": {"block_overhead_us": 4.0, "graphed": graphed,
                                     "graph_error": None if graphed else "RuntimeError: x"}}

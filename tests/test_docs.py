@@ -213,17 +213,19 @@ def _projection_tables(proj) -> dict:
 
 # ----- docs/recovery.md from docs/recovery/results.json and proxies.jsonl ----------------------
 
-def _example(name: str):
-    """A module of examples/ (the scripts that wrote the JSON format their own tables)."""
+def _research(name: str):
+    """A script of research/ (the scripts that wrote the JSON format their own tables), imported
+    with research/ on the path, as running it puts it there (recovery_proxies imports recovery)."""
     import importlib
     import sys
 
-    sys.path.insert(0, str(ROOT / "examples"))
+    if str(ROOT / "research") not in sys.path:
+        sys.path.insert(0, str(ROOT / "research"))
     return importlib.import_module(name)
 
 
 def _recovery_table(rows) -> dict:
-    return {"table": _example("recovery").results_table(rows)}
+    return {"table": _research("recovery").results_table(rows)}
 
 
 def _recovery_rows(rows) -> dict:
@@ -232,7 +234,7 @@ def _recovery_rows(rows) -> dict:
     dense = next(r for r in rows if r["method"] == "dense")
     out = {"dense_ppl": dense["ppl"]["wikipedia_eval"],
            "dense_coqa": dense["ppl"]["coqa_non_wikipedia"]}
-    for name, method in _example("recovery").METHODS.items():
+    for name, method in _research("recovery").METHODS.items():
         for r in rows:
             if r["method"] != method.label:
                 continue
@@ -250,7 +252,7 @@ def _recovery_rows(rows) -> dict:
 def _previous_reproduced(ds) -> dict:
     """The previous recipe's row equals docs/recipe.md's HG+B2B cell at 100 % (same items)."""
     rows, sweep = ds
-    label = _example("recovery").METHODS["hg_b2b_prev"].label
+    label = _research("recovery").METHODS["hg_b2b_prev"].label
     row = next(r for r in rows if r["method"] == label and r["spd_ratio"] == 1.0)
     text = f"{row['avg_change_points']:+.2f} +/- {row['se_points']:.2f}"
     assert _cell(sweep, "hg@1").startswith(text), (text, _cell(sweep, "hg@1"))
@@ -272,7 +274,7 @@ def _recovery_pairs(details) -> dict:
 
 
 def _proxies_table(lines) -> dict:
-    return {"table": _example("recovery_proxies").proxies_table(lines)}
+    return {"table": _research("recovery_proxies").proxies_table(lines)}
 
 
 def _proxies(lines) -> dict:
@@ -463,7 +465,7 @@ def test_doc_states_what_its_json_holds(claim: Claim):
 
 def test_every_document_is_checked():
     """Each docs/*.md has claims, unless it holds no numbers of this repository's JSON: the API
-    map and the design, recipe_results.md (written with its JSON by examples/recipe_sweep.py),
+    map and the design, recipe_results.md (written with its JSON by research/recipe_sweep.py),
     the findings measured while planning (megatron-core-on-cpu.md, model-and-data.md), and the
     Megatron-LM walk-through (megatron-lm.md: its numbers are test outcomes, no committed JSON;
     a JSON it cites later gets Claim lines here)."""

@@ -1,4 +1,4 @@
-"""examples/gpu_check.py --smoke on CPU: the script runs every section and writes its JSON (the
+"""research/gpu_check.py --smoke on CPU: the script runs every section and writes its JSON (the
 GPU-only graphed decode is skipped with its reason). Its numbers mean nothing on CPU; what this
 guards is that the GPU run cannot fail on a crash in the script itself."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_smoke_writes_its_report(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "examples/gpu_check.py", "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "research/gpu_check.py", "--smoke", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

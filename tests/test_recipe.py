@@ -208,7 +208,7 @@ def _serve(cfg, plan_dict, full, toks, train_block):
 
 
 def test_compose_equals_applying_the_plan(single):
-    """examples/recipe_sweep.py recovers every block once per strategy and composes each plan's
+    """research/recipe_sweep.py recovers every block once per strategy and composes each plan's
     weights from those blocks (autoplan.compose); with dense B2B inputs that must give the
     weights apply_plan computes for the plan itself. SGD (linear in the gradient): HG reorders
     float sums in the dense model that feeds the B2B inputs, which AdamW's first normalised step

@@ -1,6 +1,6 @@
 """The recipe's command lines on a tiny model, in process: ``tools/spd.py plan
 --max-ppl-increase`` (the budget measured zero-shot on calibration text) against perplexities
-computed here with whole-model forwards, and a smoke run of ``examples/recipe_sweep.py`` (the
+computed here with whole-model forwards, and a smoke run of ``research/recipe_sweep.py`` (the
 script behind docs/recipe.md) through all its stages.
 
 The tiny model: test_recipe.py's random LLaMA-style weights (scaled so SPD visibly changes the
@@ -116,13 +116,13 @@ def test_plan_max_ppl_increase_via_the_cli(tiny, tmp_path):
 
 
 def test_recipe_sweep_smoke(tiny, tmp_path):
-    """examples/recipe_sweep.py end to end on the tiny model: sweep, per-block recovery (B2B and
+    """research/recipe_sweep.py end to end on the tiny model: sweep, per-block recovery (B2B and
     HG + B2B, composed into each plan), perplexity and the paper's tasks on 2 items, the table,
     the JSON and the plots; the dense row's perplexity is the model's own."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "research"))
     import recipe_sweep
 
     from megatron_spd.parallel import distributed

@@ -16,7 +16,7 @@ sit on the critical path of every block):
 Device rates are *effective* rates, stated in ``DEVICES`` (peak x an assumed efficiency), so a
 prediction is only as good as those numbers; ``fit_rate`` replaces them by a rate fitted to a
 measured dense run, which is how the model is validated against the CPU + link simulator. The
-per-block overhead is assumed per regime unless a GPU check report (examples/gpu_check.py)
+per-block overhead is assumed per regime unless a GPU check report (research/gpu_check.py)
 gives the measured one (``measured_block_overhead``).
 """
 from __future__ import annotations
@@ -78,11 +78,11 @@ def measured_block_overhead(report: dict, regime: str) -> float:
     """Seconds per block above the memory bound in ``regime``, from a gpu_check.py report (its
     decode at batch 1). Raises ValueError when the report has no such GPU measurement."""
     if report.get("format") != "megatron-spd-gpu-check/1":
-        raise ValueError("not an examples/gpu_check.py report (format "
+        raise ValueError("not an research/gpu_check.py report (format "
                          f"{report.get('format')!r})")
     if report.get("mode") != "full":
         raise ValueError("a --smoke gpu_check report: its timings are not a GPU's; run "
-                         "examples/gpu_check.py on a GPU without --smoke")
+                         "research/gpu_check.py on a GPU without --smoke")
     decode = report.get("checks", {}).get("decode", {})
     try:
         row = decode["batches"]["1"]["paths"][GPU_CHECK_PATHS[regime]]
@@ -198,7 +198,7 @@ class Projection:
                                        "(comma-separated)", type=floats)
     regime: str = option("eager", "per-block overhead regime: eager, or graphed (each step "
                          "replayed from a CUDA graph)", choices=tuple(REGIMES))
-    gpu_check: Optional[str] = option(None, "examples/gpu_check.py report: take the regime's "
+    gpu_check: Optional[str] = option(None, "research/gpu_check.py report: take the regime's "
                                       "per-block overhead from its measured decode (batch 1) "
                                       "instead of the assumed one", type=str)
 
@@ -218,7 +218,7 @@ class Projection:
             return REGIMES[self.regime], "assumed (bench.analytic.REGIMES)"
         path = Path(self.gpu_check)
         if not path.is_file():
-            raise ValueError(f"--gpu-check {path} does not exist; run examples/gpu_check.py")
+            raise ValueError(f"--gpu-check {path} does not exist; run research/gpu_check.py")
         report = json.loads(path.read_text())
         return (measured_block_overhead(report, self.regime),
                 f"measured: {path} ({report['host']['device']}, decode at batch 1, "

@@ -11,7 +11,7 @@ models point at one copy of the weights (``share_weights``), so a sweep costs on
 
 Regime: every step runs eagerly (``new_cache(..., cuda_graph=False)``), also on a GPU: the
 collective counts and times and the link simulator live in Python hooks around each collective,
-which a CUDA graph replay would skip. The graphed regime is measured by examples/gpu_check.py.
+which a CUDA graph replay would skip. The graphed regime is measured by research/gpu_check.py.
 On a GPU every clock read waits for the device first (``clock.now``).
 
 What the measurements mean (per-plan statistics, the bound on what SPD can save, the analytic

@@ -237,7 +237,7 @@ METHOD = """## Method
 - **Analytic model** (`bench.analytic`): per rank and block, compute = max(FLOPs / rate, bytes /
   memory bandwidth) + a fixed per-block kernel overhead, whose size depends on the regime
   (eager: assumed 20 us; graphed, i.e. replayed from a CUDA graph: assumed 0, a lower bound;
-  either measured on a GPU by `examples/gpu_check.py` when its report is given with
+  either measured on a GPU by `research/gpu_check.py` when its report is given with
   `--gpu-check`); communication = the link time of each collective; no overlap. Validation
   here: fit one compute rate to the measured dense step, then predict every SPD plan with the
   same link (the simulated one) and compare.

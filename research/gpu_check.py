@@ -1,7 +1,7 @@
 """GPU check: is megatron-spd exact, and is its decode step near the memory bound, on this GPU?
 
-    python examples/gpu_check.py --out docs/gpu/gpu_check.json     # one CUDA GPU, a few minutes
-    python examples/gpu_check.py --smoke --out /tmp/gpu_check.json  # tiny shapes; runs on CPU
+    python research/gpu_check.py --out docs/gpu/gpu_check.json     # one CUDA GPU, a few minutes
+    python research/gpu_check.py --smoke --out /tmp/gpu_check.json  # tiny shapes; runs on CPU
 
 One process (plus two spawned ranks) on one device; every section is recorded in the JSON, a
 failing one with its error, without stopping the others:
@@ -22,12 +22,14 @@ failing one with its error, without stopping the others:
 
 ``--smoke`` shrinks every shape (the decode "shard" too) so the script runs in about a minute
 on a CPU; there the graphed path is skipped with its reason. The numbers are only meaningful
-from a GPU run without --smoke (docs/gpu/README.md).
+from a GPU run without --smoke (docs/gpu/README.md). Each section imports the package modules
+it needs itself, so that one whose import fails is recorded with its error like any other.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import statistics
@@ -37,14 +39,24 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from megatron_spd import ModelConfig, SPDPlan
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # reference.py: the independent plain-torch model
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from megatron_spd import ModelConfig, SPDPlan  # noqa: E402
+def _load_reference():
+    """tests/reference.py, the independent plain-torch model, loaded from its file (it is the
+    tests' oracle, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("reference", ROOT / "tests" / "reference.py")
+    module = sys.modules["reference"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference = _load_reference()
 
 FORMAT = "megatron-spd-gpu-check/1"
 # tests/test_foundation.py's models, plans and tolerances (fp32)
@@ -124,24 +136,23 @@ def _compare(got, want, tol: dict) -> dict:
 
 
 def _megatron_case(name: str):
-    from reference import random_full_state_dict
 
     from megatron_spd.testing import logits_and_grads
 
     cfg, plan = CASES[name]
     tokens, weights = _tokens_and_weights(cfg)
-    return logits_and_grads(cfg, plan, random_full_state_dict(cfg, 3), tokens, weights)
+    return logits_and_grads(cfg, plan, reference.random_full_state_dict(cfg, 3), tokens, weights)
 
 
 def check_exactness_t1(state: dict) -> dict:
-    from reference import random_full_state_dict, reference_logits
 
     out = {"tolerance": TOL_REFERENCE, "cases": {}}
     for name, (cfg, plan) in CASES.items():
         state[name] = _megatron_case(name)
-        sd = {k: v.clone().requires_grad_() for k, v in random_full_state_dict(cfg, 3).items()}
+        sd = {k: v.clone().requires_grad_()
+              for k, v in reference.random_full_state_dict(cfg, 3).items()}
         tokens, weights = _tokens_and_weights(cfg)
-        ref = reference_logits(cfg, sd, tokens, plan)
+        ref = reference.reference_logits(cfg, sd, tokens, plan)
         (ref * weights).sum().backward()
         ref_grads = {k: v.grad for k, v in sd.items()}
         out["cases"][name] = _compare(state[name], (ref.detach(), ref_grads), TOL_REFERENCE)
@@ -171,13 +182,12 @@ def check_two_ranks(state: dict) -> dict:
 
 
 def check_recompute(state: dict) -> dict:
-    from reference import random_full_state_dict
 
     from megatron_spd.testing import logits_and_grads
 
     cfg, plan = LLAMA, SPDPlan(2, ["zs", "zs", "zs"])  # selective layernorm: SPD blocks only
     tokens, weights = _tokens_and_weights(cfg)
-    sd = random_full_state_dict(cfg, 3)
+    sd = reference.random_full_state_dict(cfg, 3)
     base = logits_and_grads(cfg, plan, sd, tokens, weights)
     out = {"tolerance": TOL_TP, "cases": {}}
     for name, overrides in RECOMPUTE.items():

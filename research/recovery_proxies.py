@@ -4,24 +4,39 @@
 Each call recovers SmolLM2-135M with every block SPD (G=3) one way and appends a line to
 --out (JSON lines): perplexity on the first 4096 tokens of the held-out Wikipedia split and of
 CoQA's non-Wikipedia stories (ctx 512), the recovery's wall/CPU time, the per-block B2B losses
-and compensation fits. No task is scored here (that is examples/recovery.py, for the variants
+and compensation fits. No task is scored here (that is research/recovery.py, for the variants
 these numbers single out). Examples (the committed docs/recovery/proxies.jsonl):
 
-    python examples/recovery_proxies.py zs_c0 --strategy zs --rank 0
-    python examples/recovery_proxies.py hg_c0_b2b_seq --rank 0 --b2b --calib 8 --inputs spd \\
+    python research/recovery_proxies.py zs_c0 --strategy zs --rank 0
+    python research/recovery_proxies.py hg_c0_b2b_seq --rank 0 --b2b --calib 8 --inputs spd \\
         --targets trajectory
-    python examples/recovery_proxies.py e2e_seq_20 --e2e-from hg_c0_b2b_seq --steps 20
+    python research/recovery_proxies.py e2e_seq_20 --e2e-from hg_c0_b2b_seq --steps 20
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+import torch
+from recovery import coqa_stories  # research/recovery.py, beside this script
+
+from megatron_spd.checkpoint.store import save_checkpoint
+from megatron_spd.cli import logs
+from megatron_spd.core.plan import SPDPlan
+from megatron_spd.core.sharding import load_full_state_dict
+from megatron_spd.core.spec import build_model
+from megatron_spd.data.texts import calibration_batches, load_texts
+from megatron_spd.evaluate import perplexity
+from megatron_spd.loading.open_model import open_model
+from megatron_spd.loading.run_config import RunConfig
+from megatron_spd.loading.sources import load_weights
+from megatron_spd.parallel import distributed
+from megatron_spd.recipe import autoplan, distill
+from megatron_spd.train.loop import FinetuneConfig, finetune
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,23 +87,7 @@ def proxies_table(records: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
-
-    from megatron_spd.parallel import distributed
-    from megatron_spd.checkpoint.store import save_checkpoint
-    from megatron_spd.data.texts import calibration_batches, load_texts
-    from megatron_spd.evaluate import perplexity
-    from megatron_spd.loading.open_model import open_model
-    from megatron_spd.core.sharding import load_full_state_dict
-    from megatron_spd.core.plan import SPDPlan
-    from megatron_spd.recipe import autoplan, distill
-    from megatron_spd.loading.sources import load_weights
-    from megatron_spd.core.spec import build_model
-    from megatron_spd.train.loop import FinetuneConfig, finetune
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    from recovery import coqa_stories
-
+    logs.setup()  # the package's own lines (as tools/*.py show them)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     distributed.init(1)
@@ -107,7 +106,7 @@ def main(argv=None) -> None:
             del m
         ft = FinetuneConfig(steps=args.steps, seq_len=256, micro_batch=4, lr=1e-4,
                             warmup_steps=2, distill=1.0, eval_samples=8, log_interval=5)
-        rep = finetune(str(src), out=work / f"{args.name}_ckpt", cfg=ft, progress=False)
+        rep = finetune(RunConfig(str(src)), ft, out=work / f"{args.name}_ckpt", progress=False)
         record["held_out_loss"] = [rep["held_out_loss_before"], rep["held_out_loss_after"]]
         lm = open_model(work / f"{args.name}_ckpt")
         model, plan = lm.model, lm.plan

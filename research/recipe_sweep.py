@@ -17,29 +17,40 @@ the classification rule of classify.py (zs / b2b / hg by sensitivity); ``b2b_spd
 only, --inputs-compare ratios): B2B on the partially-SPD model's hidden states instead of the
 dense model's, to choose the default inputs.
 
-    .venv/bin/python examples/recipe_sweep.py            # defaults = the committed run
+    .venv/bin/python research/recipe_sweep.py            # defaults = the committed run
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from megatron_spd.cli import common as cli
+from megatron_spd.cli import logs
+from megatron_spd.core.plan import SPDPlan
+from megatron_spd.core.sharding import load_full_state_dict
+from megatron_spd.core.spec import build_model
+from megatron_spd.data.defaults import DEFAULT_GROUPS
+from megatron_spd.data.texts import calibration_batches, load_texts
+from megatron_spd.evaluate import (PAPER_TASKS, evaluate_tasks, paired_difference,
+                                   paper_average_se, perplexity)
+from megatron_spd.files import atomic_write_json, atomic_write_text, save_figure
+from megatron_spd.loading.sources import load_weights
+from megatron_spd.parallel import distributed
+from megatron_spd.recipe import autoplan, distill, sensitivity
+from megatron_spd.recipe.distill import B2BConfig
+from megatron_spd.recipe.run import Calibration
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 VARIANTS = {"zs": "ZS", "b2b": "ZS+B2B", "hg": "ZS+B2B+HG", "auto": "auto (classified)",
             "b2b_spd": "ZS+B2B, partially-SPD inputs"}
 
 
 def parse_args(argv=None):
-    from megatron_spd.cli import common as cli
-    from megatron_spd.data.defaults import DEFAULT_GROUPS
-    from megatron_spd.recipe.distill import B2BConfig
-    from megatron_spd.recipe.run import Calibration
-
     # the settings of the published sweep (docs/recipe.md section 6); the package defaults have
     # since become the recovery recipe's (docs/recovery.md)
     calib = Calibration(samples=4)
@@ -87,25 +98,13 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from megatron_spd.parallel import distributed
-
+    logs.setup()  # the package's own lines (as tools/*.py show them)
     with distributed.running(1):
         sweep(args)
 
 
 def sweep(args) -> None:
     """Stages 1-4 (module doc) in the current single-process world."""
-    import torch
-
-    from megatron_spd.loading.sources import load_weights
-    from megatron_spd.data.texts import calibration_batches, load_texts
-    from megatron_spd.evaluate import PAPER_TASKS, evaluate_tasks, perplexity
-    from megatron_spd.files import atomic_write_json
-    from megatron_spd.core.sharding import load_full_state_dict
-    from megatron_spd.core.plan import SPDPlan
-    from megatron_spd.recipe import autoplan, distill, sensitivity
-    from megatron_spd.core.spec import build_model
-
     work, docs = Path(args.work), Path(args.docs)
     work.mkdir(parents=True, exist_ok=True)
     cfg, full, tok, _ = load_weights(args.ckpt)
@@ -288,27 +287,13 @@ def _avg(entry: dict):
 
 
 def _stderr(entry: dict):
-    """Standard error of the 6-task average (binomial per task, tasks independent)."""
+    """Standard error of the 6-task average (evaluate.paper_average_se)."""
     t = (entry.get("tasks") or {}).get("tasks")
-    avg = (entry.get("tasks") or {}).get("average")
-    if not t or not avg:
-        return None
-    from megatron_spd.evaluate import PAPER_TASKS, TASKS
-
-    var = 0.0
-    for group in PAPER_TASKS.values():
-        gv = 0.0
-        for name in group:
-            acc = t[name][TASKS[name].primary_metric]
-            gv += acc * (1 - acc) / t[name]["n"]
-        var += gv / len(group) ** 2
-    return math.sqrt(var) / len(PAPER_TASKS)
+    return paper_average_se(t) if t and _avg(entry) is not None else None
 
 
 def _change(dense: dict, entry: dict) -> str:
     """Points gained vs the dense model on the same items, with the paired standard error."""
-    from megatron_spd.evaluate import paired_difference
-
     a, b = (dense.get("tasks") or {}).get("tasks"), (entry.get("tasks") or {}).get("tasks")
     if not a or not b:
         return ""
@@ -320,8 +305,6 @@ def _change(dense: dict, entry: dict) -> str:
 
 def write_report(results, sens, sens_local, records, args, docs: Path, tasks, ratios,
                  variants) -> None:
-    from megatron_spd.files import atomic_write_json, atomic_write_text
-
     dense = results.get("zs@0", {})
     rows = ["| variant | SPD ratio | SPD blocks | Wikipedia ppl | 6-task avg (%) | +/- s.e. | "
             "change vs dense (points, +/- paired s.e.) |", "|---|---|---|---|---|---|---|"]
@@ -335,7 +318,7 @@ def write_report(results, sens, sens_local, records, args, docs: Path, tasks, ra
                         f"{'' if a is None else f'{100 * a:.2f}'} | "
                         f"{'' if se is None else f'{100 * se:.2f}'} | "
                         f"{change} |")
-    cmd = "examples/recipe_sweep.py " + " ".join(args.argv)
+    cmd = "research/recipe_sweep.py " + " ".join(args.argv)
     text = "\n".join([
         f"Generated by `.venv/bin/python {cmd.strip()}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",
@@ -353,7 +336,7 @@ def write_report(results, sens, sens_local, records, args, docs: Path, tasks, ra
 
 
 def plot(results, ratios, variants, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: a heavy import only the plot needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -376,8 +359,6 @@ def plot(results, ratios, variants, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M, SPD with G=3 groups")
     fig.tight_layout()
-    from megatron_spd.files import save_figure
-
     save_figure(fig, path)
     plt.close(fig)
 
