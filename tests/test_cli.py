@@ -85,3 +85,32 @@ def test_tools_take_their_defaults_from_the_package():
     for cls in (B2BConfig, Calibration, FinetuneConfig, GenerationConfig, EvalConfig):
         for f in dataclasses.fields(cls):  # every option has help text in the dataclass
             assert f.name == "add_bos" or f.metadata.get("help"), (cls.__name__, f.name)
+
+
+def test_entry_logs_plain_lines_on_rank_0_or_every_rank(capsys, monkeypatch):
+    """The one logging set-up (cli/logs.py): a package module's line reaches stdout unchanged on
+    global rank 0, nothing on another rank, and with --log-all-ranks every rank's line, marked;
+    a line written while a progress bar runs does not land inside the bar."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    log = logging.getLogger("megatron_spd.some.module")
+
+    @cli.entry
+    def main(argv=None):
+        p = cli.parser("toy")
+        p.parse_args(argv)
+        with tqdm(total=2, file=sys.stderr) as bar:
+            log.info("[finetune] step 1 loss 1.0")
+            bar.update(1)
+
+    monkeypatch.setenv("RANK", "0")
+    main([])
+    assert capsys.readouterr().out == "[finetune] step 1 loss 1.0\n"
+    monkeypatch.setenv("RANK", "1")
+    main([])
+    assert capsys.readouterr().out == ""
+    main(["--log-all-ranks"])
+    assert capsys.readouterr().out == "[rank 1] [finetune] step 1 loss 1.0\n"
