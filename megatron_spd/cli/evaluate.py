@@ -10,14 +10,17 @@ tasks). Perplexity defaults to the first 50k tokens of the bundled Wikipedia par
 non-overlapping 512-token windows (--ppl-tokens 0 skips it). The JSON holds per-task numbers, the
 paper's 6-task average, ``ppl``/``bpb`` and the plan used. --baseline OTHER.json (a report of
 another model on the same or a larger --limit) adds the 6-task change versus it with its paired
-standard error (per-item differences), key ``vs_baseline``. The work is
+standard error (per-item differences), key ``vs_baseline``, and, when the baseline was made with
+--reference-topk K (its X.reference.safetensors: the top-K next-token log-probs on the perplexity
+text), the mean per-token KL(baseline || this model), top-1 agreement and perplexity ratio on the
+same text with their standard errors, key ``closeness`` (evaluate/closeness.py). The work is
 megatron_spd.evaluate.run; this file parses the command line and prints the summary.
 """
 from __future__ import annotations
 
 import logging
 
-from ..evaluate.baseline import BaselineError, load_baseline
+from ..evaluate.baseline import BaselineError, open_baseline
 from ..evaluate.run import EvalConfig, evaluate_source, summary
 from . import common as cli
 
@@ -37,7 +40,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.baseline:
         try:  # fail now, not after the evaluation
-            load_baseline(args.baseline, args.eval.limit)
+            open_baseline(args.baseline, args.eval)
         except BaselineError as e:
             p.error(str(e))
     return args

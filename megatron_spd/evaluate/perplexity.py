@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -42,11 +42,14 @@ def windows(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
 
 def perplexity(model, tokenizer, texts_or_tokens: Sequence[str] | torch.Tensor, *,
                ctx: int = 512, n_tokens: Optional[int] = None, stride: Optional[int] = None,
-               batch_tokens: int = DEFAULT_BATCH_TOKENS, desc: Optional[str] = "perplexity"
+               batch_tokens: int = DEFAULT_BATCH_TOKENS, desc: Optional[str] = "perplexity",
+               on_window: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
                ) -> dict[str, Any]:
     """``{"ppl", "bpb", "nll", "tokens" (scored), "bytes", "ctx", "stride", "seconds"}`` over the
     first ``n_tokens`` of the text (documents are joined by ``data.token_stream``) or of a 1-D
-    token tensor. ``tokenizer`` may be None for a token tensor (then ``bpb`` is None)."""
+    token tensor. ``tokenizer`` may be None for a token tensor (then ``bpb`` is None).
+    ``on_window(targets [n], fp32 logits [n, V])`` sees each window's scored positions in order
+    (closeness.py measures closeness to a dense model in the same forward pass)."""
     t0 = time.perf_counter()
     if isinstance(texts_or_tokens, torch.Tensor):
         tokens = texts_or_tokens.reshape(-1).long()
@@ -79,6 +82,8 @@ def perplexity(model, tokenizer, texts_or_tokens: Sequence[str] | torch.Tensor, 
                 target = tokens[first:e].to(logits.device)
                 pred = logits[r, first - 1 - b:e - 1 - b].float()
                 nll += torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
+                if on_window is not None:
+                    on_window(target, pred)
                 n_scored += target.numel()
                 if tokenizer is not None:
                     n_bytes += len(tokenizer.decode(tokens[first:e].tolist()).encode("utf-8"))

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..data import texts as data
-from ..errors import check_context, check_finite
+from ..errors import InputError, check_context, check_finite
 from ..loading.run_config import RunConfig
 from ..options import option
 from ..parallel import distributed
-from .baseline import compare, load_baseline
+from . import closeness
+from .baseline import compare, open_baseline
 from .loglik import DEFAULT_BATCH_TOKENS
 from .perplexity import perplexity
 from .tasks import TASKS, parse_task_list
@@ -45,6 +46,10 @@ class EvalConfig:
     ppl_tokens: int = option(50_000, "score the first N tokens (0: skip perplexity)")
     batch_tokens: int = option(DEFAULT_BATCH_TOKENS, "padded tokens per forward (memory vs "
                                                      "speed; results do not depend on it)")
+    reference_topk: int = option(0, "also store this model's top-K next-token log-probs on the "
+                                    "perplexity text beside --json (X.reference.safetensors): "
+                                    "the dense reference --baseline X.json measures KL, top-1 "
+                                    "and the perplexity ratio against (0: none)")
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -58,6 +63,9 @@ class EvalConfig:
                              f"{self.ppl_stride}")
         if self.batch_tokens < 1:
             raise ValueError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
+        if self.reference_topk < 0 or (self.reference_topk and not self.ppl_tokens):
+            raise ValueError(f"--reference-topk must be >= 0 and needs perplexity text "
+                             f"(--ppl-tokens > 0), got {self.reference_topk}")
         self.task_names()  # an unknown task is an error now, not after loading the model
 
     def task_names(self) -> list[str]:
@@ -65,12 +73,12 @@ class EvalConfig:
 
 
 def run_evaluation(model, tokenizer, cfg: EvalConfig = EvalConfig(), *,
-                   on_progress: Optional[Callable[[dict[str, Any]], None]] = None
-                   ) -> dict[str, Any]:
+                   on_progress: Optional[Callable[[dict[str, Any]], None]] = None,
+                   on_window: Optional[Callable[[Any, Any], None]] = None) -> dict[str, Any]:
     """Zero-shot tasks, then perplexity (``cfg``). Keys: tasks, average, limit, ppl, bpb,
     perplexity, seconds, tp, complete. ``on_progress(report)`` is called after each task and
     once more with the 6-task average (complete=False), so a long run that is cut short still
-    leaves its finished tasks behind."""
+    leaves its finished tasks behind. ``on_window``: ``perplexity``'s hook (closeness.py)."""
     tasks = cfg.task_names()
     texts = None
     if cfg.ppl_tokens != 0:  # both checked before any work: a window beyond the context runs
@@ -93,7 +101,8 @@ def run_evaluation(model, tokenizer, cfg: EvalConfig = EvalConfig(), *,
             on_progress(report)
     if texts is not None:
         p = perplexity(model, tokenizer, texts, ctx=cfg.ppl_ctx, n_tokens=cfg.ppl_tokens,
-                       stride=cfg.ppl_stride, batch_tokens=cfg.batch_tokens)
+                       stride=cfg.ppl_stride, batch_tokens=cfg.batch_tokens,
+                       on_window=on_window)
         p.update(source=str(cfg.ppl_source) if cfg.ppl_source
                  else "default (BoolQ Wikipedia passages)", split=cfg.ppl_split)
         report.update(ppl=p["ppl"], bpb=p["bpb"], perplexity=p)
@@ -121,6 +130,9 @@ def summary(report: dict[str, Any]) -> str:
                      f"scored, ctx {p['ctx']}, stride {p['stride']}, {p['source']}, "
                      f"{p['seconds']:.0f} s)")
     lines.append(f"total {report['seconds']:.0f} s at TP={report['tp']}")
+    c = report.get("closeness")
+    if c:
+        lines.append(f"vs the dense reference of {c['baseline']}: {closeness.line(c)}")
     d = report.get("vs_baseline")
     if d:
         lines.append(f"6-task average vs {d['baseline']}: {100 * d['delta']:+.2f} points "
@@ -131,11 +143,25 @@ def summary(report: dict[str, Any]) -> str:
 def evaluate_source(run: RunConfig = RunConfig(), cfg: EvalConfig = EvalConfig(), *,
                     baseline: str | Path | None = None) -> dict[str, Any]:
     """Open ``run.source`` (None = SmolLM2-135M) at TP ``run.tp`` with ``run.plan`` (default: its
-    own), evaluate it, pair it with ``baseline`` (a report of another model) if given, and save
-    the report to ``run.json_out`` on rank 0 after every task. Returns the report (the command
-    prints its ``summary``)."""
+    own), evaluate it, pair it with ``baseline`` (a report of another model) if given: tasks
+    item by item, and closeness (KL, top-1, perplexity ratio) to the baseline's dense reference
+    if it has one; save the report to ``run.json_out`` on rank 0 after every task (and, with
+    ``cfg.reference_topk``, this model's own reference beside it). Returns the report (the
+    command prints its ``summary``)."""
+    if cfg.reference_topk and not run.json_out:
+        raise InputError("--reference-topk stores the reference beside --json; give --json")
+    cmp, own = None, None
     if baseline:
-        load_baseline(baseline, cfg.limit)  # fail now, not after the evaluation
+        _, ref = open_baseline(baseline, cfg)  # fail now, not after the evaluation
+        cmp = closeness.Comparison(ref) if ref is not None else None
+    if cfg.reference_topk:
+        own = closeness.Reference({**closeness.text_meta(cfg), "topk": cfg.reference_topk})
+    hooks = [h for h in (cmp, own.record if own else None) if h is not None]
+
+    def on_window(targets, logits) -> None:  # one forward pass serves both
+        for h in hooks:
+            h(targets, logits)
+
     with run.running():
         lm = run.open_model()
         header = {"ckpt": str(run.source) if run.source else "default (SmolLM2-135M-Instruct)",
@@ -145,9 +171,15 @@ def evaluate_source(run: RunConfig = RunConfig(), cfg: EvalConfig = EvalConfig()
         def save(report: dict[str, Any]) -> None:
             run.write_report({**report, **header})
 
-        report = run_evaluation(lm.model, lm.tokenizer, cfg, on_progress=save)
+        report = run_evaluation(lm.model, lm.tokenizer, cfg, on_progress=save,
+                                on_window=on_window if hooks else None)
         report.update(header)
-        if baseline:
+        if baseline and report["tasks"]:
             report["vs_baseline"] = compare(baseline, report)
+        if cmp is not None:
+            report["closeness"] = {"baseline": str(baseline), **cmp.result()}
+        if own is not None and distributed.is_rank0():
+            own.meta["model"] = header["ckpt"]
+            own.save(closeness.reference_path(run.json_out))
         save(report)
         return report
