@@ -7,6 +7,7 @@
     python tools/spd.py headgroup [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--mlp units]
     python tools/spd.py distill [--ckpt SRC] --plan PLAN.json --out CKPT_DIR [--epochs 2 --lr 1e-3
         --optimizer adamw --inputs dense|spd]
+    python tools/spd.py recover --work DIR [--ratio 1] [--strategy hg] [--e2e-tokens 40960]
     torchrun --nproc-per-node 3 tools/spd.py sensitivity --tp 3 ...   (and distill, without hg)
 
 ``plan`` gives every SPD block rank-local compensation unless ``--no-compensation``.
@@ -14,6 +15,9 @@
 block by block: HG on ``hg`` blocks, the closed-form compensation fit, B2B on ``b2b`` and
 ``hg`` blocks. Both write a megatron-spd checkpoint
 with the plan inside, which ``tools/generate.py --ckpt`` and ``tools/evaluate.py --ckpt`` serve.
+``recover`` runs all of it and the end-to-end distillation of tools/finetune.py in one resumable
+run, with KL / top-1 agreement to dense after each stage (recipe/pipeline.py; defaults
+recipe.pipeline.RecoverConfig); the recovered model is DIR/end-to-end.
 No --ckpt = the bundled SmolLM2-135M-Instruct. Calibration text defaults to the bundled Wikipedia
 paragraphs (split ``calib``, disjoint from the evaluation split). Defaults (recipe.run.Calibration,
 recipe.distill.B2BConfig) are those of the published numbers in docs/recipe.md. The work is
@@ -21,11 +25,15 @@ megatron_spd.recipe.run; this file only parses the command line.
 """
 from __future__ import annotations
 
+import shlex
+import sys
+
 from ..checkpoint.store import CHECKPOINT_OUTPUT
 from ..core.compensation import CompensationConfig
 from ..core.plan import PLAN_OUTPUT
 from ..recipe import autoplan, classify, headgroup, run, sensitivity
 from ..recipe.distill import B2BConfig
+from ..recipe.pipeline import RecoverConfig, recover_all
 from ..recipe.run import Calibration
 from . import common as cli
 
@@ -73,13 +81,30 @@ def parse_args(argv=None):
         if name == "distill":
             cli.add_config(s, B2BConfig, attr="b2b", dests={"micro_batch": "b2b_micro_batch"},
                            title="block-to-block distillation (recipe.distill.B2BConfig)")
-    return p.parse_args(argv)
+    s = sub.add_parser("recover", help="the whole recovery, resumable, with KL / top-1 to dense "
+                                       "after each stage (recipe/pipeline.py)")
+    common(s)
+    cli.add_dir(s, "--work", "work directory of the stages (a rerun skips the finished ones)")
+    cli.add_config(s, RecoverConfig, attr="recover", title="stages (recipe.pipeline.RecoverConfig)")
+    cli.add_config(s, B2BConfig, attr="b2b", dests={"micro_batch": "b2b_micro_batch"},
+                   title="block-to-block distillation (recipe.distill.B2BConfig)")
+    cli.add_config(s, CompensationConfig, attr="compensation",
+                   dests={"inputs": "compensation_inputs"},
+                   title="rank-local compensation (compensation.CompensationConfig)")
+    args = p.parse_args(argv)
+    if args.cmd == "recover" and not args.work:
+        p.error("recover needs --work DIR")
+    return args
 
 
 @cli.entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
     config = cli.run_config(args, plan=None)  # the recipe's --plan is what it applies
+    if args.cmd == "recover":
+        command = shlex.join(["tools/spd.py", *(sys.argv[1:] if argv is None else argv)])
+        return recover_all(args.work, args.recover, config, args.calib, b2b=args.b2b,
+                           compensation=args.compensation, command=command)
     if args.cmd == "sensitivity":
         return run.run_sensitivity(config, args.calib, groups=args.groups, mode=args.mode,
                                    png=args.png)
