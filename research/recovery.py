@@ -254,6 +254,37 @@ def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
     return result
 
 
+def closeness_stage(key: str, ckpt: Optional[Path], args, env) -> None:
+    """``eval/<key>.closeness.json``: KL(dense || model), top-1 agreement and perplexity ratio
+    on the first --ppl-tokens of each perplexity text (evaluate/closeness.py). The dense model
+    ("dense") stores its reference per text, ``eval/dense.<text>.reference.safetensors``
+    (top 64 + 64 tail samples); every other model is compared with it. A perplexity pass of its
+    own, so that finished evaluations gain it without rescoring their tasks."""
+    from megatron_spd.data.texts import load_texts
+    from megatron_spd.evaluate import Comparison, Reference, perplexity
+    from megatron_spd.files import atomic_write_json
+    from megatron_spd.loading.open_model import open_model
+
+    path = env["work"] / "eval" / f"{key}.closeness.json"
+    if path.exists():
+        return
+    lm = open_model(ckpt)
+    lm.model.eval()
+    out = {}
+    for name, texts in (("wikipedia_eval", load_texts(split="eval")),
+                        ("coqa_non_wikipedia", load_texts(env["coqa"]))):
+        ref_path = env["work"] / "eval" / f"dense.{name}.reference.safetensors"
+        hook = Reference({"topk": 64, "text": name, "n_tokens": args.ppl_tokens, "ctx": 512}) \
+            if key == "dense" else Comparison(Reference.load(ref_path))
+        perplexity(lm.model, lm.tokenizer, texts, ctx=512, n_tokens=args.ppl_tokens,
+                   on_window=hook.record if key == "dense" else hook, desc=f"closeness {name}")
+        if key == "dense":
+            hook.save(ref_path)
+        else:
+            out[name] = hook.result()
+    atomic_write_json(path, out)
+
+
 def dense_tasks(path: str, limit: int) -> Optional[dict]:
     """Per-task results of the dense baseline cut to the first ``limit`` items, if it has them."""
     if not path or not Path(path).exists():
@@ -277,12 +308,37 @@ def total_wall_minutes(key: str, work: Path) -> float:
     return rec["stage"]["wall_s"] / 60 + (total_wall_minutes(base, work) if base else 0.0)
 
 
+def closeness_fields(path: Path) -> dict[str, Any]:
+    """A row's kl / kl_se / top1 / top1_se (held-out Wikipedia) and ``closeness`` (both texts),
+    when closeness_stage measured them."""
+    if not path.exists():
+        return {}
+    c = json.loads(path.read_text())
+    w = c["wikipedia_eval"]
+    return {"kl": round(w["kl"], 4), "kl_se": round(w["kl_se"], 4), "top1": round(w["top1"], 4),
+            "top1_se": round(w["top1_se"], 4), "closeness": c}
+
+
+def row_command(args, name: Optional[str] = None, ratio: Optional[float] = None) -> str:
+    """The command that makes a row, with every flag it used (an end-to-end method also runs its
+    base method; the dense row comes with any run)."""
+    base = Path(args.dense_baseline).resolve()
+    baseline = base.relative_to(ROOT) if base.is_relative_to(ROOT) else base
+    select = ""
+    if name is not None:
+        methods = ",".join(filter(None, (METHODS[name].base, name)))
+        select = f"--methods {methods} --ratios {ratio:g} "
+    return (f"python research/recovery.py {select}--groups {args.groups} --calib-len "
+            f"{args.calib_len} --limit {args.limit} --ppl-tokens {args.ppl_tokens} "
+            f"--dense-baseline {baseline}")
+
+
 def report(args, work: Path, docs: Path) -> None:
 
     dense = json.loads((work / "eval" / "dense.json").read_text())
     rows = [{"method": "dense", "spd_ratio": 0.0, "avg_change_points": 0.0, "se_points": 0.0,
              "items_per_task": dense["limit"], "ppl": dense["ppl"], "wall_minutes": 0.0,
-             "extra_params": 0, "extra_flops_per_token": 0}]
+             "extra_params": 0, "extra_flops_per_token": 0, "command": row_command(args)}]
     details = {"dense": dense}
     for name, method in METHODS.items():
         for ratio in (0.75, 1.0):
@@ -303,7 +359,9 @@ def report(args, work: Path, docs: Path) -> None:
                          "ppl": {k: round(v, 3) for k, v in ev["ppl"].items()},
                          "wall_minutes": round(total_wall_minutes(key, work), 1),
                          "extra_params": cost["params"],
-                         "extra_flops_per_token": cost["flops_per_token"]})
+                         "extra_flops_per_token": cost["flops_per_token"],
+                         "command": row_command(args, name, ratio),
+                         **closeness_fields(work / "eval" / f"{key}.closeness.json")})
             details[key] = {"method": name, "recovery": stage, "evaluation": ev}
     docs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(docs / "results.json", rows)
@@ -316,11 +374,18 @@ def report(args, work: Path, docs: Path) -> None:
 def results_table(rows: list[dict]) -> str:
     """The markdown table of results.json (docs/recovery.md holds it; tests/test_docs.py checks)."""
     lines = ["| method | SPD | change vs dense (points +/- paired s.e.) | items/task | "
+             "KL vs dense, Wikipedia (nats/token) | top-1 agreement % | "
              "ppl Wikipedia eval | ppl CoQA (non-Wikipedia) | recovery wall min | "
-             "extra params | extra FLOPs/token |", "|---|---|---|---|---|---|---|---|---|"]
+             "extra params | extra FLOPs/token |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        kl, top1 = "-", "-"  # rows from before the closeness stage (a rerun adds them)
+        if "kl" in r:
+            kl = f"{r['kl']:.4f} +/- {r['kl_se']:.4f}"
+            top1 = f"{100 * r['top1']:.1f} +/- {100 * r['top1_se']:.1f}"
+        elif r["method"] == "dense":
+            kl, top1 = "0", "100"
         lines.append(f"| {r['method']} | {r['spd_ratio']:.0%} | {r['avg_change_points']:+.2f} "
-                     f"+/- {r['se_points']:.2f} | {r['items_per_task']} | "
+                     f"+/- {r['se_points']:.2f} | {r['items_per_task']} | {kl} | {top1} | "
                      f"{r['ppl']['wikipedia_eval']:.2f} | {r['ppl']['coqa_non_wikipedia']:.2f} | "
                      f"{r['wall_minutes']:.1f} | {r['extra_params']:,} | "
                      f"{r['extra_flops_per_token']:,} |")
@@ -386,10 +451,12 @@ def main(argv=None) -> None:
                 recover_stage(f"{name}@{ratio:g}", METHODS[name], ratio, args, env)
         if args.stage in ("all", "eval"):
             evaluate_stage("dense", None, args, env)
+            closeness_stage("dense", None, args, env)
             for name, ratio in todo:
                 key = f"{name}@{ratio:g}"
                 if (work / "ckpt" / key / "stage.json").exists():
                     evaluate_stage(key, work / "ckpt" / key, args, env)
+                    closeness_stage(key, work / "ckpt" / key, args, env)
                     report(args, work, docs)
     report(args, work, docs)
     distributed.shutdown()
