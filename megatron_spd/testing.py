@@ -1,17 +1,29 @@
 """Run a function on N spawned ranks over gloo and collect what each returns (tests, examples).
 
-``run_ranks(fn, world, *args, tp=...)`` starts ``world`` processes with the torchrun environment,
-initialises megatron's parallel state (``distributed.init``), calls ``fn(*args, **kwargs)`` on
-every rank and returns the per-rank results (anything ``torch.save`` can pickle) in rank order.
-A failing rank's traceback is re-raised in the caller; a hung group is killed after ``timeout``.
-``fn`` must be importable (a module-level function).
+``run_ranks(fn, world, *args, tp=...)`` runs ``fn(*args, **kwargs)`` on ``world`` processes with
+the torchrun environment, each with megatron's parallel state initialised (``distributed.init``)
+for the call and torn down after it, and returns the per-rank results (anything ``torch.save``
+can pickle) in rank order. A failing rank's traceback is re-raised in the caller; a hung group is
+killed after ``timeout``. ``fn`` must be importable (a module-level function).
+
+Why a pool: a spawned rank spends seconds importing torch and megatron-core before it computes
+anything, and the test suite runs about thirty rank groups. The ranks of one world size are
+therefore kept alive between calls and reused (one import per rank per session). A call still
+sees what a fresh rank sees: a new process group on a new port, the parallel state built for its
+TP degree and destroyed after, ``distributed.init``'s seeding (``compat.apply``), the thread
+count asked for, and the environment restored. A rank that fails, hangs or exits ends its whole
+group, so a broken call never leaks into the next one; ``fresh=True`` uses a group of new
+processes for that call only (a test that kills or patches a rank).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
+import time
 import traceback
 import warnings
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,15 +33,13 @@ import torch.multiprocessing as mp
 from .parallel import distributed
 
 
-def _worker(rank: int, world: int, port: int, tp: int | None, threads: int, fn: Callable,
-            args: tuple, kwargs: dict, out_dir: str) -> None:
+def _call(rank: int, world: int, port: int, tp: int | None, threads: int, fn: Callable,
+          args: tuple, kwargs: dict, out_dir: str) -> None:
+    """One call on one rank: the torchrun environment, init, ``fn``, the result file, shutdown.
+    A failure leaves its traceback in ``rank<N>.err`` and propagates (the rank then exits)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    # deprecation chatter from megatron/torch internals drowns real output in every rank
-    warnings.simplefilter("ignore", FutureWarning)
-    warnings.simplefilter("ignore", UserWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
     try:
         distributed.init(tp, timeout_s=kwargs.pop("_timeout_s", 120),
                          backend=kwargs.pop("_backend", None))
@@ -42,34 +52,110 @@ def _worker(rank: int, world: int, port: int, tp: int | None, threads: int, fn: 
         distributed.shutdown()
 
 
+def _serve(rank: int, world: int, conn) -> None:
+    """A pooled rank: run each call received on ``conn`` and answer when it is done; exit when
+    the parent closes the pipe or sends None."""
+    # deprecation chatter from megatron/torch internals drowns real output in every rank
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        env = dict(os.environ)
+        _call(rank, world, *job)
+        os.environ.clear()
+        os.environ.update(env)
+        conn.send(True)
+
+
+class _Group:
+    """``world`` spawned ranks waiting for calls."""
+
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for r in range(world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(r, world, child), daemon=False)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def call(self, job: tuple, timeout: float) -> tuple[list[int], list[int]]:
+        """Send ``job`` to every rank and wait until each has answered or exited, or until
+        ``timeout``. Returns (ranks still busy, ranks that exited)."""
+        for conn in self.conns:
+            conn.send(job)
+        deadline = time.monotonic() + timeout
+        busy, exited = set(range(len(self.procs))), []
+        while busy and (left := deadline - time.monotonic()) > 0:
+            ready = wait([self.conns[r] for r in busy] + [self.procs[r].sentinel for r in busy],
+                         left)
+            for r in list(busy):
+                if self.conns[r] in ready:
+                    try:
+                        self.conns[r].recv()
+                    except EOFError:  # it exited; its sentinel tells
+                        continue
+                    busy.discard(r)
+                elif self.procs[r].sentinel in ready:
+                    busy.discard(r)
+                    exited.append(r)
+        return sorted(busy), sorted(exited)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()  # an idle rank reads EOF and returns
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+_POOL: dict[int, _Group] = {}
+
+
+@atexit.register
+def _close_pool() -> None:
+    while _POOL:
+        _POOL.popitem()[1].close()
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, tp: int | None = None,
-              timeout: float = 600, threads: int | None = None, **kwargs: Any) -> list[Any]:
-    """``fn(*args, **kwargs)`` on ``world`` fresh ranks (TP = ``tp``, default ``world``).
-    ``_timeout_s`` and ``_backend`` in kwargs go to ``distributed.init``."""
+              timeout: float = 600, threads: int | None = None, fresh: bool = False,
+              **kwargs: Any) -> list[Any]:
+    """``fn(*args, **kwargs)`` on ``world`` ranks (TP = ``tp``, default ``world``), the pooled
+    ones unless ``fresh``. ``_timeout_s`` and ``_backend`` in kwargs go to ``distributed.init``."""
     threads = threads or max(1, (os.cpu_count() or 1) // world)
-    ctx = mp.get_context("spawn")
+    group = _Group(world) if fresh else (_POOL.pop(world, None) or _Group(world))
     with tempfile.TemporaryDirectory(prefix="spd-ranks-") as out_dir:
-        port = distributed.free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, tp, threads, fn, args,
-                                                   dict(kwargs), out_dir), daemon=False)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        job = (distributed.free_port(), tp, threads, fn, args, dict(kwargs), out_dir)
+        try:
+            hung, exited = group.call(job, timeout)
+        except BaseException:
+            group.close()
+            raise
+        if hung or exited or fresh:
+            for r in hung:
+                group.procs[r].kill()
+            group.close()
+        else:
+            _POOL[world] = group
         errors = sorted(Path(out_dir).glob("rank*.err"))
         if errors:
             raise RuntimeError(f"{len(errors)} rank(s) failed; first:\n{errors[0].read_text()}")
         if hung:
             raise TimeoutError(f"ranks {hung} did not finish within {timeout}s")
-        bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
+        if exited:
+            raise RuntimeError(f"ranks {exited} exited with codes "
+                               f"{[group.procs[r].exitcode for r in exited]}")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -16,9 +16,8 @@ from megatron_spd.core.plan import SPDPlan
 from megatron_spd.testing import run_ranks
 
 from reference import random_full_state_dict
+from tiny import LLAMA
 
-LLAMA = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=8, num_query_groups=4,
-                    ffn_hidden_size=128, vocab_size=96, max_seq_length=32)
 OPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4,
                   ffn_hidden_size=96, vocab_size=96, normalization="LayerNorm",
                   activation="gelu", add_bias_linear=True,

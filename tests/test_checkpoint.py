@@ -485,14 +485,14 @@ def test_plan_inline_survives_every_tool(tmp_path):
     from megatron_spd.checkpoint.store import read_args
     from megatron_spd.checkpoint.args import plan_from_args
     from tests.conftest import ROOT
-    from tests.test_finetune import _write_corpus
+    from tests.tiny import write_bigram_corpus
 
     plan = SPDPlan(3, ["hg", "b2b", "zs"])
     plan.save(tmp_path / "plan.json")
     code = ("import sys; sys.path.insert(0, '.'); from tests.test_checkpoint import "
             f"save_in_subprocess as s; s({str(tmp_path / 'src')!r}, "
             f"{write_tokenizer(tmp_path / 'tok')!r}, tiny=True)")
-    _write_corpus(tmp_path / "corpus.txt")
+    write_bigram_corpus(tmp_path / "corpus.txt")
 
     def run(*argv):
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,

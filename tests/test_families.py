@@ -14,11 +14,11 @@ q/k/v biases; Qwen3 QK-norm + head_dim 24 != 64/4; Mistral sliding window 16 + s
   transformers' own GGUF loader, with tokenizers equal to the families' tokenizer.json and to
   transformers' GGUF tokenizer.
 
-One spawn per world size (1, 2) runs every family. Tolerances (fp32, logits O(1-10)):
+One rank group per world size (1, 2) runs every family. Tolerances (fp32, logits O(1-10)):
 - megatron vs transformers, and TP=2 vs TP=1: atol = rtol = 1e-5 (measured: <= 3e-7);
 - gradients T=2 vs T=1: atol 1e-6 * max(1, max|g|), rtol 1e-4; megatron vs the plain-torch
   reference: logits atol 2e-5, rtol 1e-5, gradients atol 4e-6 * max(1, max|g|), rtol 1e-4
-  (as tests/test_foundation.py);
+  (tests/tiny.py, as tests/test_foundation.py);
 - KV-cache decode vs recompute: atol = rtol = 1e-5; perplexity: relative 1e-5;
 - conversions and round trips: bit-exact (torch.equal).
 """
@@ -38,11 +38,10 @@ from megatron_spd.testing import run_ranks
 from families import FAMILIES, GGUF_ARCH, TEXTS, VOCAB, WINDOW, hf_llama3_divisors, write_gguf, \
     write_hf_dir
 from reference import reference_logits
+from tiny import CROSS_PATH_GRAD_TOL, CROSS_PATH_LOGIT_TOL, GRAD_TOL, LOGIT_TOL, \
+    assert_grads_close
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGIT_TOL = dict(atol=1e-5, rtol=1e-5)
-CROSS_PATH_LOGIT_TOL = dict(atol=2e-5, rtol=1e-5)
-GRAD_TOL, CROSS_PATH_GRAD_TOL = 1e-6, 4e-6
 G = 2
 PLAN = SPDPlan(G, ["zs", "zs"])
 TOKENS = torch.randint(3, 280, (2, WINDOW), generator=torch.Generator().manual_seed(0))
@@ -151,14 +150,6 @@ def _hf_logits(model, tokens=TOKENS):
         return model(tokens).logits.float()
 
 
-def _assert_grads(actual, expected, tol, what):
-    assert actual.keys() == expected.keys(), what
-    for k in expected:
-        scale = max(1.0, expected[k].abs().max().item())
-        torch.testing.assert_close(actual[k], expected[k], atol=tol * scale, rtol=1e-4,
-                                   msg=lambda m: f"{what} grad {k}: {m}")
-
-
 # ----- conversion of the config ------------------------------------------------------------------
 
 def test_config_carries_each_familys_features(models):
@@ -211,14 +202,14 @@ def test_spd_t2_equals_emulation_and_reference(models, ranks, family):
         for key in ("spd", "spd_sp"):  # without and with sequence parallel
             t2_logits, t2_grads = r[family][key]
             torch.testing.assert_close(t2_logits, t1_logits, **LOGIT_TOL)
-            _assert_grads(t2_grads, t1_grads, GRAD_TOL, f"{family} T=2 {key}")
+            assert_grads_close(t2_grads, t1_grads, GRAD_TOL, f"{family} T=2 {key}")
     assert (t1_logits - ranks[1][family]["dense"]).abs().max() > 1e-3, "SPD must change the model"
     cfg, full = load_hf(models[family][0])
     sd = {k: v.clone().requires_grad_() for k, v in full.items()}
     ref = reference_logits(cfg, sd, TOKENS, PLAN)
     torch.testing.assert_close(t1_logits, ref.detach(), **CROSS_PATH_LOGIT_TOL)
     (ref * _loss_weights()).sum().backward()
-    _assert_grads(t1_grads, {k: v.grad for k, v in sd.items()}, CROSS_PATH_GRAD_TOL,
+    assert_grads_close(t1_grads, {k: v.grad for k, v in sd.items()}, CROSS_PATH_GRAD_TOL,
                   f"{family} reference")
     dense_ref = reference_logits(cfg, full, TOKENS)
     torch.testing.assert_close(dense_ref, _hf_logits(models[family][1]), **CROSS_PATH_LOGIT_TOL)

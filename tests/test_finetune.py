@@ -7,12 +7,13 @@ torch computation. SmolLM2 (real_model): a short fine-tune of a 100%-SPD plan (G
 held-out loss, emulated (T=1) and at T=3, and the two runs agree.
 """
 import math
-import random
 
 import pytest
 import torch
 
 from megatron_spd.testing import run_ranks
+
+from tiny import word_tokenizer, write_bigram_corpus
 
 # fp32 tolerances. The same update computed with DP=2 or a 2x micro-batch differs only in the
 # order of the float sums (DP all-reduce vs one batch mean): ~1e-7 in the gradients; Adam divides
@@ -25,40 +26,11 @@ RESUME_ATOL = 0.0
 # relative in logits); after a few Adam steps the losses agree to ~1e-4.
 TP_LOSS_RTOL = 2e-3
 
-VOCAB_WORDS = 100
-
-
 def _tiny_cfg():
     from megatron_spd.core.config import ModelConfig
 
     return ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                        ffn_hidden_size=64, vocab_size=128, max_seq_length=64)
-
-
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from megatron_spd.data.tokenizer import HFTokenizer
-
-    vocab = {"<eos>": 0, **{f"w{i}": i + 1 for i in range(VOCAB_WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return HFTokenizer(tok, bos_id=None, eos_id=0, add_bos=False)
-
-
-def _write_corpus(path):
-    """Blank-line separated documents from a random bigram chain (learnable, deterministic)."""
-    rng = random.Random(0)
-    nxt = {i: [rng.randrange(VOCAB_WORDS) for _ in range(3)] for i in range(VOCAB_WORDS)}
-    docs = []
-    for _ in range(120):
-        w = rng.randrange(VOCAB_WORDS)
-        words = []
-        for _ in range(40):
-            words.append(f"w{w}")
-            w = rng.choice(nxt[w])
-        docs.append(" ".join(words))
-    path.write_text("\n\n".join(docs) + "\n")
 
 
 def _ft_cfg(micro_batch, **kw):
@@ -86,7 +58,7 @@ def _two_rank_checks(work: str):
     plan = SPDPlan(2, ["zs", "dense", "b2b"])
     torch.manual_seed(0)
     save_checkpoint(build_model(cfg, plan), work / "tiny", config=cfg, plan=plan,
-                    tokenizer=_word_tokenizer())
+                    tokenizer=word_tokenizer())
     data = work / "corpus.txt"
     out = {}
     # Reference for the DP test (TP=2, DP=1, micro-batch 4), uninterrupted, a training
@@ -127,7 +99,7 @@ def _four_rank_run(work: str):
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("ft")
-    _write_corpus(work / "corpus.txt")
+    write_bigram_corpus(work / "corpus.txt")
     return work, run_ranks(_two_rank_checks, 2, str(work), tp=2, timeout=1200)[0]
 
 

@@ -1,13 +1,8 @@
 """Exactness of the SPD block inside megatron-core on CPU/gloo (issue 2).
 
-One spawned rank group per world size (1, 2, 4) computes every case, to keep CI time down.
-Tolerances (fp32). Gradients of the weighted-logit loss reach ~20, so gradient tolerances scale
-with each tensor's largest entry m = max(1, max|g|):
-- TP=N against T=1 (same code, different reduction order): logits atol = rtol = 1e-5; gradients
-  atol 1e-6 * m, rtol 1e-4 (measured: logits ~1e-7, gradients ~3e-7 * m);
-- megatron against the independent plain-torch reference, and SPD with G=1 against the dense
-  layer (different formulas for the same function): logits atol 2e-5, rtol 1e-5; gradients atol
-  4e-6 * m, rtol 1e-4.
+One rank group per world size (1, 2, 4) computes every case. Tolerances: tests/tiny.py (fp32;
+TP=N against T=1 is the same code, megatron against the plain-torch reference and SPD with G=1
+against the dense layer are different formulas for the same function).
 """
 from __future__ import annotations
 
@@ -19,14 +14,9 @@ from megatron_spd.core.plan import PlanError, SPDPlan
 from megatron_spd.testing import run_ranks
 
 from reference import random_full_state_dict, reference_logits
+from tiny import CROSS_PATH_GRAD_TOL, CROSS_PATH_LOGIT_TOL, GRAD_TOL, LLAMA, LOGIT_TOL, \
+    assert_grads_close
 
-LOGIT_TOL = dict(atol=1e-5, rtol=1e-5)
-GRAD_TOL = 1e-6
-CROSS_PATH_LOGIT_TOL = dict(atol=2e-5, rtol=1e-5)
-CROSS_PATH_GRAD_TOL = 4e-6
-
-LLAMA = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=8, num_query_groups=4,
-                    ffn_hidden_size=128, vocab_size=96, max_seq_length=32, rope_theta=10000.0)
 OPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4,
                   ffn_hidden_size=96, vocab_size=96, max_seq_length=32, normalization="LayerNorm",
                   activation="gelu", add_bias_linear=True, tie_word_embeddings=True)
@@ -135,17 +125,9 @@ def results():
     return {1: run_ranks(_world1, 1)[0], 2: run_ranks(_world2, 2), 4: run_ranks(_world4, 4)}
 
 
-def _assert_grad_close(actual, expected, tol, what):
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=1e-4,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _assert_same(a, b, logit_tol=LOGIT_TOL, grad_tol=GRAD_TOL):
     torch.testing.assert_close(a[0], b[0], **logit_tol)
-    assert a[1].keys() == b[1].keys()
-    for k in a[1]:
-        _assert_grad_close(a[1][k], b[1][k], grad_tol, f"grad {k}")
+    assert_grads_close(a[1], b[1], grad_tol, "")
 
 
 def test_megatron_t1_matches_independent_reference(results):
@@ -156,8 +138,8 @@ def test_megatron_t1_matches_independent_reference(results):
         ref = reference_logits(cfg, sd, TOKENS, PLANS[name])
         torch.testing.assert_close(r1[name][0], ref.detach(), **CROSS_PATH_LOGIT_TOL)
         (ref * _loss_weights(cfg)).sum().backward()
-        for k, v in sd.items():
-            _assert_grad_close(r1[name][1][k], v.grad, CROSS_PATH_GRAD_TOL, f"{name} grad {k}")
+        assert_grads_close(r1[name][1], {k: v.grad for k, v in sd.items()}, CROSS_PATH_GRAD_TOL,
+                           name)
 
 
 def test_spd_actually_differs_from_dense(results):

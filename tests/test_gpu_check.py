@@ -1,22 +1,25 @@
 """research/gpu_check.py --smoke on CPU: the script runs every section and writes its JSON (the
 GPU-only graphed decode is skipped with its reason). Its numbers mean nothing on CPU; what this
-guards is that the GPU run cannot fail on a crash in the script itself."""
+guards is that the GPU run cannot fail on a crash in the script itself. It runs in this process
+(its two-rank section on the pooled ranks of megatron_spd.testing): a fresh interpreter would
+only add the import of torch and megatron-core."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_smoke_writes_its_report(tmp_path):
+def test_gpu_check_smoke_writes_its_report(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "research"))
+    import gpu_check
+
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "research/gpu_check.py", "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code = gpu_check.main(["--smoke", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-3000:]
     report = json.loads(out.read_text())
     assert report["format"] == "megatron-spd-gpu-check/1" and report["mode"] == "smoke"
     checks = report["checks"]
@@ -30,4 +33,4 @@ def test_gpu_check_smoke_writes_its_report(tmp_path):
         assert paths["megatron"]["ms_per_token"] > 0
         assert paths["tensorised_eager"]["block_overhead_us"] >= 0
         assert "no CUDA device" in paths["tensorised_graphed"]["skipped"]
-    assert "decode shard: weight-read bound" in proc.stdout
+    assert "decode shard: weight-read bound" in stdout

@@ -288,7 +288,8 @@ HANG_S = 35
                                             pytest.param("hang", 15, marks=pytest.mark.slow)])
 def test_dead_or_stuck_rank_fails_fast_with_clear_error(mode, timeout_s, tmp_path):
     with pytest.raises(RuntimeError, match=r"ranks \[1\] exited with codes"):
-        run_ranks(_die_mid_generation, 2, mode, str(tmp_path), threads=1, _timeout_s=timeout_s)
+        run_ranks(_die_mid_generation, 2, mode, str(tmp_path), threads=1, fresh=True,
+                  _timeout_s=timeout_s)
     survivor = json.loads((tmp_path / "rank0.json").read_text())
     print(f"{mode}: survivor failed after {survivor['seconds']:.2f} s: {survivor['message']}")
     assert survivor["message"] is not None, "the surviving rank did not notice the failure"
@@ -397,16 +398,15 @@ def test_generate_tool_rejects_missing_prompts_file(tmp_path):
 
 
 @pytest.mark.real_model
-def test_generate_tool_smollm2_one_process(tmp_path):
-    import subprocess
-    import sys
+def test_generate_tool_smollm2_one_process(tmp_path, capsys):
+    """The generate command's body end to end on the default model, in this process (a tool
+    subprocess runs in test_generate_tool_rejects_missing_prompts_file): printed results, the
+    JSON report and its timing summary."""
+    from megatron_spd.cli.generate import main
 
     out = tmp_path / "gen.json"
-    proc = subprocess.run([sys.executable, "tools/generate.py", "--prompt", REAL_PROMPTS[0],
-                           "--max-new-tokens", "3", "--json", str(out)], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[0] The capital of France is Paris" in proc.stdout
+    main(["--prompt", REAL_PROMPTS[0], "--max-new-tokens", "3", "--json", str(out)])
+    assert "[0] The capital of France is Paris" in capsys.readouterr().out
     data = json.loads(out.read_text())
     (res,) = data["results"]
     assert res["text"].startswith(" Paris") and len(res["tokens"]) == 3

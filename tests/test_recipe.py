@@ -1,7 +1,7 @@
 """The SPD recipe: sensitivity sweep, plan, B2B, HG, and emulation -> TP serving.
 
 Random-weight LLaMA-style models (weights scaled up so SPD visibly changes the function) keep this
-fast; one real-model test runs tools/spd.py end to end on a few tokens. Tolerances: fp32, logits
+fast; one real-model test runs the spd command end to end on a few tokens. Tolerances: fp32, logits
 of O(10); "same function" means max |diff| <= 1e-4 (float summation order changes under
 permutation and across TP ranks; a wrong permutation or a missed reduction is O(1)).
 """
@@ -284,32 +284,25 @@ def test_plan_from_emulation_serves_identically_at_tp(single):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_tools_spd_end_to_end(tmp_path):
-    """Real SmolLM2 on a few tokens: sensitivity -> plan -> distill -> checkpoint that serves."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-
-    def run(tool, *a):
-        r = subprocess.run([sys.executable, str(root / "tools" / tool), *a], cwd=root,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    """Real SmolLM2 on a few tokens: sensitivity -> plan -> distill -> checkpoint that serves.
+    The commands' bodies run in this process (test_checkpoint runs tools/spd.py as a script)."""
+    from megatron_spd.cli import evaluate, spd
 
     small = ["--samples", "1", "--seq-len", "64", "--micro-batch", "1"]
-    run("spd.py", "sensitivity", *small, "--json", str(tmp_path / "s.json"),
-        "--png", str(tmp_path / "s.png"))
+    spd.main(["sensitivity", *small, "--json", str(tmp_path / "s.json"),
+              "--png", str(tmp_path / "s.png")])
     sens = json.loads((tmp_path / "s.json").read_text())
     assert len(sens["sensitivity"]) == 30 and all(math.isfinite(s) for s in sens["sensitivity"])
-    run("spd.py", "plan", "--sensitivity", str(tmp_path / "s.json"), "--ratio", "0.1",
-        "--strategy", "hg", "--out", str(tmp_path / "plan.json"))
+    spd.main(["plan", "--sensitivity", str(tmp_path / "s.json"), "--ratio", "0.1",
+              "--strategy", "hg", "--out", str(tmp_path / "plan.json")])
     plan = SPDPlan.load(tmp_path / "plan.json")
     assert len(plan.spd_blocks) == 3 and plan.groups == 3
-    run("spd.py", "distill", *small, "--plan", str(tmp_path / "plan.json"), "--epochs", "1",
-        "--out", str(tmp_path / "ckpt"), "--json", str(tmp_path / "d.json"))
-    run("evaluate.py", "--ckpt", str(tmp_path / "ckpt"), "--tasks", "none", "--ppl-tokens", "512",
-        "--json", str(tmp_path / "e.json"))
+    spd.main(["distill", *small, "--plan", str(tmp_path / "plan.json"), "--epochs", "1",
+              "--out", str(tmp_path / "ckpt"), "--json", str(tmp_path / "d.json")])
+    evaluate.main(["--ckpt", str(tmp_path / "ckpt"), "--tasks", "none", "--ppl-tokens", "512",
+                   "--json", str(tmp_path / "e.json")])
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["plan"]["strategies"] == plan.strategies
     assert "head_grouping" in ev["plan"] and "b2b" in ev["plan"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -20,20 +19,7 @@ import torch
 from megatron_spd.core.plan import SPDPlan
 
 from test_recipe import CFG, G, random_full
-
-WORDS = 100
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from megatron_spd.data.tokenizer import HFTokenizer
-
-    vocab = {"<eos>": 0, **{f"w{i}": i + 1 for i in range(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return HFTokenizer(tok, bos_id=None, eos_id=0, add_bos=False)
-
+from tiny import word_tokenizer, write_bigram_corpus
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -44,22 +30,13 @@ def tiny(tmp_path_factory):
     from megatron_spd.core.spec import build_model
 
     work = tmp_path_factory.mktemp("recipe_tools")
-    rng = random.Random(0)
-    nxt = {i: [rng.randrange(WORDS) for _ in range(3)] for i in range(WORDS)}
-    docs = []
-    for _ in range(100):
-        w, words = rng.randrange(WORDS), []
-        for _ in range(60):
-            words.append(f"w{w}")
-            w = rng.choice(nxt[w])
-        docs.append(" ".join(words))
-    (work / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    write_bigram_corpus(work / "corpus.txt", docs=100, words=60)
     with distributed.running(1):
         full = random_full(CFG)
         model = build_model(CFG)
         load_full_state_dict(model, full)
         save_checkpoint(model, work / "ckpt", config=CFG, plan=SPDPlan.dense(CFG.num_layers, G),
-                        tokenizer=_tokenizer())
+                        tokenizer=word_tokenizer())
     return work / "ckpt", work / "corpus.txt", full
 
 
@@ -92,7 +69,7 @@ def test_plan_max_ppl_increase_via_the_cli(tiny, tmp_path):
     sens_path, plan_path = tmp_path / "sens.json", tmp_path / "plan.json"
     main(["sensitivity", "--ckpt", str(ckpt), *calib, "--json", str(sens_path)])
     sens = Sensitivity.load(sens_path)
-    tokens = Calibration(samples=4, seq_len=32, source=str(corpus)).batches(_tokenizer(), CFG)
+    tokens = Calibration(samples=4, seq_len=32, source=str(corpus)).batches(word_tokenizer(), CFG)
     ppls = _zs_ppls(full, tokens, sens.order())
     print("zero-shot calibration ppl by number of SPD blocks:", [f"{p:.3f}" for p in ppls])
     assert ppls[0] == pytest.approx(sens.baseline_ppl, rel=1e-5)
