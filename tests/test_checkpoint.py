@@ -450,6 +450,7 @@ def kill_a_save(tmp_path, tok_path: str, strategy: str = "ours") -> set[int]:
     return {p for p in seen if _alive(p)}
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_no_process_and_the_next_save_cleans_up(tmp_path, capfd):
     """kill -9 during the weight write: no process it started survives, a stale .out.saving
     is left, and the next save removes it with a message and succeeds."""

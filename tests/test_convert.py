@@ -229,6 +229,7 @@ def _smollm2_logits_and_nll(short, windows):
     return logits, torch.stack(nll) if nll else None
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_gguf_matches_hf_reference_tp1_tp3():
     from megatron_spd.loading.sources import load_weights

@@ -216,6 +216,7 @@ def test_encode_pair_with_the_real_tokenizer():
     assert ctx + cont == whole
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_tool_on_smollm2_dense_and_spd_plan(tmp_path, monkeypatch):
     """End to end through tools/evaluate.py: default model, then a plan override."""

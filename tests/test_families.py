@@ -7,7 +7,7 @@ q/k/v biases; Qwen3 QK-norm + head_dim 24 != 64/4; Mistral sliding window 16 + s
   that equals tests/reference.py (logits and gradients); the sensitivity sweep, head grouping
   and B2B run on every family;
 - HF -> megatron-spd checkpoint (saved at TP=2) -> HF is bit-exact, and transformers loads it;
-- perplexity through tools/evaluate.py equals transformers' on the same tokens;
+- perplexity through the evaluate command equals transformers' on the same tokens;
 - KV-cache decode (the engine's cache path and megatron's) equals recompute; Mistral
   refuses sequences beyond its window;
 - GGUF files written as llama.cpp writes them load to the same weights as the HF directory and as
@@ -25,9 +25,6 @@ One rank group per world size (1, 2) runs every family. Tolerances (fp32, logits
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,7 +38,6 @@ from reference import reference_logits
 from tiny import CROSS_PATH_GRAD_TOL, CROSS_PATH_LOGIT_TOL, GRAD_TOL, LOGIT_TOL, \
     assert_grads_close
 
-ROOT = Path(__file__).resolve().parents[1]
 G = 2
 PLAN = SPDPlan(G, ["zs", "zs"])
 TOKENS = torch.randint(3, 280, (2, WINDOW), generator=torch.Generator().manual_seed(0))
@@ -272,22 +268,19 @@ def test_hf_mcore_hf_round_trip_bit_exact(models, ranks, family, tmp_path):
 
 
 def test_perplexity_tool_equals_transformers(models, tmp_path):
-    """tools/evaluate.py on each HF directory (one process each, run side by side) against
-    transformers' NLL on the same tokens and windows (ctx = the Mistral window)."""
+    """The evaluate command on each HF directory, in this process (test_errors runs
+    tools/evaluate.py as a script), against transformers' NLL on the same tokens and windows
+    (ctx = the Mistral window)."""
+    from megatron_spd.cli.evaluate import main
     from megatron_spd.data.texts import load_texts, token_stream
     from megatron_spd.data.tokenizer import load_tokenizer
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(TEXTS * 3))
     n_tokens = 4 * WINDOW
-    procs = {f: subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--ckpt", str(d), "--tasks", "none",
-         "--ppl-text", str(text), "--ppl-ctx", str(WINDOW), "--ppl-tokens", str(n_tokens),
-         "--json", str(tmp_path / f"{f}.json")], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for f, (d, _) in models.items()}
-    for f, proc in procs.items():
-        log = proc.communicate(timeout=600)[0]
-        assert proc.returncode == 0, log[-3000:]
+    for f, (d, _) in models.items():
+        main(["--ckpt", str(d), "--tasks", "none", "--ppl-text", str(text), "--ppl-ctx",
+              str(WINDOW), "--ppl-tokens", str(n_tokens), "--json", str(tmp_path / f"{f}.json")])
         got = json.loads((tmp_path / f"{f}.json").read_text())["perplexity"]
         tokens = token_stream(load_tokenizer(models[f][0]), load_texts(text), n_tokens)
         windows = tokens.view(-1, WINDOW)

@@ -199,6 +199,7 @@ def _smollm2_finetune(work: str):
     return finetune(RunConfig(plan=plan), cfg, out=Path(work) / f"ft_t{tp}", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_full_spd_finetune_lowers_held_out_loss(tmp_path):
     emulated = run_ranks(_smollm2_finetune, 1, str(tmp_path), tp=1, timeout=1500)[0]

@@ -9,9 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_writes_its_report(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "research"))
     import gpu_check

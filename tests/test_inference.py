@@ -324,6 +324,7 @@ def _real_generation() -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_greedy_tp3_equals_tp1_dense_and_spd():
     tp1 = run_ranks(_real_generation, 1)[0]

@@ -92,6 +92,7 @@ def test_plan_max_ppl_increase_via_the_cli(tiny, tmp_path):
               "--max-ppl-increase", "1", "--out", str(plan_path)])
 
 
+@pytest.mark.slow
 def test_recipe_sweep_smoke(tiny, tmp_path):
     """research/recipe_sweep.py end to end on the tiny model: sweep, per-block recovery (B2B and
     HG + B2B, composed into each plan), perplexity and the paper's tasks on 2 items, the table,
