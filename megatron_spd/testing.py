@@ -109,6 +109,9 @@ class _Group:
                     exited.append(r)
         return sorted(busy), sorted(exited)
 
+    def alive(self) -> bool:
+        return all(proc.is_alive() for proc in self.procs)
+
     def close(self) -> None:
         for conn in self.conns:
             conn.close()  # an idle rank reads EOF and returns
@@ -134,7 +137,11 @@ def run_ranks(fn: Callable, world: int, *args: Any, tp: int | None = None,
     """``fn(*args, **kwargs)`` on ``world`` ranks (TP = ``tp``, default ``world``), the pooled
     ones unless ``fresh``. ``_timeout_s`` and ``_backend`` in kwargs go to ``distributed.init``."""
     threads = threads or max(1, (os.cpu_count() or 1) // world)
-    group = _Group(world) if fresh else (_POOL.pop(world, None) or _Group(world))
+    group = None if fresh else _POOL.pop(world, None)
+    if group is None or not group.alive():
+        if group is not None:
+            group.close()
+        group = _Group(world)
     with tempfile.TemporaryDirectory(prefix="spd-ranks-") as out_dir:
         job = (distributed.free_port(), tp, threads, fn, args, dict(kwargs), out_dir)
         try:

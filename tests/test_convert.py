@@ -211,7 +211,9 @@ def test_hf_mcore_hf_round_trip_bit_exact_and_logits(tmp_path):
 
 # ----- SmolLM2-135M from GGUF --------------------------------------------------------------------
 
-N_WINDOWS, CTX = 8, 512
+# 4 windows (2048 tokens) are enough for the per-token agreement with HF; their perplexity
+# (measured 22.5; 20.4 over 8 windows) is inside the sanity range below.
+N_WINDOWS, CTX = 4, 512
 
 
 def _smollm2_logits_and_nll(short, windows):
