@@ -54,7 +54,7 @@ def _call(rank: int, world: int, port: int, tp: int | None, threads: int, fn: Ca
 
 def _serve(rank: int, world: int, conn) -> None:
     """A pooled rank: run each call received on ``conn`` and answer when it is done; exit when
-    the parent closes the pipe or sends None."""
+    the parent closes the pipe."""
     # deprecation chatter from megatron/torch internals drowns real output in every rank
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", UserWarning)
@@ -63,8 +63,6 @@ def _serve(rank: int, world: int, conn) -> None:
         try:
             job = conn.recv()
         except EOFError:
-            return
-        if job is None:
             return
         env = dict(os.environ)
         _call(rank, world, *job)
@@ -101,10 +99,11 @@ class _Group:
                 if self.conns[r] in ready:
                     try:
                         self.conns[r].recv()
-                    except EOFError:  # it exited; its sentinel tells
+                        busy.discard(r)
                         continue
-                    busy.discard(r)
-                elif self.procs[r].sentinel in ready:
+                    except EOFError:  # its end of the pipe closed: the rank is exiting
+                        self.procs[r].join(max(0.0, deadline - time.monotonic()))
+                if not self.procs[r].is_alive():
                     busy.discard(r)
                     exited.append(r)
         return sorted(busy), sorted(exited)
