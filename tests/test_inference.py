@@ -400,6 +400,7 @@ def test_generate_tool_rejects_missing_prompts_file(tmp_path):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_generate_tool_smollm2_one_process(tmp_path, capsys):
     """The generate command's body end to end on the default model, in this process (a tool
     subprocess runs in test_generate_tool_rejects_missing_prompts_file): printed results, the
