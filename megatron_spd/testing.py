@@ -11,14 +11,16 @@ anything, and the test suite runs about thirty rank groups. The ranks of one wor
 therefore kept alive between calls and reused (one import per rank per session). A call still
 sees what a fresh rank sees: a new process group on a new port, the parallel state built for its
 TP degree and destroyed after, ``distributed.init``'s seeding (``compat.apply``), the thread
-count asked for, and the environment restored. A rank that fails, hangs or exits ends its whole
-group, so a broken call never leaks into the next one; ``fresh=True`` uses a group of new
-processes for that call only (a test that kills or patches a rank).
+count asked for, the caller's ``sys.path``, and the environment restored. A rank that fails,
+hangs or exits ends its whole group, so a broken call never leaks into the next one;
+``fresh=True`` uses a group of new processes for that call only (a test that kills or patches a
+rank).
 """
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -61,6 +63,9 @@ def _serve(rank: int, world: int, conn) -> None:
     warnings.simplefilter("ignore", DeprecationWarning)
     while True:
         try:
+            # the caller's import path first (as a fresh spawn would get it), then the call,
+            # whose function may live in a directory the caller added since this rank started
+            sys.path[:] = conn.recv()
             job = conn.recv()
         except EOFError:
             return
@@ -89,6 +94,7 @@ class _Group:
         """Send ``job`` to every rank and wait until each has answered or exited, or until
         ``timeout``. Returns (ranks still busy, ranks that exited)."""
         for conn in self.conns:
+            conn.send(list(sys.path))
             conn.send(job)
         deadline = time.monotonic() + timeout
         busy, exited = set(range(len(self.procs))), []
