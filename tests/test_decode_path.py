@@ -1,6 +1,6 @@
-"""The tensorised KV-cache path (inference/kv_cache.py, graph.py) against megatron's own static
-path, which the engine used before it: same logits and greedy tokens, dense and SPD, TP=1 and
-TP=2, with left padding, chunked extend and rewind; and the properties a CUDA graph replay
+"""The tensorised KV-cache path (core/cached_attention.py, inference/graph.py) against megatron's
+own static path, which the engine used before it: same logits and greedy tokens, dense and SPD,
+TP=1 and TP=2, with left padding, chunked extend and rewind; and the properties a CUDA graph replay
 needs, checked on CPU: a decode step's operations and shapes do not depend on the cache length,
 and nothing is read back to the host.
 

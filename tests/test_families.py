@@ -54,7 +54,7 @@ def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
     from megatron_spd.checkpoint.store import save_checkpoint
     from megatron_spd.loading.open_model import open_model
     from megatron_spd.core.grads import reduce_tp_partial_grads
-    from megatron_spd.inference.engine import decode_step, new_cache, prefill
+    from megatron_spd.inference import decode_step, new_cache, prefill
     from megatron_spd.core.sharding import forward_logits, gather_full_state_dict, load_full_state_dict
     from megatron_spd.core.spec import build_model
 

@@ -70,13 +70,13 @@ def test_ttft_and_tpot_on_a_fake_clock(monkeypatch):
     token; time per output token is the mean over the later tokens. A fake clock advances only
     inside prefill (1 s) and the decode steps (0.1, 0.2, 0.3 s, ...), so the timings are exact."""
     from megatron_spd.parallel import distributed
-    from megatron_spd.inference import GenerationConfig, engine, generate_ids
+    from megatron_spd.inference import GenerationConfig, generate_ids, generation
     from megatron_spd.inference.run import summary
     from megatron_spd.core.spec import build_model
 
     clock = [100.0]
     steps = iter([0.1, 0.2, 0.3, 0.1, 0.2, 0.3])
-    real_prefill, real_decode = engine.prefill, engine.decode_step
+    real_prefill, real_decode = generation.prefill, generation.decode_step
 
     def prefill(*a, **k):
         clock[0] += 1.0
@@ -89,8 +89,8 @@ def test_ttft_and_tpot_on_a_fake_clock(monkeypatch):
     with distributed.running(1):
         model = build_model(TINY).eval()
         monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-        monkeypatch.setattr(engine, "prefill", prefill)
-        monkeypatch.setattr(engine, "decode_step", decode_step)
+        monkeypatch.setattr(generation, "prefill", prefill)
+        monkeypatch.setattr(generation, "decode_step", decode_step)
         config = GenerationConfig(max_new_tokens=4, stop_on_eos=False, max_batch_size=1)
         first, second = generate_ids(model, PROMPTS[:2], config)  # two batches of one
         (single,) = generate_ids(model, PROMPTS[:1], GenerationConfig(max_new_tokens=1))
@@ -250,12 +250,12 @@ def test_tiny_tp2_cache_batching_sampling_and_sync_points():
 def _die_mid_generation(mode: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from megatron_spd.inference import GenerationConfig, GenerationError, engine
+    from megatron_spd.inference import GenerationConfig, GenerationError, generation
     from megatron_spd.core.spec import build_model
 
     model = build_model(TINY).eval()
     if dist.get_rank() == 1:
-        real, calls = engine.decode_step, [0]
+        real, calls = generation.decode_step, [0]
 
         def failing(*args, **kwargs):
             calls[0] += 1
@@ -266,11 +266,11 @@ def _die_mid_generation(mode: str, out_dir: str) -> None:
                 os._exit(4)
             return real(*args, **kwargs)
 
-        engine.decode_step = failing
+        generation.decode_step = failing
     start = time.perf_counter()
     try:
-        engine.generate_ids(model, [PROMPTS[1]], GenerationConfig(max_new_tokens=20,
-                                                                  stop_on_eos=False))
+        generation.generate_ids(model, [PROMPTS[1]], GenerationConfig(max_new_tokens=20,
+                                                                      stop_on_eos=False))
         message = None
     except GenerationError as e:
         message = str(e)

@@ -24,7 +24,7 @@ the cache handling, and only that:
 
 Shapes depend only on the batch and the number of new tokens, and nothing is read back to the
 host, so a decode step can be captured in a CUDA graph (graph.py). RoPE follows megatron's
-static path: a token's angle is that of its cache slot (see engine.py on left padding).
+static path: a token's angle is that of its cache slot (see inference/steps.py on left padding).
 Grouped-query attention without copying K/V per query head: the query heads that share a KV
 group are folded into the query-length axis, ``[b, groups, heads_per_group * s, d]``.
 """

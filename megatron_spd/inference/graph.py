@@ -3,16 +3,16 @@
 On a GPU, a decode step at batch 1 is dominated by per-step overhead: Python and ~60 kernel
 launches per block in megatron's eager path (issue 14 measured ~30x the weight-read time on a
 70B TP=8 shard). ``DecodeStep`` runs the whole step (embedding, every block, LM head, logits
-gather) on the tensorised KV-cache path (kv_cache.py), whose shapes are fixed and whose state
-lives on the device, so it can be captured once per (model, cache, batch) with
+gather) on the tensorised KV-cache path (core/cached_attention.py), whose shapes are fixed and
+whose state lives on the device, so it can be captured once per (model, cache, batch) with
 ``torch.cuda.CUDAGraph`` and replayed: a replay costs one launch. The new tokens go into a
 static input buffer; the cache slot, mask and position ids are computed inside the graph from
 the context's device ``length``, which the graph itself advances.
 
 Without CUDA (or with graphs switched off) the same step runs eagerly with the same static
 buffers, which is how CPU tests exercise exactly what a GPU replays. Collectives issued inside
-the step (NCCL) are captured with it; the Python collective hooks (comm.py) see them once, at
-capture, and not at replay.
+the step (NCCL) are captured with it; the Python collective hooks (parallel/collectives.py) see
+them once, at capture, and not at replay.
 """
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 
 from ..parallel import distributed
-from .engine import GenerationConfig, GenerationError, GenerationResult, StreamCallback, generate
+from .generation import GenerationConfig, GenerationResult, generate
+from .steps import GenerationError
+from .streaming import StreamCallback
 
 
 def read_prompts(prompts: Sequence[str] = (), prompts_file: Optional[str | Path] = None) -> list[str]:
