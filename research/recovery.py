@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_spd.checkpoint.store import read_checkpoint
+from megatron_spd.checkpoint.read import read_checkpoint
 from megatron_spd.cli import logs
 from megatron_spd.core.compensation import CompensationConfig, plan_cost
 from megatron_spd.core.plan import SPDPlan

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from recovery import coqa_stories  # research/recovery.py, beside this script
 
-from megatron_spd.checkpoint.store import save_checkpoint
+from megatron_spd.checkpoint.save import save_checkpoint
 from megatron_spd.cli import logs
 from megatron_spd.core.plan import SPDPlan
 from megatron_spd.core.sharding import load_full_state_dict

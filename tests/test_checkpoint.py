@@ -93,8 +93,9 @@ def _reshard_and_atomic(full, tok_path, tmp):
     iter_* checkpoint with optimizer tensors saved at TP=3 -> TP=1; a killed save; refusals."""
     from pathlib import Path
 
-    from megatron_spd.checkpoint import store as checkpoint
-    from megatron_spd.checkpoint.store import CheckpointError, save_checkpoint
+    from megatron_spd.checkpoint import save as checkpoint
+    from megatron_spd.checkpoint.layout import CheckpointError
+    from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.checkpoint.args import args_from_config
     from megatron_spd.parallel.distributed import barrier, is_rank0
     from megatron_spd.loading.open_model import open_model
@@ -183,7 +184,8 @@ def saved(tmp_path_factory):
 
 
 def test_reshard_megatron_lm_layout_and_atomic_save(saved):
-    from megatron_spd.checkpoint.store import CheckpointError, read_checkpoint
+    from megatron_spd.checkpoint.layout import CheckpointError
+    from megatron_spd.checkpoint.read import read_checkpoint
     from megatron_spd.loading.sources import dense_origin, load_weights, source_kind
 
     tmp, full, _, res = saved
@@ -249,7 +251,8 @@ def test_reshard_megatron_lm_layout_and_atomic_save(saved):
 
 
 def test_damaged_checkpoints_give_clear_errors(saved):
-    from megatron_spd.checkpoint.store import CheckpointError, read_checkpoint
+    from megatron_spd.checkpoint.layout import CheckpointError
+    from megatron_spd.checkpoint.read import read_checkpoint
     from megatron_spd.loading.sources import load_weights
     from megatron_spd.data.tokenizer import TokenizerError
 
@@ -289,7 +292,8 @@ def test_damaged_checkpoints_give_clear_errors(saved):
 
 
 def test_output_dir_check_never_replaces_user_files(saved, tmp_path):
-    from megatron_spd.checkpoint.store import CheckpointError, check_output_dir
+    from megatron_spd.checkpoint.layout import CheckpointError
+    from megatron_spd.checkpoint.save import check_output_dir
 
     check_output_dir(tmp_path / "new")  # absent: fine
     (tmp_path / "empty").mkdir()
@@ -312,7 +316,7 @@ def test_output_dir_check_never_replaces_user_files(saved, tmp_path):
 
 def test_format_1_checkpoints_still_load(saved, tmp_path):
     """spd_checkpoint.json (config + plan) beside weights/ with an empty common.pt."""
-    from megatron_spd.checkpoint.store import read_checkpoint
+    from megatron_spd.checkpoint.read import read_checkpoint
     from megatron_spd.loading.sources import load_weights
 
     tmp, full, _, _ = saved
@@ -363,7 +367,7 @@ def save_in_subprocess(out: str, tok_path: str, marker: str = "", strategy: str 
     import time
     from pathlib import Path
 
-    from megatron_spd.checkpoint import store as checkpoint
+    from megatron_spd.checkpoint import save as checkpoint
     from megatron_spd.parallel import distributed
     from megatron_spd.core.sharding import load_full_state_dict
     from megatron_spd.core.spec import build_model
@@ -457,19 +461,20 @@ def test_killed_save_leaves_no_process_and_the_next_save_cleans_up(tmp_path, cap
     import subprocess
     import sys
 
-    from megatron_spd.checkpoint.store import read_checkpoint
+    from megatron_spd.checkpoint.read import read_checkpoint
     from tests.conftest import ROOT
 
     tok_path = write_tokenizer(tmp_path / "tok")
     survivors = kill_a_save(tmp_path, tok_path)
     assert survivors == set(), f"processes of the killed save still run: {survivors}"
     assert (tmp_path / ".out.saving").is_dir()
-    code = ("import sys; sys.path.insert(0, '.'); from tests.test_checkpoint import "
+    code = ("import logging, sys; sys.path.insert(0, '.'); "
+            "logging.basicConfig(level=logging.INFO); from tests.test_checkpoint import "
             f"save_in_subprocess as s; s({str(tmp_path / 'out')!r}, {tok_path!r})")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"removing {tmp_path / '.out.saving'}, left by an interrupted save" in r.stdout
+    assert f"removing {tmp_path / '.out.saving'}, left by an interrupted save" in r.stderr
     assert not (tmp_path / ".out.saving").exists()
     assert read_checkpoint(tmp_path / "out").config.num_layers == 6
 
@@ -483,7 +488,7 @@ def test_plan_inline_survives_every_tool(tmp_path):
     import subprocess
     import sys
 
-    from megatron_spd.checkpoint.store import read_args
+    from megatron_spd.checkpoint.read import read_args
     from megatron_spd.checkpoint.args import plan_from_args
     from tests.conftest import ROOT
     from tests.tiny import write_bigram_corpus

@@ -157,7 +157,7 @@ def _refusals(hf_cfg: dict, llama3: dict) -> None:
 
 def _open_save_logits(hf_dirs, ckpt_dirs, tokens):
     """On each of 2 TP ranks: open HF dirs at TP=2, logits, save as megatron-spd checkpoints."""
-    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.loading.open_model import open_model
     from megatron_spd.core.sharding import forward_logits
 

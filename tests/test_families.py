@@ -51,7 +51,7 @@ def _loss_weights():
 # ----- what each rank computes ------------------------------------------------------------------
 
 def _family_on_rank(hf_dir: str, ckpt: str | None, recipe: bool) -> dict:
-    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.loading.open_model import open_model
     from megatron_spd.core.grads import reduce_tp_partial_grads
     from megatron_spd.inference import decode_step, new_cache, prefill

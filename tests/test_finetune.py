@@ -45,7 +45,7 @@ def _two_rank_checks(work: str):
     """TP=2: make the tiny checkpoint; the reference run for the DP test; kill + resume; KD."""
     from pathlib import Path
 
-    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.core.sharding import gather_tp
     from megatron_spd.core.plan import SPDPlan
     from megatron_spd.core.spec import build_model

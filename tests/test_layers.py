@@ -19,7 +19,7 @@ CLI = RANK["cli"]
 #: Modules below cli that use argparse for Megatron-LM's data, not for a command line of ours:
 #: Megatron-LM keeps its parsed arguments (an ``argparse.Namespace``) in every checkpoint, and
 #: its ``extra_args_provider`` hook receives Megatron-LM's own parser.
-ARGPARSE_AS_DATA = {"checkpoint/args.py", "checkpoint/store.py", "integrations/megatron_lm.py"}
+ARGPARSE_AS_DATA = {"checkpoint/args.py", "checkpoint/read.py", "integrations/megatron_lm.py"}
 
 
 def _module_name(package_dir: Path, py: Path) -> list[str]:

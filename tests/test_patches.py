@@ -229,7 +229,7 @@ def megatron_lm_round_trip(work: str) -> None:
     from megatron.training import global_vars
 
     from megatron_spd.parallel import distributed
-    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.core.compensation import zero_entries
     from megatron_spd.loading.open_model import open_model
     from megatron_spd.core.sharding import forward_logits, load_full_state_dict

@@ -25,7 +25,7 @@ from tiny import word_tokenizer, write_bigram_corpus
 def tiny(tmp_path_factory):
     """(checkpoint dir, corpus file, full state dict)."""
     from megatron_spd.parallel import distributed
-    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.core.sharding import load_full_state_dict
     from megatron_spd.core.spec import build_model
 

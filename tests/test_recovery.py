@@ -210,7 +210,7 @@ def test_compensation_changes_the_block_not_the_communication(served):
 
 
 def _save(plan_dict: dict, full: dict, out: str, tok_path: str):
-    from megatron_spd.checkpoint.store import save_checkpoint
+    from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.core.sharding import load_full_state_dict
     from megatron_spd.core.spec import build_model
     from megatron_spd.data.tokenizer import load_tokenizer

@@ -10,7 +10,7 @@ tools/generate.py and tools/evaluate.py.
 """
 from __future__ import annotations
 
-from ..checkpoint.store import CHECKPOINT_OUTPUT
+from ..checkpoint.save import CHECKPOINT_OUTPUT
 from ..train.loop import FinetuneConfig, finetune
 from . import common as cli
 

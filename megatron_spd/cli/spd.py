@@ -28,7 +28,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ..checkpoint.store import CHECKPOINT_OUTPUT
+from ..checkpoint.save import CHECKPOINT_OUTPUT
 from ..core.compensation import CompensationConfig
 from ..core.plan import PLAN_OUTPUT
 from ..recipe import autoplan, classify, headgroup, run, sensitivity

@@ -27,7 +27,8 @@ import logging
 from typing import Any, Callable, Optional
 
 from ..checkpoint.args import DENSE_SOURCE_ARG, PLAN_ARG, plan_from_args, plan_json
-from ..checkpoint.store import CheckpointError, read_args
+from ..checkpoint.layout import CheckpointError
+from ..checkpoint.read import read_args
 from ..core.grads import reduce_tp_partial_grads
 from ..core.plan import PlanError, SPDPlan
 from ..core.spec import block_spec

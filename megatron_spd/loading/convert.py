@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint.store import CHECKPOINT_OUTPUT, check_output_dir, save_checkpoint
+from ..checkpoint.save import CHECKPOINT_OUTPUT, check_output_dir, save_checkpoint
 from ..convert.hf import save_hf
 from ..core.config import ModelConfig
 from ..core.plan import SPDPlan

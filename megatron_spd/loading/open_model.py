@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from ..checkpoint.store import StoredCheckpoint, load_into, read_checkpoint, read_full_state_dict
+from ..checkpoint.layout import StoredCheckpoint
+from ..checkpoint.read import load_into, read_checkpoint, read_full_state_dict
 from ..core.compensation import entries_for_plan, full_shapes
 from ..core.config import ModelConfig
 from ..core.plan import PlanError, SPDPlan

@@ -13,7 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..checkpoint.store import CheckpointError, is_checkpoint, read_checkpoint, read_full_state_dict
+from ..checkpoint.layout import CheckpointError, is_checkpoint
+from ..checkpoint.read import read_checkpoint, read_full_state_dict
 from ..convert.hf import load_hf
 from ..core.config import FullStateDict, ModelConfig
 from ..core.plan import SPDPlan

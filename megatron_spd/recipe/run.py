@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.store import check_output_dir, save_checkpoint
+from ..checkpoint.save import check_output_dir, save_checkpoint
 from ..core.compensation import CompensationConfig
 from ..core.config import ModelConfig
 from ..core.plan import PLAN_OUTPUT, SPDPlan

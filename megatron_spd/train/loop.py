@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 
-from ..checkpoint.store import check_output_dir, save_checkpoint
+from ..checkpoint.save import check_output_dir, save_checkpoint
 from ..core.plan import SPDPlan
 from ..data import texts as data
 from ..errors import InputError, MetricError, check_context, check_finite

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 
-from ..checkpoint.store import save_checkpoint
+from ..checkpoint.save import save_checkpoint
 from ..errors import SPDError
 from ..files import atomic_write_json, atomic_write_with, read_json_object
 from ..parallel.distributed import barrier, is_rank0
