@@ -5,10 +5,14 @@ With torchrun's world larger than TP (e.g. 2 nodes x 3 ranks at TP=3), each data
 replica generates its share of the prompts (round robin) and global rank 0 collects the results,
 so adding nodes adds throughput instead of repeating work. Streaming happens on global rank 0,
 i.e. for replica 0's prompts; the others' outputs appear in the final listing.
+
+The streamed text, the listing and the summary are the command's result and go to stdout (print);
+notes about the run go to ``logging``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -16,10 +20,14 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
+from ..files import atomic_write_json
+from ..loading.open_model import open_model
 from ..parallel import distributed
 from .generation import GenerationConfig, GenerationResult, generate
 from .steps import GenerationError
 from .streaming import StreamCallback
+
+logger = logging.getLogger(__name__)
 
 
 def read_prompts(prompts: Sequence[str] = (), prompts_file: Optional[str | Path] = None) -> list[str]:
@@ -89,16 +97,13 @@ def generate_source(source: str | Path | None, prompts: Sequence[str],
     generate after every prompt (``stream``: the first prompt's text as it is produced), list
     the outputs with their timings and write ``json_out`` on rank 0. Returns the results on
     global rank 0, None elsewhere."""
-    from ..files import atomic_write_json
-    from ..loading.open_model import open_model
-
     with distributed.running(tp, timeout_s=timeout_s):
         rank0 = distributed.is_rank0()
         lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
         if rank0:
-            print(f"model: {source or 'SmolLM2-135M-Instruct (default)'}, "
-                  f"TP={distributed.tp_size()}, SPD blocks {len(lm.plan.spd_blocks)}/"
-                  f"{lm.config.num_layers} (G={lm.plan.groups})", flush=True)
+            logger.info("model: %s, TP=%d, SPD blocks %d/%d (G=%d)",
+                        source or "SmolLM2-135M-Instruct (default)", distributed.tp_size(),
+                        len(lm.plan.spd_blocks), lm.config.num_layers, lm.plan.groups)
             if stream:
                 print(f"[0] {prompts[0]}", end="", flush=True)
         results = generate_sharded(lm.model, lm.tokenizer, prompts, config,
