@@ -141,7 +141,7 @@ def sweep(args) -> None:
     def recover_blocks(strategy: str, chunk: list[int], path: Path) -> None:
         t0 = time.time()
         plan_chunk = SPDPlan(G, [strategy if i in chunk else "dense" for i in range(L)])
-        model, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan_chunk, calib, b2b=b2b_cfg,
+        model, rec_full, rec_plan = autoplan.recover_with_plan(cfg, full, plan_chunk, calib, b2b=b2b_cfg,
                                                         micro_batch=args.micro_batch)
         del model
         tmp = path.with_name(f".{path.name}.tmp")  # parallel readers glob the final names
@@ -204,7 +204,7 @@ def sweep(args) -> None:
             cfg_spd = distill.B2BConfig(epochs=args.b2b_epochs, lr=args.b2b_lr, inputs="spd",
                                         targets="block",
                                         micro_batch=args.micro_batch)
-            _, rec_full, rec_plan = autoplan.apply_plan(cfg, full, plan, calib, b2b=cfg_spd,
+            _, rec_full, rec_plan = autoplan.recover_with_plan(cfg, full, plan, calib, b2b=cfg_spd,
                                                         micro_batch=args.micro_batch)
             torch.save({"full": rec_full, "plan": rec_plan.to_dict(),
                         "seconds": time.time() - t0}, path)

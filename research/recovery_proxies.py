@@ -123,7 +123,7 @@ def main(argv=None) -> None:
             epochs=args.epochs, lr=args.lr, inputs=args.inputs, targets=args.targets,
             lr_search=tuple(float(x) for x in args.lr_search.split(",") if x),
             loss=args.loss) if args.b2b else None
-        model, new_full, plan = autoplan.apply_plan(
+        model, new_full, plan = autoplan.recover_with_plan(
             cfg, full, plan, calibration_batches(tok, args.calib, 512), b2b=b2b, progress=False)
         torch.save({"full": {k: v for k, v in new_full.items() if k.startswith("decoder.layers")},
                     "plan": plan.to_dict()}, work / f"{args.name}.pt")

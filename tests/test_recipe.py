@@ -210,7 +210,7 @@ def _serve(cfg, plan_dict, full, toks, train_block):
 def test_compose_equals_applying_the_plan(single):
     """research/recipe_sweep.py recovers every block once per strategy and composes each plan's
     weights from those blocks (autoplan.compose); with dense B2B inputs that must give the
-    weights apply_plan computes for the plan itself. SGD (linear in the gradient): HG reorders
+    weights recover_with_plan computes for the plan itself. SGD (linear in the gradient): HG reorders
     float sums in the dense model that feeds the B2B inputs, which AdamW's first normalised step
     would amplify for near-zero gradients (measured 1e-5 with AdamW, 1.5e-8 with SGD). Composed
     and direct weights agree to COMPOSE_ATOL; a block from the wrong source is off by far more
@@ -222,14 +222,14 @@ def test_compose_equals_applying_the_plan(single):
     b2b = distill.B2BConfig(epochs=1, lr=1e-2, micro_batch=3, optimizer="sgd", inputs="dense",
                             targets="block")  # what compose needs (recipe_sweep pins it)
     L = CFG.num_layers
-    recovered = {s: autoplan.apply_plan(CFG, full, SPDPlan.from_spd_blocks(L, G, range(L), s), toks,
+    recovered = {s: autoplan.recover_with_plan(CFG, full, SPDPlan.from_spd_blocks(L, G, range(L), s), toks,
                                         b2b=b2b, progress=False)[1] for s in ("b2b", "hg")}
     plan = SPDPlan(G, ["b2b", "dense", "hg", "zs"])
-    _, want, _ = autoplan.apply_plan(CFG, full, plan, toks, b2b=b2b, progress=False)
+    _, want, _ = autoplan.recover_with_plan(CFG, full, plan, toks, b2b=b2b, progress=False)
     got = autoplan.compose(full, recovered, plan)
     assert set(got) == set(full)
     worst = max((got[k] - want[k]).abs().max().item() for k in full)
-    print(f"compose vs apply_plan: max |diff| {worst:.2e}")
+    print(f"compose vs recover_with_plan: max |diff| {worst:.2e}")
     assert worst <= COMPOSE_ATOL
     for k, v in full.items():  # dense and zs blocks and everything outside blocks: dense weights
         if not (k.startswith("decoder.layers.0.") or k.startswith("decoder.layers.2.")):
@@ -271,7 +271,7 @@ def test_plan_from_emulation_serves_identically_at_tp(single):
         sorted(sens.sensitivity)[1]))
     plan.strategies[sens.order()[0]] = "hg"
     b2b = distill.B2BConfig(epochs=2, lr=1e-3, micro_batch=3)
-    model, new_full, plan = autoplan.apply_plan(CFG, full, plan, toks, b2b=b2b, progress=False)
+    model, new_full, plan = autoplan.recover_with_plan(CFG, full, plan, toks, b2b=b2b, progress=False)
     assert "b2b" in plan.extra and "head_grouping" in plan.extra
     train_block = plan.spd_blocks[-1]
     ref = _serve(CFG, plan.to_dict(), new_full, toks, train_block)

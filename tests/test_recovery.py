@@ -359,7 +359,7 @@ def test_b2b_lr_search_picks_the_best_probe(single):
 
 
 def test_headgrouping_with_compensation(single):
-    """HG + compensation through apply_plan: the dense function of the permuted weights is
+    """HG + compensation through recover_with_plan: the dense function of the permuted weights is
     unchanged, the fitted compensation is in the weights, and the SPD block's calibration
     output error is lower than with HG alone."""
     from megatron_spd.core.sharding import forward_logits, load_full_state_dict
@@ -372,7 +372,7 @@ def test_headgrouping_with_compensation(single):
     for comp in (False, True):
         extra = {"compensation": {"blocks": [0], "rank": 4, "inputs": "ln1"}} if comp else {}
         plan = SPDPlan(2, ["hg", "dense", "dense"], extra)
-        model, new_full, out_plan = autoplan.apply_plan(CFG, full, plan, toks, progress=False)
+        model, new_full, out_plan = autoplan.recover_with_plan(CFG, full, plan, toks, progress=False)
         assert "head_grouping" in out_plan.extra
         dense = build_model(CFG)
         load_full_state_dict(dense, {k: v for k, v in new_full.items() if "compensation" not in k})
@@ -393,7 +393,8 @@ def test_headgrouping_with_compensation(single):
 
 
 def test_make_plan_gives_spd_blocks_compensation():
-    from megatron_spd.core.compensation import CompensationConfig, plan_cost
+    from megatron_spd.core.compensation import plan_cost
+    from megatron_spd.recipe.autoplan import CompensationConfig
     from megatron_spd.recipe import autoplan
     from megatron_spd.recipe.sensitivity import Sensitivity
 

@@ -19,8 +19,16 @@ from ..convert.hf import ConversionError
 from ..convert.mcore import mcore_plain_to_full
 from ..core.config import FullStateDict
 from .args import DENSE_SOURCE_ARG, config_from_args, plan_from_args
-from .layout import (LEGACY_FORMAT, META_FILE, TRACKER_FILE, CheckpointError, StoredCheckpoint,
-                     is_dist_dir, locate, read_meta)
+from .layout import (
+    LEGACY_FORMAT,
+    META_FILE,
+    TRACKER_FILE,
+    CheckpointError,
+    StoredCheckpoint,
+    is_dist_dir,
+    locate,
+    read_meta,
+)
 from .legacy import read_legacy
 from .manifest import check_manifest
 

@@ -24,8 +24,15 @@ from ..data.tokenizer import Tokenizer
 from ..errors import OutputError
 from ..files import OutputKind, atomic_write_json, atomic_write_text, check_output, replace_dir
 from .args import CHECKPOINT_VERSION, args_from_config
-from .layout import (CKPT_FORMAT, META_FILE, RELEASE_DIR, TOKENIZER_DIR, TRACKER_FILE,
-                     CheckpointError, is_ours)
+from .layout import (
+    CKPT_FORMAT,
+    META_FILE,
+    RELEASE_DIR,
+    TOKENIZER_DIR,
+    TRACKER_FILE,
+    CheckpointError,
+    is_ours,
+)
 from .manifest import make_manifest
 
 logger = logging.getLogger(__name__)

@@ -43,12 +43,35 @@ def parse_args(argv=None):
 @cli.entry
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from ..inference.run import generate_source
+    from ..inference.run import generate_source, summary
 
-    run = cli.run_config(args)
-    generate_source(run.source, args.prompts, args.generation, plan=run.plan, tp=run.tp,
-                    stream=not args.no_stream, timeout_s=run.timeout_s, json_out=run.json_out,
-                    tokenizer=run.tokenizer, verify=run.verify)
+    stream = None if args.no_stream else _FirstPromptStream(args.prompts[0])
+    results = generate_source(cli.run_config(args), args.prompts, args.generation, stream=stream)
+    if results is None:  # not global rank 0
+        return
+    if stream is not None:
+        print(flush=True)
+    for i, r in enumerate(results):
+        print(f"--- [{i}] {r.prompt!r} -> ({len(r.tokens)} tokens, {r.finish_reason}, "
+              f"ttft {r.ttft_s * 1e3:.1f} ms, tpot "
+              f"{'-' if r.tpot_s is None else f'{r.tpot_s * 1e3:.1f} ms'})\n{r.text}")
+    print(f"summary: {summary(results)}")
+
+
+class _FirstPromptStream:
+    """Streams the first prompt and its text as it arrives (a batch's rows would interleave
+    token by token); every output is listed in full at the end."""
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt, self.started = prompt, False
+
+    def __call__(self, index: int, text: str) -> None:
+        if index != 0:
+            return
+        if not self.started:
+            print(f"[0] {self.prompt}", end="", flush=True)
+            self.started = True
+        print(text, end="", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ import shlex
 import sys
 
 from ..checkpoint.save import CHECKPOINT_OUTPUT
-from ..core.compensation import CompensationConfig
 from ..core.plan import PLAN_OUTPUT
 from ..recipe import autoplan, classify, headgroup, run, sensitivity
+from ..recipe.autoplan import CompensationConfig
 from ..recipe.distill import B2BConfig
 from ..recipe.pipeline import RecoverConfig, recover_all
 from ..recipe.run import Calibration
@@ -69,14 +69,14 @@ def parse_args(argv=None):
     s.add_argument("--t2", type=float, default=None, help="classification threshold b2b/hg")
     cli.add_out(s, PLAN_OUTPUT, "plan JSON to write", metavar="PLAN.json")
     cli.add_config(s, CompensationConfig, attr="compensation",
-                   title="rank-local compensation (compensation.CompensationConfig)")
+                   title="rank-local compensation (recipe.autoplan.CompensationConfig)")
     for name, what in (("headgroup", "head grouping of the plan's hg blocks"),
                        ("distill", "HG + B2B as the plan says; writes a checkpoint")):
         s = sub.add_parser(name, help=what)
         common(s)
         cli.add_plan(s, required=True, help="plan JSON (tools/spd.py plan)")
         cli.add_out(s, CHECKPOINT_OUTPUT, "checkpoint directory to write", metavar="DIR")
-        s.add_argument("--mlp", default=cli.default_of(autoplan.apply_plan, "hg_mlp"),
+        s.add_argument("--mlp", default=cli.default_of(autoplan.recover_with_plan, "hg_mlp"),
                        choices=headgroup.MLP_MODES, help="HG on the MLP side (recipe/headgroup.py)")
         if name == "distill":
             cli.add_config(s, B2BConfig, attr="b2b", dests={"micro_batch": "b2b_micro_batch"},
@@ -90,7 +90,7 @@ def parse_args(argv=None):
                    title="block-to-block distillation (recipe.distill.B2BConfig)")
     cli.add_config(s, CompensationConfig, attr="compensation",
                    dests={"inputs": "compensation_inputs"},
-                   title="rank-local compensation (compensation.CompensationConfig)")
+                   title="rank-local compensation (recipe.autoplan.CompensationConfig)")
     args = p.parse_args(argv)
     if args.cmd == "recover" and not args.work:
         p.error("recover needs --work DIR")

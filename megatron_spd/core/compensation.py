@@ -29,7 +29,6 @@ parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -40,34 +39,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from ..options import option
-from .plan import COMPENSATION_INPUTS
-
 PARAM_NAMES = ("bias", "weight_in", "weight_out")
-
-
-@dataclass
-class CompensationConfig:
-    """Which compensation a new plan gives its SPD blocks (``recipe.autoplan.make_plan``); the
-    defaults are the recovery method measured best on SmolLM2-135M (docs/recovery.md)."""
-
-    enabled: bool = option(True, "give every SPD block rank-local compensation (fitted in closed "
-                                 "form when the plan is applied)", flag="--no-compensation")
-    rank: int = option(0, "rank of the map of LN1(X) (0: a bias per group only)",
-                       flag="--compensation-rank")
-    inputs: str = option("ln1", "features of the map: LN1(X), or LN1(X) and the group's own "
-                                "attention partial", choices=COMPENSATION_INPUTS,
-                         flag="--compensation-inputs")
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"compensation rank must be >= 0, got {self.rank}")
-
-    def plan_entry(self, blocks: list[int]) -> Optional[dict[str, Any]]:
-        """The plan's ``compensation`` value for ``blocks`` (None when disabled or no blocks)."""
-        if not self.enabled or not blocks:
-            return None
-        return {"blocks": list(blocks), "rank": self.rank, "inputs": self.inputs}
 
 
 def input_size(hidden: int, inputs: str) -> int:

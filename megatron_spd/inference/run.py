@@ -6,8 +6,8 @@ replica generates its share of the prompts (round robin) and global rank 0 colle
 so adding nodes adds throughput instead of repeating work. Streaming happens on global rank 0,
 i.e. for replica 0's prompts; the others' outputs appear in the final listing.
 
-The streamed text, the listing and the summary are the command's result and go to stdout (print);
-notes about the run go to ``logging``.
+The streamed text, the listing and the summary are the command's result: cli/generate.py prints
+them; notes about the run go to ``logging``.
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
-from ..files import atomic_write_json
-from ..loading.open_model import open_model
+from ..loading.run_config import RunConfig
 from ..parallel import distributed
 from .generation import GenerationConfig, GenerationResult, generate
 from .steps import GenerationError
@@ -86,49 +85,25 @@ def summary(results: Sequence[GenerationResult]) -> dict:
             "tpot_s_median": statistics.median(tpot) if tpot else None}
 
 
-def generate_source(source: str | Path | None, prompts: Sequence[str],
+def generate_source(run: RunConfig, prompts: Sequence[str],
                     config: GenerationConfig = GenerationConfig(), *,
-                    plan: str | Path | None = None, tp: Optional[int] = None,
-                    stream: bool = True, timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
-                    json_out: str | Path | None = None, tokenizer: str | Path | None = None,
-                    verify: bool = True) -> Optional[list[GenerationResult]]:
-    """Open ``source`` (None = SmolLM2-135M; ``tokenizer``/``verify``: ``open_model``'s) at TP
-    ``tp`` with ``plan`` (default: its own),
-    generate after every prompt (``stream``: the first prompt's text as it is produced), list
-    the outputs with their timings and write ``json_out`` on rank 0. Returns the results on
-    global rank 0, None elsewhere."""
-    with distributed.running(tp, timeout_s=timeout_s):
-        rank0 = distributed.is_rank0()
-        lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
-        if rank0:
+                    stream: Optional[StreamCallback] = None) -> Optional[list[GenerationResult]]:
+    """Open ``run``'s source at its TP with its plan, generate after every prompt (``stream``
+    receives the first prompt's text as it is produced, on global rank 0) and write the results
+    with their timings to ``run.json_out``. Returns the results on global rank 0, None elsewhere;
+    printing them is the command's job (cli/generate.py)."""
+    with run.running():
+        lm = run.open_model()
+        if distributed.is_rank0():
             logger.info("model: %s, TP=%d, SPD blocks %d/%d (G=%d)",
-                        source or "SmolLM2-135M-Instruct (default)", distributed.tp_size(),
+                        run.source or "SmolLM2-135M-Instruct (default)", distributed.tp_size(),
                         len(lm.plan.spd_blocks), lm.config.num_layers, lm.plan.groups)
-            if stream:
-                print(f"[0] {prompts[0]}", end="", flush=True)
-        results = generate_sharded(lm.model, lm.tokenizer, prompts, config,
-                                   stream=_print_first if stream else None)
+        results = generate_sharded(lm.model, lm.tokenizer, prompts, config, stream=stream)
         if results is None:
             return None
-        if stream:
-            print(flush=True)
-        for i, r in enumerate(results):
-            print(f"--- [{i}] {r.prompt!r} -> ({len(r.tokens)} tokens, {r.finish_reason}, "
-                  f"ttft {r.ttft_s * 1e3:.1f} ms, tpot "
-                  f"{'-' if r.tpot_s is None else f'{r.tpot_s * 1e3:.1f} ms'})\n{r.text}")
-        stats = summary(results)
-        print(f"summary: {stats}")
-        if json_out:
-            atomic_write_json(json_out, {"tp": distributed.tp_size(),
-                                         "ckpt": None if source is None else str(source),
-                                         "plan": lm.plan.strategies, "config": asdict(config),
-                                         "summary": stats,
-                                         "results": [r.to_dict() for r in results]})
+        run.write_report({"tp": distributed.tp_size(),
+                          "ckpt": None if run.source is None else str(run.source),
+                          "plan": lm.plan.strategies, "config": asdict(config),
+                          "summary": summary(results),
+                          "results": [r.to_dict() for r in results]})
         return results
-
-
-def _print_first(index: int, text: str) -> None:
-    """Stream the first prompt's text as it arrives (a batch's rows would interleave token by
-    token); every output is listed in full at the end."""
-    if index == 0:
-        print(text, end="", flush=True)

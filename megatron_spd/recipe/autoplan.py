@@ -8,25 +8,52 @@ is the largest whose *measured* zero-shot calibration perplexity stays within th
 blocks per probe). Zero-shot perplexity is an upper bound on what the recovered model reaches,
 so the plan is conservative.
 
-``apply_plan``: run the strategies block by block (recover.py): HG (permute weights) on ``hg``
+``recover_with_plan``: run the strategies block by block (recover.py): HG (permute weights) on ``hg``
 blocks, the closed-form compensation fit on the blocks the plan gives one, B2B on ``b2b`` and
-``hg`` blocks; returns the new full state dict and the plan with what was done recorded in it. ``compose`` assembles a plan's weights from per-block results computed once for every block
+``hg`` blocks; returns the new full state dict and the plan with what was done recorded in it.
+``compose`` assembles a plan's weights from per-block results computed once for every block
 (valid for B2B with dense inputs, where each block's result is independent of the others).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..core.compensation import CompensationConfig, entries_for_plan, zero_entries
+from ..core.compensation import entries_for_plan, zero_entries
 from ..core.config import FullStateDict, ModelConfig
-from ..core.plan import SPDPlan
+from ..core.plan import COMPENSATION_INPUTS, SPDPlan
 from ..core.sharding import gather_full_state_dict, load_full_state_dict
 from ..core.spec import build_model
+from ..options import option
 from . import activations, classify, distill, headgroup, recover
 from .sensitivity import Sensitivity
+
+
+@dataclass
+class CompensationConfig:
+    """Which compensation a new plan gives its SPD blocks (``make_plan``); the
+    defaults are the recovery method measured best on SmolLM2-135M (docs/recovery.md)."""
+
+    enabled: bool = option(True, "give every SPD block rank-local compensation (fitted in closed "
+                                 "form when the plan is applied)", flag="--no-compensation")
+    rank: int = option(0, "rank of the map of LN1(X) (0: a bias per group only)",
+                       flag="--compensation-rank")
+    inputs: str = option("ln1", "features of the map: LN1(X), or LN1(X) and the group's own "
+                                "attention partial", choices=COMPENSATION_INPUTS,
+                         flag="--compensation-inputs")
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"compensation rank must be >= 0, got {self.rank}")
+
+    def plan_entry(self, blocks: list[int]) -> Optional[dict[str, Any]]:
+        """The plan's ``compensation`` value for ``blocks`` (None when disabled or no blocks)."""
+        if not self.enabled or not blocks:
+            return None
+        return {"blocks": list(blocks), "rank": self.rank, "inputs": self.inputs}
 
 
 def n_for_ratio(num_layers: int, ratio: float) -> int:
@@ -99,7 +126,7 @@ def make_plan(sens: Sensitivity, *, n_spd: int, strategy: str = "auto",
     })
 
 
-def apply_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: torch.Tensor, *,
+def recover_with_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: torch.Tensor, *,
                b2b: Optional[distill.B2BConfig] = None, hg_mlp: str = "units",
                micro_batch: int = 4, progress: bool = True):
     """Run HG, compensation and B2B as the plan says (``recover.recover``, block by block);

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..core.compensation import CompensationConfig
 from ..files import atomic_write_json, read_json_object
 from ..loading.run_config import RunConfig
 from ..options import option
 from ..parallel import distributed
+from .autoplan import CompensationConfig
 from .distill import B2BConfig
 from .run import Calibration
 

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 
 from ..checkpoint.save import check_output_dir, save_checkpoint
-from ..core.compensation import CompensationConfig
 from ..core.config import ModelConfig
 from ..core.plan import PLAN_OUTPUT, SPDPlan
 from ..data.texts import SPLITS, calibration_batches
@@ -37,6 +36,7 @@ from ..options import option
 from ..parallel import distributed
 from . import activations, autoplan
 from . import sensitivity as sens
+from .autoplan import CompensationConfig
 from .distill import B2BConfig
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,13 @@ def recover_and_save(cfg: ModelConfig, full, tokenizer, plan: SPDPlan, tokens: t
                      hg_mlp: Optional[str] = None,
                      micro_batch: int = Calibration().micro_batch,
                      dense_source: Optional[str] = None, overwrite: bool = False) -> SPDPlan:
-    """``autoplan.apply_plan`` of ``plan`` to the full weights on calibration ``tokens``
-    (``hg_mlp``: headgroup.MLP_MODES, None = apply_plan's default), refused if any record is
+    """``autoplan.recover_with_plan`` of ``plan`` to the full weights on calibration ``tokens``
+    (``hg_mlp``: headgroup.MLP_MODES, None = recover_with_plan's default), refused if any record is
     not finite (before a diverged model is saved), then saved at ``out`` with ``dense_source``
     as its origin; returns the plan with what was done. Every rank calls it, inside the
     process groups."""
     hg = {} if hg_mlp is None else {"hg_mlp": hg_mlp}
-    model, _, done = autoplan.apply_plan(cfg, full, plan, tokens, b2b=b2b,
+    model, _, done = autoplan.recover_with_plan(cfg, full, plan, tokens, b2b=b2b,
                                          micro_batch=micro_batch, **hg)
     check_finite(done.extra, "the recovery")
     save_checkpoint(model, out, config=cfg, plan=done, tokenizer=tokenizer,
