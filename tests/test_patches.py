@@ -75,10 +75,11 @@ def test_patch_applies_cleanly_and_patched_files_parse(tmp_path):
 # ----- the hooks, without Megatron-LM ------------------------------------------------------------
 
 def _args(**kw):
+    """A Megatron-LM run's args for CFG (as --use-checkpoint-args would restore them)."""
     base = dict(spd_plan=None, spd_plan_json=None, transformer_impl="local",
                 pipeline_model_parallel_size=1, num_experts=None, mtp_num_layers=None,
                 context_parallel_size=1, spec=None, load=None, pretrained_checkpoint=None)
-    return argparse.Namespace(**{**base, **kw})
+    return argparse.Namespace(**{**vars(args_from_config(CFG, None, tp=1)), **base, **kw})
 
 
 def _fake_checkpoint(path: Path, plan) -> Path:

@@ -52,6 +52,12 @@ from ..files import (
     read_json_object,
     replace_dir,
 )
+from ..parallel.mcore_versions import (
+    COMMON_FILE,
+    has_common_state,
+    read_common_state,
+    write_common_file,
+)
 from .args import (
     CHECKPOINT_VERSION,
     DENSE_SOURCE_ARG,
@@ -115,7 +121,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def _is_dist_dir(p: Path) -> bool:
-    return (p / "metadata.json").is_file() and (p / "common.pt").is_file()
+    return (p / "metadata.json").is_file() and has_common_state(p)
 
 
 def _locate(path: Path) -> tuple[Path, Path]:
@@ -135,7 +141,8 @@ def _locate(path: Path) -> tuple[Path, Path]:
                                   "the checkpoint is incomplete: copy it again")
         if not _is_dist_dir(weights):
             raise CheckpointError(
-                f"{weights} is not a torch_dist checkpoint (no metadata.json/common.pt): "
+                f"{weights} is not a torch_dist checkpoint (no metadata.json with common.pt or "
+                ".metadata): "
                 "megatron-spd reads Megatron-LM's torch_dist format only; convert a legacy "
                 "'torch' checkpoint with Megatron-LM (--ckpt-format torch "
                 "--ckpt-convert-format torch_dist --ckpt-convert-save NEW_DIR)")
@@ -172,7 +179,7 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> StoredCheckpoin
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return StoredCheckpoint(
-        root, weights, cfg, plan, meta.get("tokenizer") or _tokenizer_from_args(args),
+        root, weights, cfg, plan, meta.get("tokenizer") or _tokenizer_from_args(args, root),
         meta.get("dense_source") or getattr(args, DENSE_SOURCE_ARG, None),
         getattr(args, "tensor_model_parallel_size", None), "megatron-lm", meta)
 
@@ -219,28 +226,53 @@ def read_args(path: str | Path) -> Optional[argparse.Namespace]:
 def _read_args(weights: Path):
     import torch
 
+    if not (weights / COMMON_FILE).is_file():
+        try:
+            common = read_common_state(weights)
+        except Exception as e:  # megatron-core < 0.19 cannot read the embedded common state
+            raise CheckpointError(
+                f"{weights} keeps its args inside the torch_dist files (saved by megatron-core "
+                f">= 0.19 without common.pt) and they cannot be read here ({type(e).__name__}: "
+                f"{str(e)[:200]}); open it with megatron-core >= 0.19, or re-save it there "
+                "with megatron-spd, whose saves also write common.pt") from None
+        return _args_of(common, weights)
     try:
-        common = torch.load(weights / "common.pt", map_location="cpu", weights_only=False)
+        common = read_common_state(weights)
     except ModuleNotFoundError as e:
         raise CheckpointError(f"{weights}/common.pt refers to a module this environment lacks "
                               f"({e}); install it or re-save the checkpoint") from None
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"{weights}/common.pt cannot be read ({type(e).__name__}: {e}); "
                               "the checkpoint is damaged: copy or save it again") from None
+    return _args_of(common, weights)
+
+
+def _args_of(common: Any, weights: Path):
     if not isinstance(common, dict) or common.get("args") is None:
-        raise CheckpointError(f"{weights}/common.pt has no 'args': it was not saved by "
+        raise CheckpointError(f"{weights}: the common state has no 'args': it was not saved by "
                               "Megatron-LM or megatron-spd, so the model shape is unknown")
     return common["args"]
 
 
-def _tokenizer_from_args(args) -> Optional[str]:
-    """A Megatron-LM run's tokenizer path when it is one we can read and it still exists."""
-    model = getattr(args, "tokenizer_model", None)
+def _tokenizer_from_args(args, root: Path) -> Optional[str]:
+    """A Megatron-LM run's tokenizer path when it is one we can read and it still exists (a
+    relative one, as our saves write it, is relative to the checkpoint: ``tokenizer_path``)."""
+    model = tokenizer_path(args, root)
     if getattr(args, "tokenizer_type", None) in ("HuggingFaceTokenizer", "SentencePieceTokenizer",
                                                  "Llama2Tokenizer", "GPTSentencePieceTokenizer") \
             and model and Path(model).exists():
         return str(model)
     return None
+
+
+def tokenizer_path(args, root: str | Path) -> Optional[str]:
+    """``args.tokenizer_model`` with a relative path taken relative to the checkpoint ``root``
+    (our saves store ``tokenizer/...`` so a moved checkpoint keeps its tokenizer; the patched
+    Megatron-LM resolves it the same way, megatron_lm.restore_checkpoint_args)."""
+    model = getattr(args, "tokenizer_model", None)
+    if model and not Path(model).is_absolute() and (Path(root) / model).exists():
+        return str(Path(root).absolute() / model)
+    return model
 
 
 def check_manifest(root: Path, meta: dict[str, Any], verify: bool = True) -> None:
@@ -351,12 +383,13 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
             shutil.rmtree(tmp)
         (tmp / RELEASE_DIR).mkdir(parents=True)
     barrier()
-    args = args_from_config(config, plan, tp=tp, **_tokenizer_args(tokenizer, out_dir))
+    args = args_from_config(config, plan, tp=tp, **_tokenizer_args(tokenizer))
     state = {"model": model.sharded_state_dict(), "args": args, "iteration": 0,
              "checkpoint_version": CHECKPOINT_VERSION}
     _write_weights(state, str(tmp / RELEASE_DIR))
     barrier()
     if is_rank0():
+        write_common_file(tmp / RELEASE_DIR)
         tok_ref = tokenizer.save(tmp / TOKENIZER_DIR)
         tok_ref["path"] = f"{TOKENIZER_DIR}/{tok_ref['path']}"
         atomic_write_text(tmp / TRACKER_FILE, RELEASE_DIR + "\n")
@@ -371,15 +404,15 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     barrier()
 
 
-def _tokenizer_args(tokenizer: Tokenizer, out_dir: Path) -> dict[str, Optional[str]]:
-    """Megatron-LM's --tokenizer-type/--tokenizer-model for the copy saved in the checkpoint."""
+def _tokenizer_args(tokenizer: Tokenizer) -> dict[str, Optional[str]]:
+    """Megatron-LM's --tokenizer-type/--tokenizer-model for the copy saved in the checkpoint,
+    relative to the checkpoint (``tokenizer_path`` resolves it), so it survives a move."""
     kind = getattr(tokenizer, "kind", None)
     if kind == "sentencepiece":
         return {"tokenizer_type": "SentencePieceTokenizer",
-                "tokenizer_model": str(out_dir / TOKENIZER_DIR / "tokenizer.model")}
+                "tokenizer_model": f"{TOKENIZER_DIR}/tokenizer.model"}
     if kind in ("hf", "gguf"):
-        return {"tokenizer_type": "HuggingFaceTokenizer",
-                "tokenizer_model": str(out_dir / TOKENIZER_DIR)}
+        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR}
     return {}
 
 

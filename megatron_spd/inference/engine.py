@@ -43,6 +43,7 @@ from ..errors import SPDError
 from ..options import option
 from ..parallel import compat
 from ..parallel.distributed import is_rank0
+from ..parallel.mcore_versions import logits_flag_holder
 from .graph import DecodeStep
 from .sampling import SamplingParams, make_generator, sample
 
@@ -249,12 +250,13 @@ def extend(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         mask = mask | (keys.unsqueeze(0) < cache.pad.unsqueeze(1))[:, None, None, :]
         pos = pos - cache.pad.unsqueeze(1)
     context = cache.context
-    only_last = context.materialize_only_last_token_logits
-    context.materialize_only_last_token_logits = False  # every new position's logits
+    flag = logits_flag_holder(context)
+    only_last = flag.materialize_only_last_token_logits
+    flag.materialize_only_last_token_logits = False  # every new position's logits
     try:
         return _forward(model, context, tokens.to(dev), pos, mask)
     finally:
-        context.materialize_only_last_token_logits = only_last
+        flag.materialize_only_last_token_logits = only_last
 
 
 def rewind(cache: KVCache, length: int) -> None:
