@@ -8,6 +8,8 @@ called by the patch in patches/.
   SPD blocks and another plan is refused. The plan is put inline in ``args.spd_plan_json``, so
   every checkpoint Megatron-LM saves carries it. Settings SPD blocks cannot honour are refused.
 - ``layer_spec``: the per-block layer specs of the plan (gpt_builders.py).
+- ``configure_model``: the same plus the gradient hook on the ``GPTModelConfig`` that
+  Megatron-LM core_v0.19+ ``pretrain_gpt.py`` builds its model from.
 - ``check_checkpoint_plan``: part of Megatron-LM's ``check_checkpoint_args``.
 - ``restore_checkpoint_args``: the end of Megatron-LM's ``load_args_from_checkpoint``
   (``--use-checkpoint-args``): the plan and the model arguments it does not restore itself
@@ -231,6 +233,22 @@ def check_checkpoint_plan(checkpoint_args: Any, args: Any) -> None:
         raise PlanError(f"the checkpoint was saved with SPD plan {_structure(stored)} but this "
                         f"model was built with {_structure(run) or 'no SPD blocks'}; drop "
                         "--spd-plan (the checkpoint's plan is then used) or pass that plan")
+
+
+def configure_model(args: Any, model_config: Any) -> Optional[SPDPlan]:
+    """Megatron-LM core_v0.19+ ``pretrain_gpt.py``, which builds the model from a
+    ``GPTModelConfig`` (megatron/training/models/gpt.py) instead of gpt_builders.py: with a plan
+    that has SPD blocks, its ``transformer_layer_spec`` becomes the plan's per-block specs (the
+    builder calls a callable spec with the model config) and its TransformerConfig carries the
+    SPD gradient hook (training.py keeps a ``finalize_model_grads_func`` the builder set)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    plan = resolve_plan(args)
+    if plan is not None and plan.spd_blocks:
+        model_config.transformer_layer_spec = lambda cfg, vp_stage=None: \
+            layer_spec(args, cfg.transformer)
+        model_config.transformer.finalize_model_grads_func = wrap_finalize(finalize_model_grads)
+    return plan
 
 
 def wrap_finalize(finalize: Callable) -> Callable:
