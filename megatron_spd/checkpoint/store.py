@@ -335,8 +335,9 @@ def load_into(model, ckpt: StoredCheckpoint) -> None:
         state = dist_checkpointing.load(request, str(ckpt.weights))
         model.load_state_dict(state if legacy else state["model"])
     except (Exception, CheckpointException) as e:
+        detail = " ".join(str(e).split())[:300]  # DCP's message spans lines and ranks
         raise CheckpointError(f"{ckpt.root}: the weights could not be loaded into the model its "
-                              f"args describe ({type(e).__name__}: {str(e)[:300]}); the config "
+                              f"args describe ({type(e).__name__}: {detail}); the config "
                               "does not match the weights or a weight file is corrupt: re-save "
                               "or re-convert the checkpoint") from e
 
