@@ -314,6 +314,8 @@ def megatron_lm_round_trip(work: str) -> None:
         with torch.no_grad():
             out["config_route_vs_ours"] = (forward_logits(built, tokens) - ref).abs().max().item()
     # 2. Megatron-LM's saver -> our tools (plan inline, no tokenizer: passed explicitly)
+    if hasattr(checkpointing, "save_tokenizer_assets"):  # main copies the run's tokenizer
+        checkpointing.get_tokenizer = lambda: None  # files into each save; this run built none
     checkpointing.save_checkpoint(7, [model], None, None, num_floating_point_operations_so_far=0)
     back = open_model(work / "mlm", tokenizer=tok)
     out["mlm_saved_plan"] = back.plan.to_dict()
