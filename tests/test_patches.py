@@ -292,27 +292,27 @@ def megatron_lm_round_trip(work: str) -> None:
     checkpointing.load_checkpoint([model], None, None, strict=True)
     with torch.no_grad():
         out["mlm_vs_ours"] = (forward_logits(model, tokens) - ref).abs().max().item()
-    # 1b. core_v0.19+: pretrain_gpt.py builds from a GPTModelConfig (configure_model's route)
+    # 1b. core_v0.19+: pretrain_gpt.py and both servers build from a GPTModelConfig
+    # (configure_model's route; the servers through megatron.inference.utils.get_model_builder)
     try:
-        from megatron.training.argument_utils import gpt_config_from_args
-        from megatron.training.models.gpt import GPTModelBuilder
+        from megatron.inference.utils import get_model_builder
+        from megatron.training.models.gpt import GPTModelBuilder  # noqa: F401 - the 0.19 route
     except ImportError:
         pass
     else:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
-        from megatron_spd.integrations.megatron_lm import configure_model
-
-        model_cfg = gpt_config_from_args(args)
-        configure_model(args, model_cfg)
-        model_cfg.finalize()
-        built = GPTModelBuilder(model_cfg).build_model(
+        built = get_model_builder(args, provider="gpt").build_model(
             ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
         out["config_route_layers"] = [type(m).__name__ for m in built.decoder.layers]
         out["config_route_finalize"] = built.config.finalize_model_grads_func.__name__
         checkpointing.load_checkpoint([built], None, None, strict=True)
         with torch.no_grad():
             out["config_route_vs_ours"] = (forward_logits(built, tokens) - ref).abs().max().item()
+        sys.argv = ["run_dynamic_text_generation_server.py", "--spd-plan", str(other)]
+        from megatron.inference.utils import add_inference_args
+
+        out["dynamic_server_spd_plan"] = mlm_args.parse_args(add_inference_args).spd_plan
     # 2. Megatron-LM's saver -> our tools (plan inline, no tokenizer: passed explicitly)
     if hasattr(checkpointing, "save_tokenizer_assets"):  # main copies the run's tokenizer
         checkpointing.get_tokenizer = lambda: None  # files into each save; this run built none
@@ -398,6 +398,7 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints_and_unpatched_refuse
         assert out["config_route_layers"] == out["spd_layers"]
         assert out["config_route_finalize"] == "finalize_with_spd"
         assert out["config_route_vs_ours"] <= 1e-6
+        assert out["dynamic_server_spd_plan"].endswith("other.json")
     assert "differs from the plan stored" in out["mismatch"]
     assert "--qk-layernorm (checkpoint True, this run False)" in out["architecture"]
     assert "\n" not in out["architecture"]
