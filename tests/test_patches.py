@@ -5,13 +5,18 @@ Without Megatron-LM (CI): the hooks the patched files call (``megatron_spd.integ
 tested on ``args`` namespaces: the plan from ``--spd-plan`` or restored from the ``--load``
 checkpoint, a mismatched plan refused, settings SPD blocks cannot honour refused.
 
-With ``MEGATRON_LM_DIR`` (a checkout of tag core_v0.16.1; skipped otherwise): ``git apply --check``,
-then, in a subprocess on a patched copy, Megatron-LM's own ``parse_args``/``validate_args``,
-``load_args_from_checkpoint`` (--use-checkpoint-args), the patched ``gpt_builder``,
-``load_checkpoint`` and ``save_checkpoint`` on CPU: our checkpoint loads with its plan restored
-and the same logits as ours (fp32, exact: the same modules and weights, |d| = 0 expected; the
-test allows 1e-6), Megatron-LM's saved checkpoint opens in our tools with the plan, a different
-``--spd-plan`` is refused, and the text generation server's parser accepts ``--spd-plan``.
+With ``MEGATRON_LM_DIR`` (an unpatched checkout of a supported Megatron-LM line, patches/README.md;
+skipped otherwise): the patch of that line (the one of patches/ that ``git apply --check``
+accepts), then, in a subprocess on a patched copy, Megatron-LM's own ``parse_args``/
+``validate_args``, ``load_args_from_checkpoint`` (--use-checkpoint-args), the patched builder
+(``gpt_builder``; on core_v0.19+ also ``pretrain_gpt.py``'s ``GPTModelConfig`` route),
+``load_checkpoint`` and ``save_checkpoint`` on CPU, on a Qwen3-like model (q/k norms, epsilon
+1e-6, Llama-3 RoPE scaling): our checkpoint loads with its plan and every model field restored
+and the same logits as ours (fp32, exact: the same modules and weights, |d| = 0 expected; the test
+allows 1e-6), Megatron-LM's saved checkpoint opens in our tools with the plan, a different
+``--spd-plan`` is refused, a run missing ``--qk-layernorm`` is refused in one line naming it, and
+the text generation server's parser accepts ``--spd-plan``. Then the UNPATCHED copy refuses the
+same checkpoint (``--use-checkpoint-args`` and ``--finetune`` routes).
 Megatron-LM's ``megatron.training`` imports ``six`` and ``triton`` (not in the venv): put a
 directory holding them on ``MEGATRON_LM_DEPS`` (``pip install --target DIR six triton``).
 """
@@ -20,10 +25,12 @@ import dataclasses
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -33,40 +40,56 @@ from megatron_spd.core.config import ModelConfig
 from megatron_spd.core.plan import PlanError, SPDPlan
 
 ROOT = Path(__file__).resolve().parents[1]
-PATCH = ROOT / "patches" / "megatron-lm-core_v0.16.1-spd.patch"
-PATCHED_FILES = ("pretrain_gpt.py", "gpt_builders.py", "megatron/training/training.py",
-                 "megatron/training/checkpointing.py", "tools/run_text_generation_server.py")
+PATCHES = sorted((ROOT / "patches").glob("megatron-lm-*-spd.patch"))
 MLM_DEPS = ("six", "triton")
 CFG = ModelConfig(num_layers=3, hidden_size=48, num_attention_heads=6, num_query_groups=6,
                   ffn_hidden_size=96, vocab_size=96, max_seq_length=64)
+# the round trip's model: every field Megatron-LM's own --use-checkpoint-args did not restore
+RT_CFG = dataclasses.replace(CFG, qk_layernorm=True, norm_eps=1e-6, rope_scaling=True,
+                             rope_scaling_factor=8.0)
+
+
+def _patched_files(patch: Path) -> list[str]:
+    return re.findall(r"^diff --git a/(\S+) b/", patch.read_text(), flags=re.M)
 
 
 def _megatron_lm_dir() -> Path:
     env = os.environ.get("MEGATRON_LM_DIR")
     if not env:
-        pytest.skip("MEGATRON_LM_DIR is not set: these checks need a Megatron-LM checkout of tag "
-                    "core_v0.16.1 (no network in CI); set MEGATRON_LM_DIR=/path/to/Megatron-LM "
-                    f"and MEGATRON_LM_DEPS=a directory with {', '.join(MLM_DEPS)}")
+        pytest.skip("MEGATRON_LM_DIR is not set: these checks need an unpatched Megatron-LM "
+                    "checkout of a supported line (patches/README.md; no network in CI); set "
+                    "MEGATRON_LM_DIR=/path/to/Megatron-LM and MEGATRON_LM_DEPS=a directory with "
+                    f"{', '.join(MLM_DEPS)}")
     path = Path(env)
-    missing = [f for f in PATCHED_FILES if not (path / f).is_file()]
-    if missing:
-        pytest.fail(f"MEGATRON_LM_DIR={path} lacks {missing}; it is not a Megatron-LM checkout")
+    if not (path / "pretrain_gpt.py").is_file() or not (path / "megatron" / "training").is_dir():
+        pytest.fail(f"MEGATRON_LM_DIR={path} is not a Megatron-LM checkout")
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     return path
 
 
+def _patch_for(src: Path) -> Path:
+    """The patch of patches/ that applies to the checkout ``src`` (one per supported line)."""
+    errors = []
+    for patch in PATCHES:
+        check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=src,
+                               capture_output=True, text=True)
+        if check.returncode == 0:
+            return patch
+        errors.append(f"{patch.name}: {check.stderr.strip()[:400]}")
+    pytest.fail(f"no patch of patches/ applies to {src} (an unpatched checkout of a line "
+                "patches/README.md lists?):\n" + "\n".join(errors))
+
+
 def test_patch_applies_cleanly_and_patched_files_parse(tmp_path):
     src = _megatron_lm_dir()
-    check = subprocess.run(["git", "apply", "--check", "-v", str(PATCH)], cwd=src,
-                           capture_output=True, text=True)
-    assert check.returncode == 0, (f"the patch does not apply to {src} (it targets Megatron-LM "
-                                   f"core_v0.16.1):\n{check.stderr}")
-    for f in PATCHED_FILES:  # apply to a copy and make sure the result is valid Python
+    patch = _patch_for(src)
+    files = _patched_files(patch)
+    for f in files:  # apply to a copy and make sure the result is valid Python
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / f, tmp_path / f)
-    subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, check=True)
-    for f in PATCHED_FILES:
+    subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, check=True)
+    for f in files:
         text = (tmp_path / f).read_text()
         ast.parse(text)
         assert "megatron_spd.integrations.megatron_lm" in text
@@ -75,10 +98,11 @@ def test_patch_applies_cleanly_and_patched_files_parse(tmp_path):
 # ----- the hooks, without Megatron-LM ------------------------------------------------------------
 
 def _args(**kw):
+    """A Megatron-LM run's args for CFG (as --use-checkpoint-args would restore them)."""
     base = dict(spd_plan=None, spd_plan_json=None, transformer_impl="local",
                 pipeline_model_parallel_size=1, num_experts=None, mtp_num_layers=None,
                 context_parallel_size=1, spec=None, load=None, pretrained_checkpoint=None)
-    return argparse.Namespace(**{**base, **kw})
+    return argparse.Namespace(**{**vars(args_from_config(CFG, None, tp=1)), **base, **kw})
 
 
 def _fake_checkpoint(path: Path, plan) -> Path:
@@ -215,26 +239,23 @@ ROUND_TRIP_PLAN = SPDPlan(3, ["dense", "zs", "zs"],
 def megatron_lm_round_trip(work: str) -> None:
     """Run in a subprocess whose path starts with the patched Megatron-LM copy: Megatron-LM's
     argument parsing, builder, loader and saver on CPU. Results go to work/result.json."""
-    import socket
+    from tests.megatron_lm_runs import (RT_SHAPE, build_with_gpt_builder, megatron_args,
+                                        megatron_lm_env)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    megatron_lm_env()
     import pretrain_gpt
     import run_text_generation_server
     from megatron.training import arguments as mlm_args
     from megatron.training import checkpointing
-    from megatron.training import global_vars
 
     from megatron_spd.parallel import distributed
     from megatron_spd.checkpoint.save import save_checkpoint
     from megatron_spd.core.compensation import zero_entries
-    from megatron_spd.loading.open_model import open_model
     from megatron_spd.core.sharding import forward_logits, load_full_state_dict
     from megatron_spd.core.spec import build_model
     from megatron_spd.data.tokenizer import load_tokenizer
+    from megatron_spd.integrations.megatron_lm import add_arguments
+    from megatron_spd.loading.open_model import open_model
     from tests.reference import random_full_state_dict
     from tests.test_checkpoint import write_tokenizer
 
@@ -244,100 +265,102 @@ def megatron_lm_round_trip(work: str) -> None:
     SPDPlan(3, ["zs", "zs", "dense"]).save(other)
     distributed.init(1)
     tok = write_tokenizer(work / "tok")
-    ours = build_model(CFG, plan)
+    ours = build_model(RT_CFG, plan)
     g = torch.Generator().manual_seed(4)
-    load_full_state_dict(ours, {**random_full_state_dict(CFG, seed=3),
+    load_full_state_dict(ours, {**random_full_state_dict(RT_CFG, seed=3),
                                 **{k: 0.3 * torch.randn(v.shape, generator=g)
-                                   for k, v in zero_entries(CFG, plan).items()}})
-    save_checkpoint(ours, work / "ours", config=CFG, plan=plan, tokenizer=load_tokenizer(tok))
+                                   for k, v in zero_entries(RT_CFG, plan).items()}})
+    save_checkpoint(ours, work / "ours", config=RT_CFG, plan=plan,
+                    tokenizer=load_tokenizer(tok))
     tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = forward_logits(open_model(work / "ours").model, tokens)
-
-    # the test's CPU shims for Megatron-LM code written for CUDA (checkpointing.read_metadata
-    # all-reduces a device='cuda' tensor; save_checkpoint always reads the CUDA RNG state)
-    cuda_tensor = torch.tensor
-    torch.tensor = lambda *a, **k: cuda_tensor(*a, **{**k, "device": "cpu"}) \
-        if str(k.get("device")) == "cuda" else cuda_tensor(*a, **k)
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-
-    def megatron_args(script_args, extra_args_provider=pretrain_gpt.extra_args_provider):
-        sys.argv = ["pretrain_gpt.py", "--transformer-impl", "local", "--micro-batch-size", "1",
-                    "--tokenizer-type", "NullTokenizer", "--vocab-size", "96", "--mock-data",
-                    "--use-cpu-initialization", "--no-gradient-accumulation-fusion",
-                    "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-                    "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
-                    "--ckpt-format", "torch_dist", "--train-iters", "1", "--save-interval", "1",
-                    "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng",
-                    *script_args]
-        args = mlm_args.parse_args(extra_args_provider)
-        if args.use_checkpoint_args:
-            checkpointing.load_args_from_checkpoint(args)
-        mlm_args.validate_args(args, {})
-        if args.padded_vocab_size is None:  # build_tokenizer's job, skipped here
-            args.padded_vocab_size = CFG.vocab_size
-        if global_vars._GLOBAL_ARGS is None:
-            global_vars.set_global_variables(args, build_tokenizer=False)
-        else:
-            global_vars.set_args(args)
-        return args
-
-    def build(args):
-        import gpt_builders
-
-        config = mlm_args.core_transformer_config_from_args(args)
-        return gpt_builders.gpt_builder(args, True, True, config=config)
+    provider = getattr(pretrain_gpt, "extra_args_provider", add_arguments)
 
     out = {}
     # 1. our checkpoint -> --use-checkpoint-args + patched builder + Megatron-LM's loader
     args = megatron_args(["--load", str(work / "ours"), "--use-checkpoint-args",
-                          "--save", str(work / "mlm")])
+                           "--save", str(work / "mlm")], provider)
     out["restored_plan"] = json.loads(args.spd_plan_json)
-    model = build(args)
+    out["restored_fields"] = [args.qk_layernorm, args.layernorm_epsilon, args.use_rope_scaling,
+                              args.rope_scaling_factor]
+    out["tokenizer_model"] = args.tokenizer_model
+    model = build_with_gpt_builder(args)
     out["spd_layers"] = [type(m).__name__ for m in model.decoder.layers]
     out["compensated"] = sorted({n.split(".")[2] for n, _ in model.named_parameters()
                                  if ".spd_compensation." in n})
     checkpointing.load_checkpoint([model], None, None, strict=True)
     with torch.no_grad():
         out["mlm_vs_ours"] = (forward_logits(model, tokens) - ref).abs().max().item()
+    # 1b. core_v0.19+: pretrain_gpt.py and both servers build from a GPTModelConfig
+    # (configure_model's route; the servers through megatron.inference.utils.get_model_builder)
+    try:
+        from megatron.inference.utils import get_model_builder
+        from megatron.training.models.gpt import GPTModelBuilder  # noqa: F401 - the 0.19 route
+    except ImportError:
+        pass
+    else:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        built = get_model_builder(args, provider="gpt").build_model(
+            ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        out["config_route_layers"] = [type(m).__name__ for m in built.decoder.layers]
+        out["config_route_finalize"] = built.config.finalize_model_grads_func.__name__
+        checkpointing.load_checkpoint([built], None, None, strict=True)
+        with torch.no_grad():
+            out["config_route_vs_ours"] = (forward_logits(built, tokens) - ref).abs().max().item()
+        sys.argv = ["run_dynamic_text_generation_server.py", "--spd-plan", str(other)]
+        from megatron.inference.utils import add_inference_args
+
+        out["dynamic_server_spd_plan"] = mlm_args.parse_args(add_inference_args).spd_plan
     # 2. Megatron-LM's saver -> our tools (plan inline, no tokenizer: passed explicitly)
+    if hasattr(checkpointing, "save_tokenizer_assets"):  # main copies the run's tokenizer
+        checkpointing.get_tokenizer = lambda: None  # files into each save; this run built none
     checkpointing.save_checkpoint(7, [model], None, None, num_floating_point_operations_so_far=0)
     back = open_model(work / "mlm", tokenizer=tok)
     out["mlm_saved_plan"] = back.plan.to_dict()
     out["mlm_dense_source"] = back.dense_source
+    out["mlm_saved_config"] = back.config == RT_CFG
     with torch.no_grad():
         out["ours_from_mlm"] = (forward_logits(back.model, tokens) - ref).abs().max().item()
     # 3. --load without --use-checkpoint-args (e.g. --finetune): the plan comes from --load
-    shape = ["--num-layers", "3", "--hidden-size", "48", "--num-attention-heads", "6",
-             "--ffn-hidden-size", "96", "--max-position-embeddings", "64", "--seq-length", "16",
-             "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
-             "--untie-embeddings-and-output-weights", "--disable-bias-linear"]
-    args = megatron_args(["--load", str(work / "ours"), "--finetune", *shape])
-    out["plan_from_load"] = [type(m).__name__ for m in build(args).decoder.layers]
+    args = megatron_args(["--load", str(work / "ours"), "--finetune", "--qk-layernorm",
+                           *RT_SHAPE], provider)
+    out["plan_from_load"] = [type(m).__name__ for m in build_with_gpt_builder(args).decoder.layers]
     # 4. another plan for that checkpoint is refused before any weight is loaded
     try:
-        build(megatron_args(["--load", str(work / "ours"), "--spd-plan", str(other), *shape]))
+        build_with_gpt_builder(megatron_args(["--load", str(work / "ours"), "--spd-plan",
+                                                str(other), "--qk-layernorm", *RT_SHAPE],
+                                               provider))
     except PlanError as e:
         out["mismatch"] = str(e)
-    # 5. the text generation server's parser (it allows no unknown arguments)
+    # 5. a run without --qk-layernorm: one line naming the flag, before any weight is read
+    try:
+        build_with_gpt_builder(megatron_args(["--load", str(work / "ours"), "--finetune",
+                                                *RT_SHAPE], provider))
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        out["architecture"] = f"{type(e).__name__}: {e}"
+    # 6. the text generation server's parser (it allows no unknown arguments)
     sys.argv = ["run_text_generation_server.py", "--spd-plan", str(other)]
     out["server_spd_plan"] = mlm_args.parse_args(
         run_text_generation_server.add_text_generate_args).spd_plan
     (work / "result.json").write_text(json.dumps(out))
 
 
-def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
-    src = _megatron_lm_dir()
-    copy = tmp_path / "Megatron-LM"
-    shutil.copytree(src / "megatron", copy / "megatron",
+def _megatron_lm_copy(src: Path, dest: Path, patch: Optional[Path]) -> str:
+    """A copy of the checkout's Python (patched with ``patch`` if given); its PYTHONPATH."""
+    shutil.copytree(src / "megatron", dest / "megatron",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "mamba_builders.py",
-              "tools/run_text_generation_server.py"):
-        (copy / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / f, copy / f)
-    subprocess.run(["git", "apply", str(PATCH)], cwd=copy, check=True)
+    (dest / "tools").mkdir()
+    for f in [*src.glob("*.py"), src / "tools" / "run_text_generation_server.py"]:
+        shutil.copyfile(f, dest / f.relative_to(src))
+    if patch is not None:
+        subprocess.run(["git", "apply", str(patch)], cwd=dest, check=True)
     deps = os.environ.get("MEGATRON_LM_DEPS", "")
-    path = os.pathsep.join(p for p in (str(copy), str(copy / "tools"), deps, str(ROOT)) if p)
+    return os.pathsep.join(p for p in (str(dest), str(dest / "tools"), deps, str(ROOT)) if p)
+
+
+def _run_in(path: str, module: str, call: str, work: Path) -> None:
     probe = subprocess.run([sys.executable, "-c", "import megatron.training.checkpointing"],
                            env={**os.environ, "PYTHONPATH": path}, capture_output=True,
                            text=True)
@@ -345,25 +368,50 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints(tmp_path):
         pytest.skip(f"Megatron-LM's megatron.training does not import "
                     f"({probe.stderr.strip()[-300:]}); it needs {', '.join(MLM_DEPS)}: "
                     f"pip install --target DIR {' '.join(MLM_DEPS)}, MEGATRON_LM_DEPS=DIR")
-    work = tmp_path / "work"
-    work.mkdir()
-    code = ("from tests.test_patches import megatron_lm_round_trip as f; "
-            f"f({str(work)!r})")
+    code = f"from {module} import {call} as f; f({str(work)!r})"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": path}, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_megatron_lm_loads_serves_and_saves_our_checkpoints_and_unpatched_refuses(tmp_path):
+    src = _megatron_lm_dir()
+    work = tmp_path / "work"
+    work.mkdir()
+    _run_in(_megatron_lm_copy(src, tmp_path / "patched", _patch_for(src)),
+            "tests.test_patches", "megatron_lm_round_trip", work)
     out = json.loads((work / "result.json").read_text())
     plan = ROUND_TRIP_PLAN
     print(f"\nMegatron-LM vs ours max|dlogits| {out['mlm_vs_ours']:.1e}; "
-          f"ours from Megatron-LM's save {out['ours_from_mlm']:.1e}")
+          f"ours from Megatron-LM's save {out['ours_from_mlm']:.1e}; "
+          f"GPTModelConfig route {out.get('config_route_vs_ours', 'n/a')}")
     assert out["restored_plan"] == plan and out["mlm_saved_plan"] == plan
+    assert out["restored_fields"] == [True, 1e-6, True, 8.0]
+    assert out["tokenizer_model"] == str(work / "ours" / "tokenizer")  # relative in the args
     assert out["mlm_dense_source"] == str(work / "ours")  # the teacher of a later fine-tune
+    assert out["mlm_saved_config"]  # Megatron-LM's save keeps every field (eps, q/k norm, ...)
     assert out["spd_layers"] == out["plan_from_load"] == \
         ["TransformerLayer", "SPDTransformerLayer", "SPDTransformerLayer"]
     assert out["compensated"] == ["2"]
     assert out["mlm_vs_ours"] <= 1e-6 and out["ours_from_mlm"] <= 1e-6
+    if "config_route_layers" in out:  # core_v0.19+
+        assert out["config_route_layers"] == out["spd_layers"]
+        assert out["config_route_finalize"] == "finalize_with_spd"
+        assert out["config_route_vs_ours"] <= 1e-6
+        assert out["dynamic_server_spd_plan"].endswith("other.json")
     assert "differs from the plan stored" in out["mismatch"]
+    assert "--qk-layernorm (checkpoint True, this run False)" in out["architecture"]
+    assert "\n" not in out["architecture"]
     assert out["server_spd_plan"].endswith("other.json")
+
+    # the same checkpoint and Megatron-LM without the patch: refused on both routes
+    _run_in(_megatron_lm_copy(src, tmp_path / "unpatched", None),
+            "tests.megatron_lm_runs", "megatron_lm_unpatched", work)
+    refused = json.loads((work / "unpatched.json").read_text())
+    print(f"unpatched Megatron-LM: {refused}")
+    assert not refused["megatron_spd_imported"]
+    for route in ("use_checkpoint_args", "finetune"):
+        assert "megatron_spd.checkpoint.args.SPDPlanJSON" in refused[route], refused[route]
 
 
 def _tool(name: str):

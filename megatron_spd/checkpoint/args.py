@@ -7,7 +7,7 @@ at core_v0.16.1). Our checkpoints carry the same namespace, so Megatron-LM reads
 own, and we read Megatron-LM's with the inverse mapping. The SPD plan travels inline as JSON
 (``spd_plan_json``), the way Megatron-LM stores ``heterogeneous_layers_config_encoded_json``.
 
-``_FIELDS`` is the whole mapping: one line per ModelConfig field (a test fails when a field has
+``MODEL_FIELDS`` is the whole mapping: one line per ModelConfig field (a test fails when a field has
 none). Arguments the SPD model cannot express are refused by ``_UNSUPPORTED`` when reading.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import argparse
 import json
 from dataclasses import fields
 from typing import Any, Callable, Optional
+
+import torch
 
 from ..core.config import ModelConfig
 from ..core.plan import SPDPlan
@@ -63,7 +65,7 @@ def _kv_channels(args: argparse.Namespace) -> Optional[int]:
 
 
 # ModelConfig field -> (config -> {argument: value}, args -> field value)
-_FIELDS: dict[str, tuple[Callable, Callable]] = {
+MODEL_FIELDS: dict[str, tuple[Callable, Callable]] = {
     "num_layers": _same("num_layers"),
     "hidden_size": _same("hidden_size"),
     "num_attention_heads": _same("num_attention_heads"),
@@ -78,7 +80,12 @@ _FIELDS: dict[str, tuple[Callable, Callable]] = {
     "max_seq_length": _same("max_position_embeddings", "max_seq_length"),
     "rope_theta": (lambda c: {"rotary_base": c.rope_theta},
                    lambda a: float(_arg(a, "rotary_base"))),
-    "norm_eps": _same("norm_epsilon", "norm_eps"),
+    # --norm-epsilon's dest: layernorm_epsilon from Megatron-LM core_v0.16.0 on (the
+    # TransformerConfig field, transformer_config.py), norm_epsilon up to core_v0.15.x
+    # (arguments.py); both are written, the newer name is read first
+    "norm_eps": (lambda c: {"layernorm_epsilon": c.norm_eps, "norm_epsilon": c.norm_eps},
+                 lambda a: float(getattr(a, "layernorm_epsilon", None)
+                                 or _arg(a, "norm_epsilon"))),
     "normalization": _same("normalization"),
     "activation": (lambda c: {"swiglu": c.activation == "swiglu"},
                    lambda a: "swiglu" if _arg(a, "swiglu") else "gelu"),
@@ -127,7 +134,7 @@ def args_from_config(cfg: ModelConfig, plan: Optional[SPDPlan], *, tp: int,
     """The args namespace Megatron-LM would have saved for this model at TP degree ``tp``,
     with the plan inline. Model-only checkpoint: no optimizer or RNG state (``no_save_*``)."""
     out: dict[str, Any] = {}
-    for write, _ in _FIELDS.values():
+    for write, _ in MODEL_FIELDS.values():
         out.update(write(cfg))
     out.update(
         seq_length=cfg.max_seq_length, add_position_embedding=True,
@@ -144,9 +151,31 @@ def args_from_config(cfg: ModelConfig, plan: Optional[SPDPlan], *, tp: int,
     return argparse.Namespace(**out)
 
 
+class SPDPlanJSON(str):
+    """The inline plan of a model with SPD blocks: a str to everything that reads it, but a class
+    of its own in the checkpoint's pickle, so that Megatron-LM without megatron-spd's patch
+    refuses the checkpoint instead of loading it as a dense model (its weights have the stock
+    names, so they would load, and every SPD block would silently regain its all-reduce).
+
+    megatron-core reads the common state (``common.pt`` or 0.19's embedded one) with
+    ``torch.load(weights_only=True)`` (dist_checkpointing/strategies/common.py ``load_common``,
+    serialization.py ``load_common_state_dict``), which refuses every class not registered as a
+    safe global: unpatched Megatron-LM never imports this package and stops at its first read of
+    the checkpoint (``--use-checkpoint-args``, ``--load``, ``--finetune``, the server alike) with
+    "Unsupported global: GLOBAL megatron_spd.checkpoint.args.SPDPlanJSON". Importing this module
+    registers it: our tools and the patched Megatron-LM (whose argument parsing imports
+    megatron_spd.integrations.megatron_lm before any checkpoint is read) load it. A plan without SPD blocks
+    stays a plain str: the dense model it describes loads anywhere."""
+
+
+torch.serialization.add_safe_globals([SPDPlanJSON])
+
+
 def plan_json(plan: SPDPlan) -> str:
-    """The inline form of a plan (compact JSON; the same plan always gives the same text)."""
-    return json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
+    """The inline form of a plan (compact JSON; the same plan always gives the same text),
+    an ``SPDPlanJSON`` when the plan has SPD blocks."""
+    text = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
+    return SPDPlanJSON(text) if plan.spd_blocks else text
 
 
 def config_from_args(args: argparse.Namespace, source: str) -> ModelConfig:
@@ -154,7 +183,7 @@ def config_from_args(args: argparse.Namespace, source: str) -> ModelConfig:
     problems = [f"{msg} ({name}={_arg(args, name)!r})" for name, ok, msg in _UNSUPPORTED
                 if not ok(_arg(args, name))]
     try:
-        values = {name: read(args) for name, (_, read) in _FIELDS.items()}
+        values = {name: read(args) for name, (_, read) in MODEL_FIELDS.items()}
     except (KeyError, AttributeError) as e:
         raise ValueError(f"{source}: the checkpoint args lack {e}; it is not a complete "
                          "Megatron-LM GPT checkpoint") from None
@@ -177,4 +206,4 @@ def plan_from_args(args: argparse.Namespace, source: str) -> Optional[SPDPlan]:
 
 def unmapped_config_fields() -> list[str]:
     """ModelConfig fields without an args mapping (must be empty: tests check it)."""
-    return [f.name for f in fields(ModelConfig) if f.name not in _FIELDS]
+    return [f.name for f in fields(ModelConfig) if f.name not in MODEL_FIELDS]

@@ -33,6 +33,7 @@ from ..core.plan import SPDPlan
 from ..data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from ..errors import SPDError
 from ..files import read_json_object
+from ..parallel.mcore_versions import has_common_state
 
 CKPT_FORMAT = "megatron-spd-checkpoint/2"
 LEGACY_FORMAT = "megatron-spd-checkpoint/1"  # spd_checkpoint.json + weights/ (read only)
@@ -89,7 +90,7 @@ def is_ours(path: str | Path) -> bool:
 
 def is_dist_dir(p: Path) -> bool:
     """A torch_dist weights directory (``release/``, ``iter_*/`` or one named directly)."""
-    return (p / "metadata.json").is_file() and (p / "common.pt").is_file()
+    return (p / "metadata.json").is_file() and has_common_state(p)
 
 
 def locate(path: Path) -> tuple[Path, Path]:
@@ -109,7 +110,8 @@ def locate(path: Path) -> tuple[Path, Path]:
                                   "the checkpoint is incomplete: copy it again")
         if not is_dist_dir(weights):
             raise CheckpointError(
-                f"{weights} is not a torch_dist checkpoint (no metadata.json/common.pt): "
+                f"{weights} is not a torch_dist checkpoint (no metadata.json with common.pt or "
+                ".metadata): "
                 "megatron-spd reads Megatron-LM's torch_dist format only; convert a legacy "
                 "'torch' checkpoint with Megatron-LM (--ckpt-format torch "
                 "--ckpt-convert-format torch_dist --ckpt-convert-save NEW_DIR)")

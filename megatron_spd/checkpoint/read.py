@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import torch
 
 from ..convert.hf import ConversionError
 from ..convert.mcore import mcore_plain_to_full
 from ..core.config import FullStateDict
+from ..parallel.mcore_versions import COMMON_FILE, read_common_state
 from .args import DENSE_SOURCE_ARG, config_from_args, plan_from_args
 from .layout import (
     LEGACY_FORMAT,
@@ -55,7 +55,7 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> StoredCheckpoin
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return StoredCheckpoint(
-        root, weights, cfg, plan, meta.get("tokenizer") or _tokenizer_from_args(args),
+        root, weights, cfg, plan, meta.get("tokenizer") or _tokenizer_from_args(args, root),
         meta.get("dense_source") or getattr(args, DENSE_SOURCE_ARG, None),
         getattr(args, "tensor_model_parallel_size", None), "megatron-lm", meta)
 
@@ -70,28 +70,53 @@ def read_args(path: str | Path) -> Optional[argparse.Namespace]:
 
 
 def _read_args(weights: Path):
+    if not (weights / COMMON_FILE).is_file():
+        try:
+            common = read_common_state(weights)
+        except Exception as e:  # megatron-core < 0.19 cannot read the embedded common state
+            raise CheckpointError(
+                f"{weights} keeps its args inside the torch_dist files (saved by megatron-core "
+                f">= 0.19 without common.pt) and they cannot be read here ({type(e).__name__}: "
+                f"{str(e)[:200]}); open it with megatron-core >= 0.19, or re-save it there "
+                "with megatron-spd, whose saves also write common.pt") from None
+        return _args_of(common, weights)
     try:
-        common = torch.load(weights / "common.pt", map_location="cpu", weights_only=False)
+        common = read_common_state(weights)
     except ModuleNotFoundError as e:
         raise CheckpointError(f"{weights}/common.pt refers to a module this environment lacks "
                               f"({e}); install it or re-save the checkpoint") from None
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"{weights}/common.pt cannot be read ({type(e).__name__}: {e}); "
                               "the checkpoint is damaged: copy or save it again") from None
+    return _args_of(common, weights)
+
+
+def _args_of(common: Any, weights: Path):
     if not isinstance(common, dict) or common.get("args") is None:
-        raise CheckpointError(f"{weights}/common.pt has no 'args': it was not saved by "
+        raise CheckpointError(f"{weights}: the common state has no 'args': it was not saved by "
                               "Megatron-LM or megatron-spd, so the model shape is unknown")
     return common["args"]
 
 
-def _tokenizer_from_args(args) -> Optional[str]:
-    """A Megatron-LM run's tokenizer path when it is one we can read and it still exists."""
-    model = getattr(args, "tokenizer_model", None)
+def _tokenizer_from_args(args, root: Path) -> Optional[str]:
+    """A Megatron-LM run's tokenizer path when it is one we can read and it still exists (a
+    relative one, as our saves write it, is relative to the checkpoint: ``tokenizer_path``)."""
+    model = tokenizer_path(args, root)
     if getattr(args, "tokenizer_type", None) in ("HuggingFaceTokenizer", "SentencePieceTokenizer",
                                                  "Llama2Tokenizer", "GPTSentencePieceTokenizer") \
             and model and Path(model).exists():
         return str(model)
     return None
+
+
+def tokenizer_path(args, root: str | Path) -> Optional[str]:
+    """``args.tokenizer_model`` with a relative path taken relative to the checkpoint ``root``
+    (our saves store ``tokenizer/...`` so a moved checkpoint keeps its tokenizer; the patched
+    Megatron-LM resolves it the same way, megatron_lm.restore_checkpoint_args)."""
+    model = getattr(args, "tokenizer_model", None)
+    if model and not Path(model).is_absolute() and (Path(root) / model).exists():
+        return str(Path(root).absolute() / model)
+    return model
 
 
 def read_full_state_dict(ckpt: StoredCheckpoint) -> FullStateDict:
@@ -117,7 +142,8 @@ def load_into(model, ckpt: StoredCheckpoint) -> None:
         state = dist_checkpointing.load(request, str(ckpt.weights))
         model.load_state_dict(state if legacy else state["model"])
     except (Exception, CheckpointException) as e:
+        detail = " ".join(str(e).split())[:300]  # DCP's message spans lines and ranks
         raise CheckpointError(f"{ckpt.root}: the weights could not be loaded into the model its "
-                              f"args describe ({type(e).__name__}: {str(e)[:300]}); the config "
+                              f"args describe ({type(e).__name__}: {detail}); the config "
                               "does not match the weights or a weight file is corrupt: re-save "
                               "or re-convert the checkpoint") from e

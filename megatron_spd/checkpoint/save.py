@@ -23,6 +23,7 @@ from ..core.plan import SPDPlan
 from ..data.tokenizer import Tokenizer
 from ..errors import OutputError
 from ..files import OutputKind, atomic_write_json, atomic_write_text, check_output, replace_dir
+from ..parallel.mcore_versions import write_common_file
 from .args import CHECKPOINT_VERSION, args_from_config
 from .layout import (
     CKPT_FORMAT,
@@ -75,12 +76,13 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
             shutil.rmtree(tmp)
         (tmp / RELEASE_DIR).mkdir(parents=True)
     barrier()
-    args = args_from_config(config, plan, tp=tp, **_tokenizer_args(tokenizer, out_dir))
+    args = args_from_config(config, plan, tp=tp, **_tokenizer_args(tokenizer))
     state = {"model": model.sharded_state_dict(), "args": args, "iteration": 0,
              "checkpoint_version": CHECKPOINT_VERSION}
     _write_weights(state, str(tmp / RELEASE_DIR))
     barrier()
     if is_rank0():
+        write_common_file(tmp / RELEASE_DIR)
         tok_ref = tokenizer.save(tmp / TOKENIZER_DIR)
         tok_ref["path"] = f"{TOKENIZER_DIR}/{tok_ref['path']}"
         atomic_write_text(tmp / TRACKER_FILE, RELEASE_DIR + "\n")
@@ -95,15 +97,15 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     barrier()
 
 
-def _tokenizer_args(tokenizer: Tokenizer, out_dir: Path) -> dict[str, Optional[str]]:
-    """Megatron-LM's --tokenizer-type/--tokenizer-model for the copy saved in the checkpoint."""
+def _tokenizer_args(tokenizer: Tokenizer) -> dict[str, Optional[str]]:
+    """Megatron-LM's --tokenizer-type/--tokenizer-model for the copy saved in the checkpoint,
+    relative to the checkpoint (``read.tokenizer_path`` resolves it), so it survives a move."""
     kind = getattr(tokenizer, "kind", None)
     if kind == "sentencepiece":
         return {"tokenizer_type": "SentencePieceTokenizer",
-                "tokenizer_model": str(out_dir / TOKENIZER_DIR / "tokenizer.model")}
+                "tokenizer_model": f"{TOKENIZER_DIR}/tokenizer.model"}
     if kind in ("hf", "gguf"):
-        return {"tokenizer_type": "HuggingFaceTokenizer",
-                "tokenizer_model": str(out_dir / TOKENIZER_DIR)}
+        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR}
     return {}
 
 

@@ -24,6 +24,7 @@ from .block import SPDTransformerLayer
 from .cached_attention import CachedSelfAttention
 from .config import ModelConfig
 from .layers import SPDColumnParallelLinear, SPDRowParallelLinear
+from ..parallel.mcore_versions import mlp_submodules
 from .plan import SPDPlan
 
 
@@ -75,7 +76,7 @@ def spd_layer_spec(tcfg, groups: int, compensation: Optional[dict] = None) -> Mo
     attn = spec.submodules.self_attention.submodules
     attn.linear_qkv = SPDColumnParallelLinear
     attn.linear_proj = SPDRowParallelLinear
-    mlp = spec.submodules.mlp.submodules
+    mlp = mlp_submodules(spec)
     mlp.linear_fc1 = SPDColumnParallelLinear
     mlp.linear_fc2 = SPDRowParallelLinear
     return spec

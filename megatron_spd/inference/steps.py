@@ -20,6 +20,7 @@ from ..core.cached_attention import CacheContext, uses_cached_attention
 from ..core.sharding import causal_mask
 from ..errors import SPDError
 from ..parallel import compat
+from ..parallel.mcore_versions import logits_flag_holder
 from .cache import KVCache
 
 
@@ -155,12 +156,13 @@ def extend(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         mask = mask | (keys.unsqueeze(0) < cache.pad.unsqueeze(1))[:, None, None, :]
         pos = pos - cache.pad.unsqueeze(1)
     context = cache.context
-    only_last = context.materialize_only_last_token_logits
-    context.materialize_only_last_token_logits = False  # every new position's logits
+    flag = logits_flag_holder(context)
+    only_last = flag.materialize_only_last_token_logits
+    flag.materialize_only_last_token_logits = False  # every new position's logits
     try:
         return _forward(model, context, tokens.to(dev), pos, mask)
     finally:
-        context.materialize_only_last_token_logits = only_last
+        flag.materialize_only_last_token_logits = only_last
 
 
 def rewind(cache: KVCache, length: int) -> None:

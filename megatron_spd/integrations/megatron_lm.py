@@ -8,7 +8,16 @@ called by the patch in patches/.
   SPD blocks and another plan is refused. The plan is put inline in ``args.spd_plan_json``, so
   every checkpoint Megatron-LM saves carries it. Settings SPD blocks cannot honour are refused.
 - ``layer_spec``: the per-block layer specs of the plan (gpt_builders.py).
+- ``configure_model``: the same plus the gradient hook on the ``GPTModelConfig`` that
+  Megatron-LM core_v0.19+ ``pretrain_gpt.py`` builds its model from.
 - ``check_checkpoint_plan``: part of Megatron-LM's ``check_checkpoint_args``.
+- ``restore_checkpoint_args``: the end of Megatron-LM's ``load_args_from_checkpoint``
+  (``--use-checkpoint-args``): the plan and the model arguments it does not restore itself
+  (``RESTORED_ARGS``), and the tokenizer path relative to the checkpoint.
+- ``check_architecture`` (called by ``resolve_plan``): every model field the spec builds, from
+  the checkpoint being loaded against this run's arguments; a difference is refused naming the
+  flag, before any weight is read (Megatron-LM would otherwise build another model and either
+  load the weights into it silently or fail deep in torch.distributed.checkpoint).
 - ``wrap_finalize``: megatron's ``finalize_model_grads`` followed by the TP sum of the gradients
   SPD blocks leave partial per rank (training.py; design.md 3). Without it the replicated norm
   weights of SPD blocks drift apart across TP ranks (with --sequence-parallel megatron's own
@@ -26,9 +35,9 @@ import argparse
 import logging
 from typing import Any, Callable, Optional
 
-from ..checkpoint.args import DENSE_SOURCE_ARG, PLAN_ARG, plan_from_args, plan_json
+from ..checkpoint.args import DENSE_SOURCE_ARG, MODEL_FIELDS, PLAN_ARG, plan_from_args, plan_json
 from ..checkpoint.layout import CheckpointError
-from ..checkpoint.read import read_args
+from ..checkpoint.read import read_args, tokenizer_path
 from ..core.grads import reduce_tp_partial_grads
 from ..core.plan import PlanError, SPDPlan
 from ..core.spec import block_spec
@@ -40,6 +49,29 @@ log = logging.getLogger(__name__)
 
 # what makes two plans build different models (the rest is provenance)
 _STRUCTURAL_KEYS = ("groups", "strategies", "compensation")
+
+#: Model arguments that Megatron-LM's ``load_args_from_checkpoint`` does not restore (checked at
+#: core_v0.16.1, core_v0.17.1, core_v0.19.0 and main d98e8a64) although megatron-core builds the
+#: model from them: without these a --use-checkpoint-args run builds another model.
+RESTORED_ARGS = (PLAN_ARG, DENSE_SOURCE_ARG, "qk_layernorm", "layernorm_epsilon",
+                 "use_rope_scaling", "rope_scaling_factor", "spd_sliding_window")
+
+# ModelConfig field -> the Megatron-LM flag that sets it (check_architecture's messages)
+_FLAGS = {
+    "num_layers": "--num-layers", "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--group-query-attention --num-query-groups",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "vocab_size": "the tokenizer / --make-vocab-size-divisible-by (padded vocabulary)",
+    "max_seq_length": "--max-position-embeddings", "rope_theta": "--rotary-base",
+    "norm_eps": "--norm-epsilon", "normalization": "--normalization", "activation": "--swiglu",
+    "add_bias_linear": "--disable-bias-linear", "add_qkv_bias": "--add-qkv-bias",
+    "kv_channels": "--kv-channels", "qk_layernorm": "--qk-layernorm",
+    "rope_scaling": "--use-rope-scaling", "rope_scaling_factor": "--rope-scaling-factor",
+    "sliding_window": "--use-checkpoint-args (spd_sliding_window has no flag)",
+    "tie_word_embeddings": "--untie-embeddings-and-output-weights",
+    "position_embedding_type": "--position-embedding-type",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -89,10 +121,47 @@ def _unsupported(args: Any) -> list[str]:
     return [fix for bad, fix in checks if bad]
 
 
+def restore_checkpoint_args(args: Any, checkpoint_args: Any, load_dir: Optional[str]) -> None:
+    """``--use-checkpoint-args``, completed: ``RESTORED_ARGS`` from the checkpoint, and a
+    ``tokenizer_model`` stored relative to the checkpoint (our saves) made absolute."""
+    for name in RESTORED_ARGS:
+        if hasattr(checkpoint_args, name):
+            setattr(args, name, getattr(checkpoint_args, name))
+    if not hasattr(checkpoint_args, "layernorm_epsilon") and \
+            hasattr(checkpoint_args, "norm_epsilon"):  # saved by Megatron-LM <= core_v0.15
+        args.layernorm_epsilon = checkpoint_args.norm_epsilon
+    if load_dir and getattr(args, "tokenizer_model", None):
+        args.tokenizer_model = tokenizer_path(args, load_dir)
+
+
+def check_architecture(checkpoint_args: Any, args: Any, where: str) -> None:
+    """Refuse a run whose model arguments differ from those of the checkpoint it loads, naming
+    each differing flag (one line). Fields a run may change are skipped: the position limit of
+    RoPE models, the RoPE scaling factor while scaling is off, an unset vocabulary."""
+    stored, run = {}, {}
+    for name, (_, read) in MODEL_FIELDS.items():
+        try:
+            stored[name], run[name] = read(checkpoint_args), read(args)
+        except (KeyError, AttributeError, TypeError):
+            continue  # an argument this run or checkpoint lacks: Megatron-LM checks the shape
+    skip = {"vocab_size"} if getattr(args, "padded_vocab_size", None) is None else set()
+    if stored.get("position_embedding_type") == "rope":
+        skip.add("max_seq_length")
+    if not stored.get("rope_scaling") and not run.get("rope_scaling"):
+        skip.add("rope_scaling_factor")
+    diff = [f"{_FLAGS[k]} (checkpoint {stored[k]!r}, this run {run[k]!r})"
+            for k in stored if k not in skip and stored[k] != run[k]]
+    if diff:
+        raise CheckpointError(f"{where} holds another model than these arguments build: "
+                              + "; ".join(diff) + ". Pass --use-checkpoint-args, or set those "
+                              "flags as the checkpoint has them")
+
+
 def _checkpoint_plan(args: Any) -> tuple[Optional[SPDPlan], Optional[str], Optional[str]]:
     """The plan stored with the model this run starts from, where it was found, and that
-    checkpoint's path. Checkpoints megatron-spd cannot read (legacy 'torch' format) carry no
-    plan: Megatron-LM loads them as before."""
+    checkpoint's path; the checkpoint's model arguments are checked against the run's
+    (``check_architecture``). Checkpoints megatron-spd cannot read (legacy 'torch' format)
+    carry no plan: Megatron-LM loads them as before."""
     paths = [(flag, getattr(args, flag, None)) for flag in ("load", "pretrained_checkpoint")]
     for flag, path in paths:
         try:
@@ -100,6 +169,7 @@ def _checkpoint_plan(args: Any) -> tuple[Optional[SPDPlan], Optional[str], Optio
         except CheckpointError:
             ckpt_args = None
         if ckpt_args is not None:
+            check_architecture(ckpt_args, args, f"--{flag.replace('_', '-')} {path}")
             if getattr(args, PLAN_ARG, None):  # restored by --use-checkpoint-args
                 return plan_from_args(args, "--use-checkpoint-args"), "the checkpoint args", path
             return plan_from_args(ckpt_args, str(path)), f"--{flag.replace('_', '-')} {path}", \
@@ -158,6 +228,22 @@ def check_checkpoint_plan(checkpoint_args: Any, args: Any) -> None:
         raise PlanError(f"the checkpoint was saved with SPD plan {_structure(stored)} but this "
                         f"model was built with {_structure(run) or 'no SPD blocks'}; drop "
                         "--spd-plan (the checkpoint's plan is then used) or pass that plan")
+
+
+def configure_model(args: Any, model_config: Any) -> Optional[SPDPlan]:
+    """Megatron-LM core_v0.19+ ``pretrain_gpt.py``, which builds the model from a
+    ``GPTModelConfig`` (megatron/training/models/gpt.py) instead of gpt_builders.py: with a plan
+    that has SPD blocks, its ``transformer_layer_spec`` becomes the plan's per-block specs (the
+    builder calls a callable spec with the model config) and its TransformerConfig carries the
+    SPD gradient hook (training.py keeps a ``finalize_model_grads_func`` the builder set)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    plan = resolve_plan(args)
+    if plan is not None and plan.spd_blocks:
+        model_config.transformer_layer_spec = lambda cfg, vp_stage=None: \
+            layer_spec(args, cfg.transformer)
+        model_config.transformer.finalize_model_grads_func = wrap_finalize(finalize_model_grads)
+    return plan
 
 
 def wrap_finalize(finalize: Callable) -> Callable:

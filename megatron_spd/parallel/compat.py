@@ -1,9 +1,10 @@
 """The one place that knows about running megatron-core on CPU with gloo.
 
-megatron-core 0.16.1 is written for CUDA. ``apply(seed)`` makes it run on CPU with a handful of
-explicit, documented shims and does nothing but the stock seeding when CUDA is available, so GPU
-code paths stay the stock ones. Every line below names the megatron-core call site (0.16.1,
-under ``megatron/core/``) that needs it; docs/megatron-core-on-cpu.md has the measurements.
+megatron-core (0.16.1 to 0.19.x) is written for CUDA. ``apply(seed)`` makes it run on CPU with a
+handful of explicit, documented shims and does nothing but the stock seeding when CUDA is
+available, so GPU code paths stay the stock ones. Every line below names the megatron-core call site (0.16.1
+unless it says otherwise, under ``megatron/core/``) that needs it; API differences between
+releases are in mcore_versions.py; docs/megatron-core-on-cpu.md has the measurements.
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def apply(seed: int = 1234) -> None:
         torch.cuda.current_device = lambda: "cpu"
         # The static inference path and checkpointing synchronise streams; nothing to wait for.
         torch.cuda.synchronize = lambda *a, **k: None
+        # 0.19.0+ distributed/param_and_grad_buffer.py:632 start_grad_sync reads
+        # torch.cuda.current_stream() before every DDP grad all-reduce (to wait on CUDA-graph
+        # events CPU runs never record); 0.16.1-0.18.x do not reach it on CPU.
+        torch.cuda.current_stream = lambda *a, **k: _NO_STREAM
         # transformer/utils.py:35 get_default_causal_mask hard-codes device="cuda"; it is used by
         # fused_softmax.py:327 when no mask is passed (our forwards pass explicit masks, but the
         # KV-cache prefill path of megatron's inference code may not).
@@ -83,6 +88,19 @@ def apply(seed: int = 1234) -> None:
     # every forward). Consequence: no per-TP-rank dropout stream, so keep dropout 0 on CPU.
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     torch.manual_seed(seed)
+
+
+class _NoStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: nothing to wait for."""
+
+    def wait_event(self, *_: Any) -> None:
+        pass
+
+    def wait_stream(self, *_: Any) -> None:
+        pass
+
+
+_NO_STREAM = _NoStream()
 
 
 def _cpu_default_causal_mask(sq: int, sk: int | None = None) -> torch.Tensor:
