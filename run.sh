@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-MCORE_NEWEST=0.19.2   # the newest megatron-core CI tests (setup.py's range: >=0.16.1,<0.20)
+MCORE_OLDEST=0.16.1   # both ends of setup.py's range (>=0.16.1,<0.20) that CI tests
+MCORE_NEWEST=0.19.2
 pipq() { "$1/bin/pip" install -q --disable-pip-version-check "${@:2}"; }
 
 # $1: virtualenv; $2: megatron-core version to put in after the package ("" = what pip picks)
@@ -36,12 +37,12 @@ setup_venv() {
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  demo) setup_venv .venv ""; exec .venv/bin/python examples/demo.py "$@" ;;
+  demo) setup_venv .venv "$MCORE_OLDEST"; exec .venv/bin/python examples/demo.py "$@" ;;
   test)
     rc=0
     if [ "${MCORE:-both}" != newest ]; then
-      setup_venv .venv ""
-      echo "== megatron-core $(.venv/bin/python -c 'import megatron.core as m; print(m.__version__)')"
+      setup_venv .venv "$MCORE_OLDEST"
+      echo "== megatron-core $MCORE_OLDEST"
       .venv/bin/python -m pytest -q tests "$@" || rc=$?
     fi
     if [ "${MCORE:-both}" != oldest ]; then
