@@ -37,56 +37,45 @@ CFG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query
                   ffn_hidden_size=128, vocab_size=260, max_seq_length=512, rope_theta=10000.0)
 PLANS = {"dense": SPDPlan.dense(2, groups=2), "spd": SPDPlan(2, ["zs", "dense"])}
 ITEMS = 3
-TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "sciq",
-         "lambada_openai")
-OURS = {"lambada_openai": "lambada"}  # lm-eval's task name -> the project's
 ROLL_CTX, ROLL_TOKENS = 64, 256
 LL_ATOL = 1e-4
 
 
 def _worker(sd):
-    """Both routes for each plan at the current TP; rank 0's view of lm-eval's samples."""
-    import lm_eval
+    """Both routes for each plan at the current TP, and the rolling log-likelihood."""
     import torch
     from lm_eval.api.instance import Instance
-    from lm_eval.tasks import TaskManager
 
     from megatron_spd import data
-    from megatron_spd.evaluate import evaluate_task, perplexity
+    from megatron_spd.evaluate import perplexity
     from megatron_spd.factory import LoadedModel
     from megatron_spd.integrations.lm_eval import SPDLM
-    from megatron_spd.integrations.lm_eval_tasks import TASKS_DIR
+    from megatron_spd.integrations.lm_eval_agreement import (PAPER_LM_EVAL_TASKS, lm_eval_items,
+                                                             our_items)
     from megatron_spd.model import load_full_state_dict
     from megatron_spd.spec import build_model
     from toy_tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
-    manager = TaskManager(include_path=str(TASKS_DIR))
     out = {}
     for name, plan in PLANS.items():
         model = build_model(CFG, plan)
         load_full_state_dict(model, sd)
-        backend = SPDLM(loaded=LoadedModel(model, CFG, plan, tok), batch_tokens=400)
-        res = lm_eval.simple_evaluate(model=backend, tasks=["spd_paper"], limit=ITEMS,
-                                      task_manager=manager, log_samples=True,
-                                      bootstrap_iters=0)
-        samples = None if res is None else {
-            t: [([r[0][0] for r in s["resps"]], {m: s[m] for m in ("acc", "acc_norm") if m in s},
-                 s["doc_id"]) for s in sorted(res["samples"][t], key=lambda s: s["doc_id"])]
-            for t in TASKS}
-        ours = {t: evaluate_task(model, tok, OURS.get(t, t), ITEMS, return_scores=True)
-                for t in TASKS}
+        loaded = LoadedModel(model, CFG, plan, tok)
         tokens = data.token_stream(tok, data.load_texts(split="eval"), ROLL_TOKENS)
         text = tok.decode(tokens.tolist())
-        rolling = SPDLM(loaded=LoadedModel(model, CFG, plan, tok), max_length=ROLL_CTX)
-        lm_ll = rolling.loglikelihood_rolling(
-            [Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
-        prefixed = perplexity(model, None, torch.cat([torch.tensor([rolling.prefix_token_id]),
-                                                      tokens]),
-                              ctx=ROLL_CTX + 1, stride=ROLL_CTX, desc=None)
-        out[name] = {"samples": samples, "ours": ours, "lm_rolling": lm_ll,
-                     "roundtrip": tok.encode(text) == tokens.tolist(), "ours_prefixed": prefixed,
-                     "ours_default": perplexity(model, None, tokens, ctx=ROLL_CTX, desc=None)}
+        rolling = SPDLM(loaded=loaded, max_length=ROLL_CTX)
+        prefixed = torch.cat([torch.tensor([rolling.prefix_token_id]), tokens])
+        out[name] = {
+            "lm_eval": lm_eval_items(SPDLM(loaded=loaded, batch_tokens=400), ["spd_paper"],
+                                     ITEMS, tasks_out=PAPER_LM_EVAL_TASKS),
+            "ours": {t: our_items(model, tok, t, ITEMS) for t in PAPER_LM_EVAL_TASKS},
+            "roundtrip": tok.encode(text) == tokens.tolist(),
+            "lm_rolling": rolling.loglikelihood_rolling(
+                [Instance("loglikelihood_rolling", {}, (text,), 0)])[0],
+            "ours_prefixed": perplexity(model, None, prefixed, ctx=ROLL_CTX + 1,
+                                        stride=ROLL_CTX, desc=None),
+            "ours_default": perplexity(model, None, tokens, ctx=ROLL_CTX, desc=None)}
     return out
 
 
@@ -100,44 +89,32 @@ def results():
     return {"tp2": run_ranks(_worker, 2, sd), "tp1": run_ranks(_worker, 1, sd, tp=1)}
 
 
-def _ours_item_metrics(task: str, ours: dict) -> list[dict]:
-    """acc/acc_norm per item from our scores, by our evaluator's own rule (task_metrics)."""
-    from megatron_spd.evaluate.tasks import get_task
-    from megatron_spd.evaluate.zeroshot import task_metrics
-
-    items = get_task(OURS.get(task, task)).load(ITEMS)
-    rows = []
-    for item, lls in zip(items, ours["scores"]):
-        m = task_metrics(OURS.get(task, task), [item], [[(ll, False) for ll in lls]])
-        rows.append({k: m[k] for k in ("acc", "acc_norm") if k in m})
-    return rows
-
-
 @pytest.mark.parametrize("tp", ["tp2", "tp1"])
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_lm_eval_backend_agrees_item_by_item(results, tp, plan):
+    from megatron_spd.integrations.lm_eval_agreement import PAPER_LM_EVAL_TASKS, compare
+
     rank0 = results[tp][0][plan]
-    assert rank0["samples"] is not None, "rank 0 must report"
+    assert rank0["lm_eval"] is not None, "rank 0 must report"
     if tp == "tp2":
-        assert results[tp][1][plan]["samples"] is None, "only rank 0 reports"
-    for task in TASKS:
-        lm, ours = rank0["samples"][task], rank0["ours"][task]
-        assert [doc for _, _, doc in lm] == list(range(ITEMS)), task
-        for i, (lls, metrics, _) in enumerate(lm):
-            assert lls == pytest.approx(ours["scores"][i], abs=LL_ATOL, rel=0), (task, i)
-            if task == "lambada_openai":  # greedy match: the project's acc
-                assert metrics["acc"] == ours["correct"][i], (task, i)
-            else:
-                assert metrics == _ours_item_metrics(task, ours)[i], (task, i)
+        assert results[tp][1][plan]["lm_eval"] is None, "only rank 0 reports"
+        assert results[tp][1][plan]["ours"] == rank0["ours"], "ranks run identical batches"
+    for task in PAPER_LM_EVAL_TASKS:
+        c = compare(rank0["lm_eval"][task], rank0["ours"][task])
+        assert c["items"] == ITEMS, task
+        assert c["max_abs_loglik_diff"] <= LL_ATOL, (task, c)
+        assert c["acc_mismatch"] == c["acc_norm_mismatch"] == [], (task, c)
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_tp2_equals_tp1_emulation(results, plan):
-    for task in TASKS:
-        a, b = results["tp2"][0][plan]["samples"][task], results["tp1"][0][plan]["samples"][task]
-        for (lls2, m2, _), (lls1, m1, _) in zip(a, b):
-            assert lls2 == pytest.approx(lls1, abs=LL_ATOL, rel=0), task
-            assert m2 == m1, task
+    from megatron_spd.integrations.lm_eval_agreement import PAPER_LM_EVAL_TASKS, compare
+
+    for task in PAPER_LM_EVAL_TASKS:
+        c = compare(results["tp2"][0][plan]["lm_eval"][task],
+                    results["tp1"][0][plan]["lm_eval"][task])
+        assert c["max_abs_loglik_diff"] <= LL_ATOL, (task, c)
+        assert c["acc_mismatch"] == c["acc_norm_mismatch"] == [], (task, c)
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
