@@ -1,33 +1,8 @@
 #!/usr/bin/env python
-"""lm-evaluation-harness's own command line with the ``megatron-spd`` model backend registered.
+"""lm-evaluation-harness's command line with the ``megatron-spd`` model backend registered.
 
-    python tools/lm_eval_spd.py --model megatron-spd --model_args ckpt=CK,plan=PLAN.json \\
-        --tasks spd_paper --include_path megatron_spd/integrations/lm_eval_tasks [lm_eval options]
-    torchrun --nproc-per-node 3 tools/lm_eval_spd.py --model megatron-spd --model_args tp=3,...
-
-Every argument is lm-eval's (``lm_eval --help``); lm-eval 0.4.13 has no plugin mechanism for
-models, so this file imports ``megatron_spd.integrations.lm_eval`` (which registers the backend)
-and hands over to ``lm_eval``'s entry point. Needs the extra: ``pip install -e '.[lm-eval]'``.
-"""
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_spd import cli  # noqa: E402
-
-
-@cli.entry
-def main(argv=None) -> None:
-    import megatron_spd.integrations.lm_eval  # noqa: F401 - registers the backend
-    from lm_eval.__main__ import cli_evaluate
-
-    if argv is not None:
-        sys.argv[1:] = list(argv)
-    cli_evaluate()
-
+The command is megatron_spd.cli.lm_eval_spd (also installed as ``megatron-spd-lm-eval``)."""
+from megatron_spd.cli.lm_eval_spd import main
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 Registration: lm-eval 0.4.13 has no entry-point group for models (its registry accepts lazy
 ``"module:Class"`` placeholders, but only ``lm_eval.models.MODEL_MAPPING`` fills it), so this
 module registers the backend with ``lm_eval.api.registry.register_model`` when it is imported.
-``tools/lm_eval_spd.py`` imports it and then runs lm-eval's own command line unchanged::
+``megatron_spd.cli.lm_eval_spd`` (``tools/lm_eval_spd.py``, console script
+``megatron-spd-lm-eval``) imports it and then runs lm-eval's own command line unchanged::
 
     python tools/lm_eval_spd.py --model megatron-spd --model_args ckpt=CK,plan=PLAN.json \\
         --tasks spd_paper --include_path megatron_spd/integrations/lm_eval_tasks
@@ -54,7 +55,7 @@ except ImportError:
 
 from tqdm import tqdm
 
-from .. import distributed
+from ..parallel import distributed
 from ..evaluate.loglik import DEFAULT_BATCH_TOKENS, loglikelihoods
 from ..inference import GenerationConfig, generate_ids
 
@@ -70,12 +71,12 @@ class SPDLM(TemplateLM):
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, max_length: Optional[int] = None,
                  add_bos: bool = False, batch_size: Any = None, loaded: Any = None,
                  **harness_args: Any) -> None:
-        """``loaded``: an already open ``factory.LoadedModel`` (from Python, e.g.
+        """``loaded``: an already open ``loading.open_model.LoadedModel`` (from Python, e.g.
         ``simple_evaluate(model=SPDLM(loaded=lm))``) instead of opening ``ckpt``.
         ``harness_args``: what lm-eval passes every backend (device, max_batch_size, ...); the
         device follows ``distributed.init`` (the local rank's GPU when there is one)."""
         super().__init__()
-        from ..factory import open_model
+        from ..loading.open_model import open_model
 
         distributed.init(tp)
         if distributed.dp_rank_size()[1] > 1:
