@@ -2,7 +2,7 @@
 """lm-evaluation-harness (``megatron-spd`` backend) against tools/evaluate.py on SmolLM2-135M:
 item-by-item agreement, rolling perplexity, and the speed of both routes.
 
-    python examples/lm_eval_agreement.py --items 50 --speed-items 200 \\
+    python examples/lm_eval_agreement.py --items 50 --speed-items 30 \\
         --json docs/evaluation/lm_eval_agreement.json
 
 For the dense model and a zero-shot SPD plan (G=3, blocks 15-29 SPD), at T=1: the seven
@@ -13,8 +13,9 @@ acc/acc_norm differ and the closest call. Rolling perplexity of the first
 ``loglikelihood_rolling`` (max_length 512) against our ``perplexity`` over the same tokens with
 the prefix token in front at ctx 513 / stride 512 (the same windows: must agree), and against our
 default (ctx = stride = 512, no prefix: fewer tokens scored, a token less of context each; the
-difference by construction). Speed: HellaSwag's first ``--speed-items`` items through both
-routes (dense model, the same process, alternately, each twice; the faster of each), in items/s.
+difference by construction). Speed: the first ``--speed-items`` items of each of the seven
+tasks (30 x 7 = 210 by default) through both routes (dense model, the same process, alternately,
+each twice; the faster of each; lm-eval's time includes building its requests), in items/s.
 Needs the extra: ``pip install -e '.[lm-eval]'``. Measured figures only; the JSON records the
 machine's load average, which on a shared machine moves the timings.
 """
@@ -27,7 +28,6 @@ import time
 import torch
 
 PLAN_SPD_BLOCKS = range(15, 30)
-SPEED_TASK = "hellaswag"
 
 
 def _rolling(model_lm, backend_cls, windows: int) -> dict:
@@ -63,20 +63,23 @@ def _rolling(model_lm, backend_cls, windows: int) -> dict:
                                                         * prefixed["tokens"])}
 
 
-def _speed(lm, backend_cls, items: int) -> dict:
-    from megatron_spd.evaluate import evaluate_task
-    from megatron_spd.integrations.lm_eval_agreement import lm_eval_items
+def _speed(lm, backend_cls, per_task: int) -> dict:
+    from megatron_spd.evaluate import evaluate_tasks
+    from megatron_spd.integrations.lm_eval_agreement import (PAPER_LM_EVAL_TASKS, lm_eval_items,
+                                                             ours_name)
 
+    items = per_task * len(PAPER_LM_EVAL_TASKS)
     times: dict[str, list[float]] = {"ours": [], "lm_eval": []}
     for _ in range(2):
         t0 = time.perf_counter()
-        evaluate_task(lm.model, lm.tokenizer, SPEED_TASK, items)
+        evaluate_tasks(lm.model, lm.tokenizer, [ours_name(t) for t in PAPER_LM_EVAL_TASKS],
+                       per_task)
         times["ours"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        lm_eval_items(backend_cls(loaded=lm), [SPEED_TASK], items, tasks_out=[SPEED_TASK])
+        lm_eval_items(backend_cls(loaded=lm), ["spd_paper"], per_task)
         times["lm_eval"].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    return {"task": SPEED_TASK, "items": items, "seconds": times,
+    return {"tasks": "spd_paper", "items_per_task": per_task, "items": items, "seconds": times,
             "items_per_s": {k: items / v for k, v in best.items()},
             "ratio_lm_eval_over_ours": best["ours"] / best["lm_eval"],
             "loadavg_1min_after": os.getloadavg()[0]}
@@ -85,7 +88,8 @@ def _speed(lm, backend_cls, items: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=50)
-    p.add_argument("--speed-items", type=int, default=200, help="0: skip the speed comparison")
+    p.add_argument("--speed-items", type=int, default=30,
+                   help="items per task for the speed comparison (0: skip it)")
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--json", required=True)
     args = p.parse_args()

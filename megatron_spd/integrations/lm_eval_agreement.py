@@ -8,6 +8,8 @@ its logged samples, ours from ``task_metrics`` applied to that one item.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..evaluate.tasks import get_task, paper_average
@@ -93,3 +95,19 @@ def paper_average_of(lm_eval_results: dict[str, dict]) -> Optional[dict]:
                                if m.split(",")[0] in ("acc", "acc_norm")}
                 for t, r in lm_eval_results.items()}
     return paper_average(per_task)
+
+
+def logged_items(output_dir: str | Path) -> dict[str, list[ItemRow]]:
+    """``lm_eval_items``' rows from what ``lm_eval --output_path DIR --log_samples`` wrote
+    (``DIR/<model>/samples_<task>_<time>.jsonl``; the newest file of each task), to compare two
+    command-line runs, e.g. TP=3 under torchrun against TP=1."""
+    newest: dict[str, Path] = {}
+    for f in sorted(Path(output_dir).glob("*/samples_*.jsonl")):
+        newest[f.name[len("samples_"):].rsplit("_", 1)[0]] = f  # names sort by their time
+    out = {}
+    for task, f in newest.items():
+        samples = sorted((json.loads(line) for line in f.read_text().splitlines() if line),
+                         key=lambda s: s["doc_id"])
+        out[task] = [([float(r[0][0]) for r in s["resps"]],
+                      {m: int(s[m]) for m in ("acc", "acc_norm") if m in s}) for s in samples]
+    return out
