@@ -40,6 +40,8 @@ PLANS = {"dense": SPDPlan.dense(2, groups=2), "spd": SPDPlan(2, ["zs", "dense"])
 ITEMS = 2
 ROLL_CTX, ROLL_TOKENS = 64, 256
 LL_ATOL = 1e-4
+PROMPTS = ["Question: what is the capital of France?\nAnswer:", "The"]
+GEN_KWARGS = {"until": ["e"], "max_gen_toks": 12, "do_sample": False}
 
 
 def _worker(sd, plans):
@@ -49,6 +51,7 @@ def _worker(sd, plans):
 
     from megatron_spd.data import texts as data
     from megatron_spd.evaluate import perplexity
+    from megatron_spd.inference import GenerationConfig, generate_ids
     from megatron_spd.loading.open_model import LoadedModel
     from megatron_spd.integrations.lm_eval import SPDLM
     from megatron_spd.integrations.lm_eval_agreement import (PAPER_LM_EVAL_TASKS, lm_eval_items,
@@ -77,7 +80,14 @@ def _worker(sd, plans):
                 [Instance("loglikelihood_rolling", {}, (text,), 0)])[0],
             "ours_prefixed": perplexity(model, None, prefixed, ctx=ROLL_CTX + 1,
                                         stride=ROLL_CTX, desc=None),
-            "ours_default": perplexity(model, None, tokens, ctx=ROLL_CTX, desc=None)}
+            "ours_default": perplexity(model, None, tokens, ctx=ROLL_CTX, desc=None),
+            "lm_generate": SPDLM(loaded=loaded, batch_size=2).generate_until(
+                [Instance("generate_until", {}, (p, dict(GEN_KWARGS)), i)
+                 for i, p in enumerate(PROMPTS)]),
+            "ours_generate": [tok.decode(r.tokens) for r in generate_ids(
+                model, [tok.encode(p) for p in PROMPTS],
+                GenerationConfig(max_new_tokens=GEN_KWARGS["max_gen_toks"]),
+                eos_id=tok.eos_id)]}
     return out
 
 
@@ -129,6 +139,13 @@ def test_rolling_loglikelihood_equals_prefixed_windows(results, plan):
     assert -r["lm_rolling"] == pytest.approx(p["nll"] * p["tokens"], abs=LL_ATOL * ROLL_TOKENS)
     # our default windows score ROLL_TOKENS / ROLL_CTX tokens fewer: by construction
     assert r["ours_default"]["tokens"] == ROLL_TOKENS - ROLL_TOKENS // ROLL_CTX
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_generate_until_is_greedy_generation_cut_at_the_stop_string(results, plan):
+    r = results["tp2"][0][plan]
+    assert r["lm_generate"] == [text.split("e")[0] for text in r["ours_generate"]]
+    assert results["tp2"][1][plan]["lm_generate"] == r["lm_generate"], "ranks agree"
 
 
 def test_missing_lm_eval_is_one_line():
