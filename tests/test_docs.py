@@ -140,7 +140,7 @@ LM_EVAL = "evaluation/lm_eval_agreement.json"
 
 
 def _lm_eval(d):
-    """examples/lm_eval_agreement.py: items agreeing in acc and acc_norm (all of them, or the
+    """research/lm_eval_agreement.py: items agreeing in acc and acc_norm (all of them, or the
     claim fails), the largest per-choice difference, rolling and default perplexities, speed."""
     out = {}
     for name, m in d["models"].items():

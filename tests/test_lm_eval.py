@@ -15,7 +15,7 @@ ctx = C + 1, stride = C makes exactly those windows when the length is a multipl
 two NLL sums must agree (``LL_ATOL`` per token). Our default (ctx = stride = C, no prefix) scores
 fewer tokens (not the first of each window) with one token less of context each: a different
 number by construction, whose size on the real model docs/evaluation.md reports (from
-examples/lm_eval_agreement.py).
+research/lm_eval_agreement.py).
 
 Skipped when lm-eval is not installed (``pip install -e '.[lm-eval]'``); the missing-extra
 message itself is tested without it.

@@ -1,7 +1,7 @@
 """The two evaluation routes side by side, item by item: lm-eval with the ``megatron-spd``
 backend on the ``spd_paper`` tasks, and the project's own ``evaluate_task`` on the same items.
 
-Used by tests/test_lm_eval.py (a tiny model, a few items) and examples/lm_eval_agreement.py
+Used by tests/test_lm_eval.py (a tiny model, a few items) and research/lm_eval_agreement.py
 (SmolLM2, 50 items per task, and the speed of both routes). Per item both routes give the
 choices' log-likelihoods and the item's acc (and acc_norm where the task has it): lm-eval from
 its logged samples, ours from ``task_metrics`` applied to that one item.

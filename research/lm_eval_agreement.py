@@ -2,7 +2,7 @@
 """lm-evaluation-harness (``megatron-spd`` backend) against tools/evaluate.py on SmolLM2-135M:
 item-by-item agreement, rolling perplexity, and the speed of both routes.
 
-    python examples/lm_eval_agreement.py --items 50 --speed-items 30 \\
+    python research/lm_eval_agreement.py --items 50 --speed-items 30 \\
         --json docs/evaluation/lm_eval_agreement.json
 
 For the dense model and a zero-shot SPD plan (G=3, blocks 15-29 SPD), at T=1: the seven
