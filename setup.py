@@ -35,12 +35,16 @@ setup(
             f"megatron-spd-{name.replace('_', '-')}=megatron_spd.cli.{name}:main"
             for name in ("convert_checkpoint", "spd", "finetune", "generate", "evaluate",
                          "benchmark")
-        ],
+        ] + ["megatron-spd-lm-eval=megatron_spd.cli.lm_eval_spd:main"],
     },
+    # the offline lm-eval task definitions (megatron_spd/integrations/lm_eval_tasks)
+    package_data={"megatron_spd.integrations.lm_eval_tasks": ["*.yaml"]},
     extras_require={
         # test-only: an independent reference model (HF transformers) for the conversion tests
         "test": ["pytest", "transformers"],
         # optional GPU accelerations; megatron_spd imports them only when present
         "gpu": ["transformer-engine[pytorch]"],
+        # lm-evaluation-harness with the megatron-spd backend (megatron_spd.integrations.lm_eval)
+        "lm-eval": ["lm-eval==0.4.13"],
     },
 )

@@ -136,6 +136,28 @@ def _results(d) -> dict:
 # ----- docs/evaluation.md and docs/finetune.md ----------------------------------------------------
 
 DENSE = "evaluation/dense_smollm2_limit200.json"
+LM_EVAL = "evaluation/lm_eval_agreement.json"
+
+
+def _lm_eval(d):
+    """research/lm_eval_agreement.py: items agreeing in acc and acc_norm (all of them, or the
+    claim fails), the largest per-choice difference, rolling and default perplexities, speed."""
+    out = {}
+    for name, m in d["models"].items():
+        t = m["tasks"].values()
+        items = sum(c["items"] for c in t)
+        assert not any(c["acc_mismatch"] or c["acc_norm_mismatch"] for c in t), name
+        r = m["rolling"]
+        out.update({f"items_{name}": items,
+                    f"dll_{name}": max(c["max_abs_loglik_diff"] for c in t),
+                    f"ppl_{name}": r["lm_eval"]["ppl"],
+                    f"def_{name}": r["ours_default_ctx512"]["ppl"]})
+    out["tokens"] = d["models"]["dense"]["rolling"]["tokens"]
+    out["ratio"] = d["speed"]["ratio_lm_eval_over_ours"]
+    out["ours_rate"], out["lm_rate"] = (d["speed"]["items_per_s"][k] for k in ("ours", "lm_eval"))
+    return out
+
+
 TASK_ROWS = (("HellaSwag", "hellaswag"), ("PIQA", "piqa"), ("ARC-Easy", "arc_easy"),
              ("ARC-Challenge", "arc_challenge"), ("WinoGrande", "winogrande"),
              ("LAMBADA (last word)", "lambada"), ("SciQ", "sciq"))
@@ -356,6 +378,17 @@ CLAIMS = [
           "lr 1e-3 with {epochs} epochs over {calib} tokens in micro-batches of one sequence "
           "({steps} steps per block;"),
     Claim("evaluation.md", DENSE, _dense_table, "{rows}"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "dense and SPD, {items_dense} of {items_spd} items give the same acc and acc_norm"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "difference is {dll_dense:.1e} nats (dense) and {dll_spd:.1e} (SPD)"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "`loglikelihood_rolling` {ppl_dense:.4f} (dense) and {ppl_spd:.4f} (SPD)"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "Our default windows give {def_dense:.3f} and {def_spd:.3f} on the same tokens"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "evaluator {ours_rate:.3f} items/s, lm-eval with the backend {lm_rate:.3f} items/s, "
+          "**ratio {ratio:.2f}**"),
     Claim("evaluation.md", DENSE, _dense_table, "**6-task average: {avg:.4f}**"),
     Claim("evaluation.md", DENSE, _dense_table,
           "**Perplexity {ppl:.3f}, {bpb:.4f} bits per byte**"),

