@@ -2,7 +2,9 @@
 # One entry point for a fresh clone: creates/refreshes the project virtualenv at .venv (torch pinned
 # first: an unpinned torch would pull a multi-GB CUDA build), then runs what you asked for.
 #   ./run.sh demo     the end-to-end demo on the embedded SmolLM2-135M and bundled data
-#   ./run.sh test     the test suite (CPU, several processes over gloo)
+#   ./run.sh test     the test suite (CPU, several processes over gloo); it also builds (once, cached
+#                     under ~/.cache/megatron-spd, ~5 min, 3.9 GB) the vLLM virtualenv the vLLM
+#                     tests run in (.ci/vllm-venv); MEGATRON_SPD_NO_VLLM=1 skips building it
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -20,6 +22,11 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   demo) exec .venv/bin/python examples/demo.py "$@" ;;
-  test) exec .venv/bin/python -m pytest -q tests "$@" ;;
+  test)
+    if [ -z "${MEGATRON_SPD_NO_VLLM:-}" ] && [ -z "${MEGATRON_SPD_VLLM_PYTHON:-}" ]; then
+      MEGATRON_SPD_VLLM_PYTHON=$(PYTHON="${VLLM_PYTHON_BASE:-python3.11}" .ci/vllm-venv)
+      export MEGATRON_SPD_VLLM_PYTHON
+    fi
+    exec .venv/bin/python -m pytest -q tests "$@" ;;
   *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;
 esac
