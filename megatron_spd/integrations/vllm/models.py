@@ -50,6 +50,7 @@ from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...convert.spd_hf import PLAN_KEY
+from ...core.compensation_shapes import param_shapes
 from ...core.plan import PlanError, SPDPlan
 
 logger = init_logger(__name__)
@@ -144,8 +145,6 @@ class SPDCompensation(nn.Module):
     def __init__(self, local_groups: int, hidden: int, rank: int, inputs: str,
                  dtype: torch.dtype) -> None:
         super().__init__()
-        from ...core.compensation import param_shapes  # the one definition of the shapes
-
         self.rank, self.inputs = rank, inputs
         loader = functools.partial(_load_group_slice, rank=get_tensor_model_parallel_rank())
         for name, shape in param_shapes(local_groups, hidden, rank, inputs).items():
