@@ -4,7 +4,8 @@ our own engine, on CPU.
 vLLM lives in its own virtualenv (.ci/vllm-venv builds and caches it); these tests run it in
 subprocesses (tests/vllm_driver.py) and are skipped, with the reason, when it is missing. Every
 engine start costs 20-40 s here, so each TP degree gets one driver process that serves all its
-models in turn, and the comparisons below read the shared results.
+models in turn (the three run side by side, with our engine), and the comparisons below read the
+shared results.
 
 Models (SPD directories written by the export, convert/hf.py ``save_hf(plan=...)``):
 - the four families of tests/families.py (Llama-3 with biases on every linear, Qwen2 q/k/v bias,
@@ -112,14 +113,23 @@ def _our_engine(jobs: list[dict]) -> dict:
     return out
 
 
-def run_vllm(tp: int, models: list[dict], work: Path) -> list[dict]:
-    job, out = work / f"job_tp{tp}.json", work / f"out_tp{tp}.json"
+def start_vllm(tp: int, models: list[dict], work: Path):
+    """Start a driver process serving ``models`` at TP ``tp``; ``finish`` waits for its results."""
+    job, out, log = (work / f"{n}_tp{tp}.json" for n in ("job", "out", "log"))
     job.write_text(json.dumps({"tp": tp, "models": models}))
-    log = work / f"vllm_tp{tp}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_driver.py"), str(job),
-                               str(out)], env=vllm_env(), stdout=f, stderr=subprocess.STDOUT,
-                              timeout=1200)
+    proc = subprocess.Popen([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_driver.py"), str(job),
+                             str(out)], env=vllm_env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+    return tp, proc, out, log
+
+
+def finish(run, timeout: float = 3000) -> list[dict]:
+    tp, proc, out, log = run
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     if proc.returncode != 0:
         raise AssertionError(f"vLLM at TP={tp} failed; last lines of {log}:\n"
                              + "\n".join(log.read_text().splitlines()[-30:]))
@@ -145,7 +155,7 @@ def served(tmp_path_factory):
         models[family] = {"dir": str(d / "spd"), "dense": str(d / "hf"), "kind": "family",
                           "prompts": torch.randint(3, 250, (2, 6), generator=g).tolist(),
                           "max_model_len": 16 if family == "mistral" else 32}
-    cfg, full, tok, _ = load_weights(None)
+    cfg, full, tok, _ = load_weights(None, progress=False)
     export_spd(work / "smollm2", cfg, full, tok, smol_plan(), seed=9, scale=0.02)
     models["smollm2"] = {"dir": str(work / "smollm2"), "kind": "smollm2", "max_model_len": 64,
                          "prompts": [tok.encode(t) for t in ("The capital of France is",
@@ -154,15 +164,21 @@ def served(tmp_path_factory):
     spec = {name: {"dir": m["dir"], "prompts": m["prompts"], "max_model_len": m["max_model_len"],
                    **common} for name, m in models.items()}
     stock = {**spec["llama3"], "dir": models["llama3"]["dense"]}
-    ours = run_ranks(_our_engine, 1, [*spec.values(), stock])[0]
-    vllm = {1: run_vllm(1, list(spec.values()), work)}
     faults = ["bias_rank0", "residual_in_allreduce"]
     tp_g = [{**spec[f], "count": True, "faults": faults if f == "llama3" else []}
             for f in FAMILIES]
-    stock["count"] = True
-    vllm[G_FAMILY] = run_vllm(G_FAMILY, tp_g + [stock], work)
-    vllm[G_SMOL] = run_vllm(G_SMOL, [{**spec["smollm2"], "count": True,
-                                      "faults": ["residual_in_allreduce"]}], work)
+    # the three engines' processes run side by side: most of their time is start-up
+    runs = [start_vllm(1, list(spec.values()), work),
+            start_vllm(G_FAMILY, tp_g + [{**stock, "count": True}], work),
+            start_vllm(G_SMOL, [{**spec["smollm2"], "count": True,
+                                 "faults": ["residual_in_allreduce"]}], work)]
+    try:
+        ours = run_ranks(_our_engine, 1, [*spec.values(), stock], timeout=3000)[0]
+        vllm = {run[0]: finish(run) for run in runs}
+    finally:
+        for _, proc, _, _ in runs:
+            if proc.poll() is None:
+                proc.kill()
     by_dir = {tp: {r["dir"]: r for r in rs} for tp, rs in vllm.items()}
     return {"models": models, "ours": ours, "vllm": by_dir}
 

