@@ -100,11 +100,13 @@ def main(argv=None) -> None:
 
     results = {"dense": measure(args.dense, args), "spd": measure(args.spd, args)}
     report = {"device": _device(), "vllm": vllm.__version__, "tp": args.tp,
+              "load_average_1m": os.getloadavg()[0],  # other work on the machine skews times
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "enforce_eager": args.enforce_eager,
               "dense": args.dense, "spd": args.spd, "results": results}
     print(f"vLLM {vllm.__version__} on {report['device']}, TP={args.tp}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}")
+          f"{args.new_tokens} new tokens, median of {args.repeats}, "
+          f"load average {report['load_average_1m']:.1f}")
     print(f"{'batch':>5} {'dense ms/tok':>13} {'SPD ms/tok':>11} {'SPD/dense':>10}  spread (dense | SPD)")
     for b in map(str, args.batch):
         d, s = results["dense"][b], results["spd"][b]
