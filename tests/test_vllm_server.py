@@ -12,6 +12,8 @@ Skipped like tests/test_vllm.py when the vLLM virtualenv is missing.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -52,7 +54,21 @@ def _vllm_serve(model: Path, port: int, tp: int, log: Path, template: Path) -> s
          "--enforce-eager",
          "--max-model-len", "32", "--max-num-seqs", "8", "--seed", "0",
          "--chat-template", str(template)],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)  # its engine and workers share the group: _stop ends them all
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (vLLM shuts its engine and workers down), SIGKILL
+    to whatever is left after 60 s."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
 
 
 def _post(port: int, path: str, body: dict) -> dict:
@@ -62,7 +78,7 @@ def _post(port: int, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 900) -> None:
+def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 2400) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
@@ -124,8 +140,7 @@ def test_server_concurrent_equals_solo_and_our_engine(models):
             together = [f.result() for f in done]
             chat_together = [f.result() for f in chats]
     finally:
-        proc.terminate()
-        proc.wait(60)
+        _stop(proc)
     assert together == solo
     assert chat_together == chat_solo
     chat_prompts = [p for p, _ in chat_solo]
@@ -141,10 +156,9 @@ def test_server_refuses_plan_tp_mismatch(models):
     log = models / "refuse.log"
     proc = _vllm_serve(models / "g3", free_port(), 2, log, models / "chat.jinja")
     try:
-        rc = proc.wait(900)
+        rc = proc.wait(2400)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
     text = log.read_text()
     assert rc != 0
     lines = [ln for ln in text.splitlines() if REFUSAL in ln]
