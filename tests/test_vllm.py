@@ -51,8 +51,9 @@ pytestmark = pytest.mark.skipif(
     ".ci/vllm-venv (about 5 min, 3.9 GB, cached) or set MEGATRON_SPD_VLLM_PYTHON")
 
 #: fp32 logits of O(1-10); vLLM's oneDNN GEMMs and its group/rank summation order differ from
-#: megatron's by rounding only.
-LOGIT_ATOL = {"family": 1e-4, "smollm2": 2e-3}
+#: megatron's by rounding only (measured: families <= 2.7e-6, SmolLM2 <= 3.1e-5; the wrong
+#: blocks of the negative controls >= 0.31).
+LOGIT_ATOL = {"family": 2e-5, "smollm2": 3e-4}
 LOGPROBS = 5
 MAX_TOKENS = 6
 G_FAMILY, G_SMOL = 2, 3
@@ -231,8 +232,8 @@ def test_all_reduces_per_forward(served):
         assert per_rank == [1 + 2 * (plan.num_layers - spd) + spd] * tp, (name, per_rank)
     stock = served["vllm"][G_FAMILY][served["models"]["llama3"]["dense"]]["counts"]
     assert [c["all_reduce"] / c["forward"] for c in stock] == [1 + 2 * 2] * G_FAMILY
-    print(f"all-reduces per forward: llama3 stock {1 + 2 * 2}, SPD {counts['llama3'][0]:g}; "
-          f"SmolLM2 stock 61, SPD {counts['smollm2'][0]:g}")
+    print(f"all-reduces per forward: llama3 stock (measured) {1 + 2 * 2}, SPD "
+          f"{counts['llama3'][0]:g}; SmolLM2 stock (1 + 2L) 61, SPD {counts['smollm2'][0]:g}")
 
 
 def test_stock_model_unchanged_by_plugin(served):

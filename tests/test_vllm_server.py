@@ -35,8 +35,7 @@ pytestmark = pytest.mark.skipif(
     ".ci/vllm-venv (about 5 min, 3.9 GB, cached) or set MEGATRON_SPD_VLLM_PYTHON")
 
 MAX_TOKENS = 8
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
-                 "<|assistant|>")
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 PROMPTS = [[5, 17, 33, 2, 90], [41, 7], [100, 101, 102, 103, 104, 105, 106], [60, 61, 9]]
 CHATS = ["The quick brown fox", "Pack my box with five dozen jugs"]
 REFUSAL = ("megatron-spd: cannot serve this SPD model (G=3) at --tensor-parallel-size 2: TP=2 "
@@ -52,7 +51,7 @@ def _vllm_serve(model: Path, port: int, tp: int, log: Path, template: Path) -> s
          "--host", "127.0.0.1", "--port", str(port),
          "--served-model-name", "spd", "--tensor-parallel-size", str(tp), "--dtype", "float32",
          "--enforce-eager",
-         "--max-model-len", "32", "--max-num-seqs", "8", "--seed", "0",
+         "--max-model-len", "96", "--max-num-seqs", "8", "--seed", "0",
          "--chat-template", str(template)],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
         start_new_session=True)  # its engine and workers share the group: _stop ends them all
