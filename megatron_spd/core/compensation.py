@@ -44,8 +44,6 @@ from .compensation_shapes import input_size, param_shapes
 PARAM_NAMES = ("bias", "weight_in", "weight_out")
 
 
-
-
 def cost(hidden: int, groups: int, rank: int, inputs: str) -> dict[str, int]:
     """Added parameters and forward FLOPs per token of one block's compensation (all groups)."""
     d_in = input_size(hidden, inputs)
