@@ -4,7 +4,9 @@
 #   ./run.sh demo     the end-to-end demo on the embedded SmolLM2-135M and bundled data
 #   ./run.sh test     the test suite (CPU, several processes over gloo) against both ends of the
 #                     supported megatron-core range: 0.16.1 in .venv, then 0.19.2 in .venv-mcore-newest
-#                     (MCORE=oldest or MCORE=newest runs one of them)
+#                     (MCORE=oldest or MCORE=newest runs one of them). The first pass also builds
+#                     (once, cached under ~/.cache/megatron-spd, ~5 min, 3.9 GB) the vLLM virtualenv
+#                     the vLLM tests run in (.ci/vllm-venv); MEGATRON_SPD_NO_VLLM=1 skips them.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -29,7 +31,7 @@ setup_venv() {
       # environments only: users on Python >= 3.12 install it normally). It imports triton
       # unconditionally (transformer/moe/ops/paged_stash.py), even on CPU.
       pipq "$venv" --no-deps --ignore-requires-python "megatron-core==$mcore"
-      pipq "$venv" triton
+      if [ "$mcore" != "$MCORE_OLDEST" ]; then pipq "$venv" triton; fi
     fi
     echo "$want" > "$stamp"
   fi
@@ -43,13 +45,17 @@ case "$cmd" in
     rc=0
     if [ "${MCORE:-both}" != newest ]; then
       setup_venv .venv "$MCORE_OLDEST" "$EXTRAS"
+      if [ -z "${MEGATRON_SPD_NO_VLLM:-}" ] && [ -z "${MEGATRON_SPD_VLLM_PYTHON:-}" ]; then
+        MEGATRON_SPD_VLLM_PYTHON=$(PYTHON="${VLLM_PYTHON_BASE:-python3.11}" .ci/vllm-venv)
+        export MEGATRON_SPD_VLLM_PYTHON
+      fi
       echo "== megatron-core $MCORE_OLDEST"
       .venv/bin/python -m pytest -q tests "$@" || rc=$?
     fi
     if [ "${MCORE:-both}" != oldest ]; then
       setup_venv .venv-mcore-newest "$MCORE_NEWEST"
-      echo "== megatron-core $MCORE_NEWEST"
-      .venv-mcore-newest/bin/python -m pytest -q tests "$@" || rc=$?
+      echo "== megatron-core $MCORE_NEWEST (the vLLM tests ran in the first pass: their venv has its own)"
+      MEGATRON_SPD_NO_VLLM=1 .venv-mcore-newest/bin/python -m pytest -q tests "$@" || rc=$?
     fi
     exit $rc ;;
   *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;

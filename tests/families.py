@@ -26,13 +26,15 @@ CORPUS = [
 TEXTS = CORPUS + ["A brand new sentence with words 987654 and they'd say: 'hello there'."]
 
 
-def hf_config(family: str):
-    """The family's transformers config class with a tiny shape (G=2 divides heads, KV, ffn)."""
+def hf_config(family: str, **shape):
+    """The family's transformers config class with a tiny shape (G=2 divides heads, KV, ffn);
+    ``shape`` overrides fields (vLLM's CPU attention needs head_dim >= 32: tests/test_vllm.py)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   rms_norm_eps=1e-6, initializer_range=0.08)
+    common.update(shape)
     if family == "llama3":  # Llama 3.2 style: tied embeddings, llama3 RoPE scaling
         return LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=True,
                            rope_scaling={"rope_type": "llama3", "factor": 32.0,
@@ -43,7 +45,7 @@ def hf_config(family: str):
         return Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=False,
                            bos_token_id=0, eos_token_id=2)
     if family == "qwen3":   # QK-norm and head_dim 24 != 64 / 4
-        return Qwen3Config(**common, head_dim=24, rope_theta=1e6, tie_word_embeddings=True,
+        return Qwen3Config(**{"head_dim": 24, **common}, rope_theta=1e6, tie_word_embeddings=True,
                            bos_token_id=0, eos_token_id=2)
     if family == "mistral":  # sliding window, sentencepiece tokenizer
         return MistralConfig(**common, sliding_window=WINDOW, rope_theta=10000.0,
@@ -51,11 +53,11 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **shape):
     """A random transformers model of ``family`` (fp32, eager attention, eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = hf_config(family)
+    cfg = hf_config(family, **shape)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
@@ -113,9 +115,9 @@ def _sentencepiece(directory: Path) -> None:
         {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>"}))
 
 
-def write_hf_dir(family: str, directory: Path, seed: int = 0):
+def write_hf_dir(family: str, directory: Path, seed: int = 0, **shape):
     """The model as ``save_pretrained`` writes it, plus the family's tokenizer; returns it."""
-    model = hf_model(family, seed)
+    model = hf_model(family, seed, **shape)
     model.save_pretrained(directory)
     if family == "mistral":
         _sentencepiece(directory)

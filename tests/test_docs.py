@@ -331,6 +331,13 @@ RECOVERY = "recovery/results.json"
 PROXIES = "recovery/proxies.jsonl"
 
 
+def _vllm_bench(j):
+    r = j["results"]
+    return {"load": j["load_average_1m"], "d1": r["dense"]["1"]["tpot_ms_median"],
+            "s1": r["spd"]["1"]["tpot_ms_median"], "d4": r["dense"]["4"]["tpot_ms_median"],
+            "s4": r["spd"]["4"]["tpot_ms_median"]}
+
+
 CLAIMS = [
     Claim("recipe.md", "recipe_results.json", _cumulative,
           "dense calibration perplexity {base:.2f}; blocks 29..1 SPD: {rest:.1f}; all 30 SPD: "
@@ -377,6 +384,9 @@ CLAIMS = [
     Claim("recipe.md", "recipe_results.json", _results,
           "lr 1e-3 with {epochs} epochs over {calib} tokens in micro-batches of one sequence "
           "({steps} steps per block;"),
+    Claim("serving.md", "serving/bench_cpu_llama3tiny_tp2.json", _vllm_bench,
+          "load average was {load:.0f} on 2 cores from other work: dense {d1:.1f} vs SPD {s1:.1f} "
+          "ms/token at batch 1, {d4:.1f} vs {s4:.1f} at batch 4"),
     Claim("evaluation.md", DENSE, _dense_table, "{rows}"),
     Claim("evaluation.md", LM_EVAL, _lm_eval,
           "dense and SPD, {items_dense} of {items_spd} items give the same acc and acc_norm"),

@@ -20,6 +20,8 @@ import torch
 from ..core.config import FullStateDict, ModelConfig
 from ..errors import SPDError
 from ..files import atomic_write_json, read_json_object
+from . import spd_hf
+
 
 L = "decoder.layers.{i}."
 HF = "model.layers.{i}."
@@ -102,7 +104,7 @@ def _biases(hf: dict[str, Any], family: str) -> tuple[bool, bool]:
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a ``config.json`` dict of a supported family (``FAMILIES``)."""
     arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-    family = hf.get("model_type", "llama")
+    family = spd_hf.base_model_type(hf.get("model_type", "llama"))  # SPD exports: spd_hf.py
     if family not in FAMILIES:
         raise ConversionError(
             f"model_type {family!r} ({arch}) is not supported; supported: "
@@ -254,7 +256,8 @@ def hf_to_full(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, *,
     for k in [k for k in sd if k.endswith("rotary_emb.inv_freq")]:
         sd.pop(k)  # a buffer older checkpoints carry; megatron recomputes it from rope_theta
     h, hd = cfg.hidden_size, cfg.head_dim
-    out: FullStateDict = {}
+    out: FullStateDict = {spd_hf.to_full_name(k): sd.pop(k)  # SPD exports' compensation
+                          for k in [k for k in sd if spd_hf.COMPENSATION in k]}
     out["embedding.word_embeddings.weight"] = _take(sd, "model.embed_tokens.weight", source)
     _check_shape("model.embed_tokens.weight", out["embedding.word_embeddings.weight"],
                  (cfg.vocab_size, h), source)
@@ -289,6 +292,7 @@ def full_to_hf(full: FullStateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]
     """Inverse of ``hf_to_full`` (tied models get no lm_head.weight, as HF saves them)."""
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight":
                                     full["embedding.word_embeddings.weight"]}
+    out.update({spd_hf.to_hf_name(k): v for k, v in full.items() if spd_hf.COMPENSATION in k})
     for i in range(cfg.num_layers):
         m, p = L.format(i=i), HF.format(i=i)
         for ms, hs in _layer_map(cfg):
@@ -340,7 +344,8 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf(directory: str | Path) -> tuple[ModelConfig, FullStateDict]:
-    """ModelConfig and full megatron state dict from a Hugging Face model directory."""
+    """ModelConfig and full megatron state dict from a Hugging Face model directory (an SPD
+    export's plan: ``hf_plan``)."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -358,10 +363,18 @@ def load_hf(directory: str | Path) -> tuple[ModelConfig, FullStateDict]:
     return cfg, hf_to_full(read_safetensors_dir(directory), cfg, source=str(directory))
 
 
+def hf_plan(directory: str | Path):
+    """The SPD plan an exported directory's config.json carries (spd_hf.py), or None."""
+    path = Path(directory) / "config.json"
+    return spd_hf.plan_of(read_json_object(path, "a Hugging Face model config", ConversionError),
+                          str(path))
+
+
 def save_hf(directory: str | Path, cfg: ModelConfig, full: FullStateDict, tokenizer=None, *,
-            dtype: torch.dtype = torch.float32) -> None:
+            dtype: torch.dtype = torch.float32, plan=None) -> None:
     """Write config.json, model.safetensors and the tokenizer files into ``directory`` (which
-    the caller makes atomic by writing to a temporary directory first)."""
+    the caller makes atomic by writing to a temporary directory first). A ``plan`` with SPD
+    blocks makes it an SPD directory (spd_hf.py: transformers refuses it, vLLM serves it)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -373,8 +386,9 @@ def save_hf(directory: str | Path, cfg: ModelConfig, full: FullStateDict, tokeni
         bos, eos = tokenizer.bos_id, tokenizer.eos_id
         tokenizer.save(directory)
         atomic_write_json(directory / "tokenizer_config.json", _tokenizer_config(tokenizer))
-    atomic_write_json(directory / "config.json", hf_config_from_model_config(
-        cfg, dtype=str(dtype).removeprefix("torch."), bos_id=bos, eos_id=eos))
+    hf = hf_config_from_model_config(cfg, dtype=str(dtype).removeprefix("torch."), bos_id=bos,
+                                     eos_id=eos)
+    atomic_write_json(directory / "config.json", hf if plan is None else spd_hf.with_plan(hf, plan))
 
 
 def _tokenizer_config(tok) -> dict[str, Any]:

@@ -39,21 +39,9 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
+from .compensation_shapes import input_size, param_shapes
+
 PARAM_NAMES = ("bias", "weight_in", "weight_out")
-
-
-def input_size(hidden: int, inputs: str) -> int:
-    return hidden * (2 if inputs == "ln1+partial" else 1)
-
-
-def param_shapes(groups: int, hidden: int, rank: int, inputs: str) -> dict[str, tuple[int, ...]]:
-    """Shapes of one block's compensation parameters for ``groups`` groups (all G in a full
-    state dict, a rank's G/T in the module)."""
-    shapes = {"bias": (groups, hidden)}
-    if rank > 0:
-        shapes.update(weight_in=(groups, rank, input_size(hidden, inputs)),
-                      weight_out=(groups, hidden, rank))
-    return shapes
 
 
 def cost(hidden: int, groups: int, rank: int, inputs: str) -> dict[str, int]:

@@ -85,7 +85,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"vocab {s['vocab']} | context {s['context']} | G {s['G']} | "
             f"SPD blocks {len(spd)}/{s['layers']} | "
             + "".join(f"{f} | " for f in s["features"])
-            + " | ".join(f"{k} {v}" for k, v in s.items() if k in ("tp", "to", "out", "seconds")))
+            + " | ".join(f"{k} {v}" for k, v in s.items()
+                         if k in ("tp", "to", "out", "serves", "seconds")))
 
 
 def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Path | None = None,
@@ -116,10 +117,19 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
     if tmp.exists():
         log.info(f"removing {tmp}, left by an interrupted conversion")
         shutil.rmtree(tmp)
-    save_hf(tmp, cfg, full, tok, dtype=getattr(torch, dtype))
+    save_hf(tmp, cfg, full, tok, dtype=getattr(torch, dtype), plan=plan)
     replace_dir(tmp, out, ours=is_hf_output)
-    return summary(cfg, plan, to="hf", tp=1, out=str(out),
+    return summary(cfg, plan, to="hf", tp=1, out=str(out), serves=hf_runs_as(plan),
                    seconds=round(time.perf_counter() - t0, 2))
+
+
+def hf_runs_as(plan: SPDPlan) -> str:
+    """What runs a Hugging Face export of ``plan`` (convert/spd_hf.py), as the summary says it."""
+    if not plan.spd_blocks:
+        return "dense model: transformers and vLLM run it as is"
+    return (f"SPD model (G={plan.groups}): vLLM with megatron-spd installed serves it at TP in "
+            f"{[t for t in range(1, plan.groups + 1) if plan.groups % t == 0]} "
+            "(docs/serving.md); transformers refuses it (model_type spd_*)")
 
 
 def convert(run: RunConfig, out: str | Path, *, to: str = "mcore", dtype: str = "float32"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..checkpoint.layout import CheckpointError, is_checkpoint
 from ..checkpoint.read import read_checkpoint, read_full_state_dict
-from ..convert.hf import load_hf
+from ..convert.hf import hf_plan, load_hf
 from ..core.config import FullStateDict, ModelConfig
 from ..core.plan import SPDPlan
 from ..data.defaults import DEFAULT_GROUPS, default_gguf_path
@@ -114,7 +114,8 @@ def load_weights(source: str | Path | None = None, *, tokenizer: str | Path | No
                  ) -> tuple[ModelConfig, FullStateDict, Tokenizer, SPDPlan]:
     """Config, full (TP=1, fp32) state dict, tokenizer and plan of ``source``: a Hugging Face
     directory, a .gguf file, a checkpoint (ours or Megatron-LM's torch_dist), or None for
-    SmolLM2-135M-Instruct (dense plan, G=3). Sources without a plan get a dense one
+    SmolLM2-135M-Instruct (dense plan, G=3). Sources without a plan (a Hugging Face directory
+    has one only when it is an SPD export, convert/spd_hf.py) get a dense one
     (``default_plan_for``). ``tokenizer`` (anything ``load_tokenizer`` takes) replaces the
     source's own; ``verify=False`` skips the checksum check of a checkpoint's files."""
     kind = source_kind(source)
@@ -125,7 +126,7 @@ def load_weights(source: str | Path | None = None, *, tokenizer: str | Path | No
     elif kind == "hf":
         cfg, full = load_hf(source)
         tok = hf_tokenizer_from_dir(source) if tokenizer is None else load_tokenizer(tokenizer)
-        plan = default_plan_for(cfg)
+        plan = hf_plan(source) or default_plan_for(cfg)  # SPD exports carry theirs
     else:
         path = default_gguf_path() if kind == "default" else Path(source)
         cfg, full, tok = _load_gguf_cached(path, progress)
