@@ -17,6 +17,7 @@ import torch
 
 from ..convert.hf import ConversionError
 from ..convert.mcore import mcore_plain_to_full
+from ..convert.safe_load import UnsafePickleError, check_dcp_metadata, load_torch
 from ..core.config import FullStateDict
 from .args import DENSE_SOURCE_ARG, config_from_args, plan_from_args
 from .layout import (
@@ -71,7 +72,9 @@ def read_args(path: str | Path) -> Optional[argparse.Namespace]:
 
 def _read_args(weights: Path):
     try:
-        common = torch.load(weights / "common.pt", map_location="cpu", weights_only=False)
+        common = load_torch(weights / "common.pt")
+    except UnsafePickleError:
+        raise
     except ModuleNotFoundError as e:
         raise CheckpointError(f"{weights}/common.pt refers to a module this environment lacks "
                               f"({e}); install it or re-save the checkpoint") from None
@@ -114,8 +117,11 @@ def load_into(model, ckpt: StoredCheckpoint) -> None:
     legacy = ckpt.layout == "legacy"
     request = model.sharded_state_dict() if legacy else {"model": model.sharded_state_dict()}
     try:
+        check_dcp_metadata(ckpt.weights)
         state = dist_checkpointing.load(request, str(ckpt.weights))
         model.load_state_dict(state if legacy else state["model"])
+    except UnsafePickleError:
+        raise
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"{ckpt.root}: the weights could not be loaded into the model its "
                               f"args describe ({type(e).__name__}: {str(e)[:300]}); the config "
