@@ -368,7 +368,7 @@ def test_symlinked_out_is_resolved_at_parsing(tiny, tmp_path, capsys):
     assert (target / META).is_file() and (tmp_path / "link").is_symlink()
 
 
-# ----- 5. fuzzed inputs ----------------------------------------------------------------------------
+# ----- 5. fuzzed inputs ---------------------------------------------------------------------------
 
 def test_hf_weights_with_nan_are_refused_at_conversion(tiny, tmp_path, capsys):
     for to in ("mcore", "hf"):
