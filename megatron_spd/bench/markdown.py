@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..files import atomic_write_text
+from ..files import MARKDOWN_MARK, atomic_write_text
 
 DECODE_TARGET = 0.90   # share of the theoretical decode saving to realise
 E2E_TARGET = 0.20      # end-to-end reduction at 70% SPD, LLaMA2-70B, TP=8, 10 GB/s link
@@ -165,7 +165,7 @@ def write_markdown(measured: list[str], projection: str, out: str, *,
            projection_table(proj, 0.7), "",
            "Same at 100% SPD (the ceiling):\n", projection_table(proj, 1.0), ""]
     md += [_targets(reps, proj)]
-    atomic_write_text(out, "\n".join(md) + "\n")
+    atomic_write_text(out, "\n".join([MARKDOWN_MARK, *md]) + "\n")
 
 
 def _targets(reps: list[dict], proj: dict) -> str:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..files import atomic_write_json
+from ..files import write_report
 from ..loading.run_config import RunConfig
 from ..parallel import distributed
 from . import analytic, markdown, plots
@@ -56,7 +56,7 @@ def measure(run: RunConfig, wl: Workload, links: LinkSetting, *, groups: Optiona
             name = "SmolLM2-135M-Instruct" if default else model
         report = run_latency(source, wl, links, name=name)
         if report is not None and run.json_out:
-            atomic_write_json(run.json_out, report)
+            write_report(run.json_out, report)
             plots.plot_measured(report, png_path(run.json_out))
         distributed.barrier()
         return report
@@ -81,7 +81,7 @@ def project(p: analytic.Projection = analytic.Projection(), *,
                         "batches": list(p.batches)},
            "rows": analytic.projection(p)}
     if json_out:
-        atomic_write_json(json_out, out)
+        write_report(json_out, out)
         plots.plot_projection(out, png_path(json_out))
     return out
 

@@ -23,6 +23,7 @@ our metadata file, and ``StoredCheckpoint``, what a checkpoint holds.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class StoredCheckpoint:
                                  "Hugging Face directory or a .gguf file), e.g. "
                                  "tools/convert_checkpoint.py --mcore CKPT --tokenizer PATH "
                                  "--out NEW writes a checkpoint that carries it")
+        if isinstance(self.tokenizer_ref, dict) and self.tokenizer_ref.get("path"):
+            inside(self.root, str(self.tokenizer_ref["path"]), "the tokenizer path")
         return load_tokenizer(self.tokenizer_ref, base_dir=self.root)
 
 
@@ -83,9 +86,56 @@ def is_checkpoint(path: str | Path) -> bool:
                            or is_dist_dir(p))
 
 
+#: Files Megatron-LM adds to a checkpoint directory it saves into, and those a training step
+#: adds to its checkpoint after the manifest (train/state.py, with their atomic-write temporaries).
+_ADDED_FILES = re.compile(r"latest_checkpointed_iteration\.txt|progress\.txt"
+                          r"|(iter_\d{7}|release)/(__\d+_\d+\.distcp|\.metadata|common\.pt"
+                          r"|metadata\.json)"
+                          r"|trainer/\.?(state\.json|optim_tp\d+\.pt)(\.\w+\.tmp)?")
+_ADDED_DIRS = re.compile(r"iter_\d{7}|release|trainer|tokenizer")
+
+
+def foreign_entries(path: str | Path) -> list[str]:
+    """What in a checkpoint directory is not part of the checkpoint: entries neither in its
+    manifest nor files Megatron-LM or a training step adds (a user's ``notes.txt``,
+    ``results/``), and every symlink; every entry when it has no readable metadata."""
+    root = Path(path)
+    try:
+        files = read_meta(root).get("files", {})
+        listed = set(files if isinstance(files, dict) else {}) | {META_FILE}
+    except (CheckpointError, OSError):
+        return sorted(p.name for p in root.iterdir())
+    known_dirs = {str(Path(rel).parent) for rel in listed}
+    found = []
+    for dirpath, dirs, names in os.walk(root):
+        here = Path(dirpath)
+        for name in list(dirs):
+            rel = (here / name).relative_to(root).as_posix()
+            if (here / name).is_symlink() or not (rel in known_dirs or
+                                                  _ADDED_DIRS.fullmatch(rel.split("/")[-1])):
+                found.append(rel + "/")
+                dirs.remove(name)
+        for name in names:
+            rel = (here / name).relative_to(root).as_posix()
+            if (here / name).is_symlink() or not (rel in listed or _ADDED_FILES.fullmatch(rel)):
+                found.append(rel)
+    return sorted(found)
+
+
 def is_ours(path: str | Path) -> bool:
-    """A checkpoint this package wrote (it has our metadata file); Megatron-LM's own are not."""
-    return (Path(path) / META_FILE).is_file()
+    """A checkpoint this package wrote (it has our metadata file) holding nothing else
+    (``foreign_entries``); Megatron-LM's own are not ours."""
+    return (Path(path) / META_FILE).is_file() and not foreign_entries(path)
+
+
+def inside(root: Path, rel: str, what: str) -> Path:
+    """``root / rel``, or CheckpointError if ``rel`` (read from the checkpoint's metadata) leads
+    outside ``root``: a checkpoint's own paths never reach the files beside it."""
+    path = root / rel
+    if Path(rel).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"{root / META_FILE}: {what} {rel!r} points outside the checkpoint;"
+                              " its metadata is damaged or was altered: re-save or re-convert it")
+    return path
 
 
 def is_dist_dir(p: Path) -> bool:

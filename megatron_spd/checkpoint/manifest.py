@@ -12,19 +12,26 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from .layout import TOKENIZER_DIR, CheckpointError
+from .layout import META_FILE, TOKENIZER_DIR, CheckpointError, inside
 
 _HASH_CHUNK = 1 << 24
 
 
 def check_manifest(root: Path, meta: dict[str, Any], verify: bool = True) -> None:
-    """Every file the manifest lists exists with its size (and sha256 when ``verify``)."""
+    """Every file the manifest lists lies inside ``root`` and exists with its size (and sha256
+    when ``verify``)."""
     for rel, entry in meta.get("files", {}).items():
+        f = inside(root, rel, "the manifest entry")
         if rel.startswith(TOKENIZER_DIR + "/"):
             continue  # load_tokenizer reports these (and they can be overridden)
-        size, digest = (entry, None) if isinstance(entry, int) else (entry["bytes"],
-                                                                     entry.get("sha256"))
-        f = root / rel
+        if isinstance(entry, dict) and isinstance(entry.get("bytes"), int):
+            size, digest = entry["bytes"], entry.get("sha256")
+        elif isinstance(entry, int):
+            size, digest = entry, None
+        else:
+            raise CheckpointError(f"{root / META_FILE}: the manifest entry {rel!r} has no "
+                                  "'bytes' (its size); the metadata is damaged: re-save or "
+                                  "re-convert the checkpoint")
         if not f.is_file():
             raise CheckpointError(f"{root}: file {rel} is missing; the checkpoint is "
                                   "incomplete: copy it again or re-save it")

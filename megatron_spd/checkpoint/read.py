@@ -16,8 +16,9 @@ from typing import Any, Optional
 
 from ..convert.hf import ConversionError
 from ..convert.mcore import mcore_plain_to_full
+from ..convert.safe_load import UnsafePickleError, check_dcp_metadata, load_torch
 from ..core.config import FullStateDict
-from ..parallel.mcore_versions import COMMON_FILE, read_common_state
+from ..parallel.mcore_versions import COMMON_FILE, read_embedded_common_state
 from .args import DENSE_SOURCE_ARG, config_from_args, plan_from_args
 from .layout import (
     LEGACY_FORMAT,
@@ -72,7 +73,9 @@ def read_args(path: str | Path) -> Optional[argparse.Namespace]:
 def _read_args(weights: Path):
     if not (weights / COMMON_FILE).is_file():
         try:
-            common = read_common_state(weights)
+            common = read_embedded_common_state(weights)
+        except UnsafePickleError:
+            raise
         except Exception as e:  # megatron-core < 0.19 cannot read the embedded common state
             raise CheckpointError(
                 f"{weights} keeps its args inside the torch_dist files (saved by megatron-core "
@@ -81,7 +84,9 @@ def _read_args(weights: Path):
                 "with megatron-spd, whose saves also write common.pt") from None
         return _args_of(common, weights)
     try:
-        common = read_common_state(weights)
+        common = load_torch(weights / "common.pt")
+    except UnsafePickleError:
+        raise
     except ModuleNotFoundError as e:
         raise CheckpointError(f"{weights}/common.pt refers to a module this environment lacks "
                               f"({e}); install it or re-save the checkpoint") from None
@@ -139,8 +144,11 @@ def load_into(model, ckpt: StoredCheckpoint) -> None:
     legacy = ckpt.layout == "legacy"
     request = model.sharded_state_dict() if legacy else {"model": model.sharded_state_dict()}
     try:
+        check_dcp_metadata(ckpt.weights)
         state = dist_checkpointing.load(request, str(ckpt.weights))
         model.load_state_dict(state if legacy else state["model"])
+    except UnsafePickleError:
+        raise
     except (Exception, CheckpointException) as e:
         detail = " ".join(str(e).split())[:300]  # DCP's message spans lines and ranks
         raise CheckpointError(f"{ckpt.root}: the weights could not be loaded into the model its "

@@ -3,26 +3,38 @@ replace.
 
 Saves go to a sibling ``.NAME.saving`` directory swapped in when complete (``files.replace_dir``);
 the weights are written in this process (``_in_process_strategy``), so a killed save leaves no
-writer process behind, and the next save removes the stale directory. ``save_checkpoint`` never
-replaces anything but one of our checkpoints, and that only with ``overwrite=True``
-(``check_output_dir``).
+writer process behind, and the next save removes the stale directory. That directory is claimed
+by one process (``files.saving_dir``): a second writer of the same output is refused, and a
+failed save (a full disk: "no space left on ...") removes it. ``save_checkpoint`` never replaces
+anything but one of our checkpoints holding nothing but its manifest's files and those
+Megatron-LM or training add (``layout.foreign_entries``: a user's files in it are named and
+kept), and that only with ``overwrite=True`` (``check_output_dir``).
 
 megatron.core (seconds to import) is imported inside the functions that write, because the
 command-line tools import ``CHECKPOINT_OUTPUT`` from here while parsing their arguments.
 """
 from __future__ import annotations
 
-import logging
-import shutil
+import contextlib
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from ..core.config import ModelConfig
 from ..core.plan import SPDPlan
 from ..data.tokenizer import Tokenizer
 from ..errors import OutputError
-from ..files import OutputKind, atomic_write_json, atomic_write_text, check_output, replace_dir
+from ..files import (
+    OutputKind,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    check_space,
+    is_no_space,
+    no_space,
+    replace_dir,
+    saving_dir,
+)
 from ..parallel.mcore_versions import write_common_file
 from .args import CHECKPOINT_VERSION, args_from_config
 from .layout import (
@@ -32,17 +44,18 @@ from .layout import (
     TOKENIZER_DIR,
     TRACKER_FILE,
     CheckpointError,
+    foreign_entries,
     is_ours,
 )
 from .manifest import make_manifest
-
-logger = logging.getLogger(__name__)
 
 # what Megatron-LM's saver records about the sharded layout (_build_sharded_state_dict_metadata)
 _CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 #: What a checkpoint output may replace (``files.check_output``; the tools' ``--out`` at parsing).
-CHECKPOINT_OUTPUT = OutputKind("megatron-spd checkpoint", directory=True, ours=is_ours)
+CHECKPOINT_OUTPUT = OutputKind("megatron-spd checkpoint", directory=True, ours=is_ours,
+                               foreign=lambda path: (foreign_entries(path)
+                                                     if (path / META_FILE).is_file() else []))
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False) -> None:
@@ -63,6 +76,7 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     ``out_dir`` is replaced only if it is one of ours and ``overwrite`` is set.
     ``dense_source``: the original dense model when these weights were changed for SPD."""
     from megatron.core import parallel_state  # lazy, as the module docstring says
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     from ..parallel.distributed import barrier, is_rank0  # lazy: it imports megatron.core
 
@@ -70,31 +84,56 @@ def save_checkpoint(model, out_dir: str | Path, *, config: ModelConfig, plan: SP
     tmp = out_dir.with_name(f".{out_dir.name}.saving")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     check_output_dir(out_dir, overwrite)  # on every rank: all refuse together, before any work
+    need = config.num_parameters() * next(model.parameters()).element_size()
+    with contextlib.ExitStack() as claim:
+        _rank0_first(lambda: (check_space(out_dir, need), claim.enter_context(saving_dir(out_dir)),
+                              (tmp / RELEASE_DIR).mkdir()))
+        try:
+            args = args_from_config(config, plan, tp=tp, **_tokenizer_args(tokenizer))
+            state = {"model": model.sharded_state_dict(), "args": args, "iteration": 0,
+                     "checkpoint_version": CHECKPOINT_VERSION}
+            _write_weights(state, str(tmp / RELEASE_DIR))
+            barrier()
+            if is_rank0():
+                write_common_file(tmp / RELEASE_DIR)
+                tok_ref = tokenizer.save(tmp / TOKENIZER_DIR)
+                tok_ref["path"] = f"{TOKENIZER_DIR}/{tok_ref['path']}"
+                atomic_write_text(tmp / TRACKER_FILE, RELEASE_DIR + "\n")
+                meta = {"format": CKPT_FORMAT, "weights": RELEASE_DIR, "tokenizer": tok_ref,
+                        "saved_tp": tp, "num_parameters": config.num_parameters(),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "files": make_manifest(tmp)}
+                if dense_source:
+                    meta["dense_source"] = dense_source
+                atomic_write_json(tmp / META_FILE, meta)
+                replace_dir(tmp, out_dir, ours=is_ours)
+        except (Exception, CheckpointException) as e:
+            if is_no_space(e):
+                raise CheckpointError(str(no_space(out_dir, need))) from None
+            raise
+    barrier()
+
+
+def _rank0_first(step: Callable[[], Any]) -> None:
+    """``step`` on global rank 0, then a barrier; if it raised, every rank raises (rank 0 its
+    own error, the others a CheckpointError with its message) instead of waiting forever."""
+    import torch.distributed as dist
+
+    from ..parallel.distributed import is_rank0
+
+    error: Optional[BaseException] = None
     if is_rank0():
-        if tmp.exists():
-            logger.info("removing %s, left by an interrupted save", tmp)
-            shutil.rmtree(tmp)
-        (tmp / RELEASE_DIR).mkdir(parents=True)
-    barrier()
-    args = args_from_config(config, plan, tp=tp, **_tokenizer_args(tokenizer))
-    state = {"model": model.sharded_state_dict(), "args": args, "iteration": 0,
-             "checkpoint_version": CHECKPOINT_VERSION}
-    _write_weights(state, str(tmp / RELEASE_DIR))
-    barrier()
-    if is_rank0():
-        write_common_file(tmp / RELEASE_DIR)
-        tok_ref = tokenizer.save(tmp / TOKENIZER_DIR)
-        tok_ref["path"] = f"{TOKENIZER_DIR}/{tok_ref['path']}"
-        atomic_write_text(tmp / TRACKER_FILE, RELEASE_DIR + "\n")
-        meta = {"format": CKPT_FORMAT, "weights": RELEASE_DIR, "tokenizer": tok_ref,
-                "saved_tp": tp, "num_parameters": config.num_parameters(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": make_manifest(tmp)}
-        if dense_source:
-            meta["dense_source"] = dense_source
-        atomic_write_json(tmp / META_FILE, meta)
-        replace_dir(tmp, out_dir, ours=is_ours)
-    barrier()
+        try:
+            step()
+        except (OutputError, OSError) as e:
+            error = e
+    if dist.is_initialized():
+        message = [str(error) if error else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] and error is None:
+            raise CheckpointError(message[0])
+    if error is not None:
+        raise CheckpointError(str(error)) from None
 
 
 def _tokenizer_args(tokenizer: Tokenizer) -> dict[str, Optional[str]]:

@@ -34,31 +34,18 @@ import argparse
 import dataclasses
 import functools
 import inspect
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from ..core.plan import is_plan_file
 from ..errors import SPDError
-from ..files import PNG_FIGURE, WORK_DIR, OutputKind, check_output
+from ..files import JSON_REPORT, PNG_FIGURE, WORK_DIR, OutputKind, check_output
 from . import logs
 
 # Lazy here (function-local): ``loading`` and ``parallel`` import megatron-core (seconds), which
 # a parser and ``--help`` do not need: ``run_config`` and ``add_timeout`` import them.
 
 
-def _is_json_report(path: Path) -> bool:
-    """A JSON document that is not an SPD plan (a plan is an input people edit; reports are
-    regenerated, so a rerun replaces its own)."""
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return not is_plan_file(path)
-
-
-JSON_REPORT = OutputKind("JSON report", ours=_is_json_report, needs_overwrite=False)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -90,7 +77,7 @@ class Parser(argparse.ArgumentParser):
         kw.setdefault("formatter_class", _Formatter)
         super().__init__(*a, **kw)
         self._configs: list[tuple[str, type, dict[str, str]]] = []
-        self._outputs: list[tuple[Callable[[argparse.Namespace], Any], str, KindOf]] = []
+        self._outputs: list[tuple[str | Callable[[argparse.Namespace], Any], str, KindOf]] = []
         # on the main parser and on every subcommand's, so it may follow the subcommand; read
         # by ``entry`` from the raw command line (it must work when parsing itself fails)
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -107,10 +94,14 @@ class Parser(argparse.ArgumentParser):
                 setattr(ns, attr, cls(**values))
             except ValueError as e:
                 self.error(str(e))
-        for path_of, flag, kind in self._outputs:
-            path = path_of(ns)
+        for dest, flag, kind in self._outputs:
+            path = dest(ns) if callable(dest) else getattr(ns, dest, None)
             if path is None:
                 continue
+            if not callable(dest) and Path(path).is_symlink():
+                # the link's target is the output: checked, and then written, as itself
+                path = str(Path(path).resolve())
+                setattr(ns, dest, path)
             try:
                 check_output(path, kind if isinstance(kind, OutputKind) else kind(ns),
                              overwrite=getattr(ns, "overwrite", False), flag=flag)
@@ -127,9 +118,8 @@ class Parser(argparse.ArgumentParser):
     def add_output(self, dest: str | Callable[[argparse.Namespace], Any], flag: str,
                    kind: KindOf) -> None:
         """Check option ``dest`` (spelt ``flag``; or a path computed from the namespace) as an
-        output of ``kind`` after parsing."""
-        path_of = dest if callable(dest) else (lambda ns: getattr(ns, dest, None))
-        self._outputs.append((path_of, flag, kind))
+        output of ``kind`` after parsing; an option naming a symlink is set to its target."""
+        self._outputs.append((dest, flag, kind))
 
 
 def parser(doc: Optional[str] = None, **kw: Any) -> Parser:

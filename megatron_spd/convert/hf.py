@@ -269,13 +269,15 @@ def hf_to_full(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, *,
             q, k, v = (_take(sd, f"{p}self_attn.{x}_proj.{s}", source) for x in "qkv")
             _check_shape(f"{p}self_attn.q_proj.{s}", q,
                          (cfg.num_attention_heads * hd,) + ((h,) if s == "weight" else ()), source)
-            _check_shape(f"{p}self_attn.k_proj.{s}", k,
-                         (cfg.num_query_groups * hd,) + ((h,) if s == "weight" else ()), source)
+            for x, t in (("k", k), ("v", v)):
+                _check_shape(f"{p}self_attn.{x}_proj.{s}", t,
+                             (cfg.num_query_groups * hd,) + ((h,) if s == "weight" else ()), source)
             out[f"{m}self_attention.linear_qkv.{s}"] = fuse_qkv(q, k, v, cfg)
         for s in _suffixes(cfg.add_bias_linear):
             gate, up = (_take(sd, f"{p}mlp.{x}_proj.{s}", source) for x in ("gate", "up"))
-            _check_shape(f"{p}mlp.gate_proj.{s}", gate,
-                         (cfg.ffn_hidden_size,) + ((h,) if s == "weight" else ()), source)
+            for x, t in (("gate", gate), ("up", up)):
+                _check_shape(f"{p}mlp.{x}_proj.{s}", t,
+                             (cfg.ffn_hidden_size,) + ((h,) if s == "weight" else ()), source)
             out[f"{m}mlp.linear_fc1.{s}"] = torch.cat([gate, up], 0)
     out["decoder.final_layernorm.weight"] = _take(sd, "model.norm.weight", source)
     if not cfg.tie_word_embeddings:

@@ -18,6 +18,7 @@ import torch
 
 from ..core.config import FullStateDict, ModelConfig
 from .hf import ConversionError
+from .safe_load import UnsafePickleError
 
 # sharded-key suffix (under decoder.layers.) -> per-layer state-dict suffix
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -115,7 +116,7 @@ def read_global_tensors(weights_dir: str | Path,
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*no_dist|.*single process")  # intended
             dcp.load(plain, storage_reader=reader, no_dist=True)
-    except ConversionError:
+    except (ConversionError, UnsafePickleError):
         raise
     except (Exception, CheckpointException) as e:
         raise ConversionError(f"{weights_dir} could not be read ({type(e).__name__}: "

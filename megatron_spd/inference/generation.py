@@ -5,6 +5,7 @@ and time per output token. Call on every TP rank with the same arguments.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -102,6 +103,42 @@ def _peer_failure(exc: BaseException) -> bool:
     return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
+def kv_cache_bytes(model, rows: int, seq_len: int) -> int:
+    """Bytes the KV cache of ``rows`` x ``seq_len`` tokens takes on this rank (K and V of every
+    layer, this rank's query groups, the parameters' dtype)."""
+    cfg = model.config
+    groups = (cfg.num_query_groups or cfg.num_attention_heads) // cfg.tensor_model_parallel_size
+    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = torch.empty((), dtype=cfg.params_dtype).element_size()
+    return 2 * cfg.num_layers * rows * groups * seq_len * head_dim * itemsize
+
+
+def available_memory() -> int:
+    """Bytes that can still be allocated on the compute device (the GPU's free memory, else the
+    host's MemAvailable)."""
+    if compat.device().type == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_cache_fits(model, rows: int, seq_len: int) -> None:
+    """Raise GenerationError, before anything is allocated, unless the KV cache fits in memory
+    (an oversized request is refused with the numbers instead of taking the node down)."""
+    need, free = kv_cache_bytes(model, rows, seq_len), available_memory()
+    if need > free:
+        raise GenerationError(f"the KV cache for {rows} prompt(s) x {seq_len} tokens needs "
+                              f"{need / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of memory is"
+                              " available; ask for fewer --max-new-tokens, a smaller --batch-size"
+                              " or shorter prompts")
+
+
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig, *,
                  eos_id: Optional[int] = None, on_token: Optional[TokenCallback] = None,
                  indices: Optional[Sequence[int]] = None) -> list[GenerationResult]:
@@ -122,9 +159,12 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], config: GenerationC
     if len(indices) != len(prompt_ids):
         raise GenerationError(f"{len(indices)} indices for {len(prompt_ids)} prompts")
     size = config.max_batch_size
-    longest = max(len(ids) for ids in prompt_ids)
-    cache = new_cache(min(size, len(prompt_ids)), longest + config.max_new_tokens,
-                      cuda_graph=config.cuda_graph)
+    lengths = [len(ids) for ids in prompt_ids]
+    # rows are left-padded to the longest prompt and no row decodes past the context
+    cache_len = max(lengths) + min(config.max_new_tokens, context_len - min(lengths))
+    rows = min(size, len(prompt_ids))
+    check_cache_fits(model, rows, cache_len)
+    cache = new_cache(rows, cache_len, cuda_graph=config.cuda_graph)
     try:
         for start in range(0, len(prompt_ids), size):
             cache.reset()

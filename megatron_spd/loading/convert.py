@@ -6,18 +6,25 @@ the summary (``format_summary``).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from ..checkpoint.save import CHECKPOINT_OUTPUT, check_output_dir, save_checkpoint
-from ..convert.hf import save_hf
+from ..convert.hf import ConversionError, save_hf
 from ..core.config import ModelConfig
 from ..core.plan import SPDPlan
-from ..files import OutputKind, check_output, replace_dir
+from ..files import (
+    OutputKind,
+    check_output,
+    check_space,
+    is_no_space,
+    no_space,
+    replace_dir,
+    saving_dir,
+)
 from ..parallel import distributed
 from .open_model import open_model
 from .run_config import RunConfig
@@ -89,6 +96,22 @@ def format_summary(s: dict[str, Any]) -> str:
                          if k in ("tp", "to", "out", "serves", "seconds")))
 
 
+def check_finite_weights(named: Iterable[tuple[str, Any]], source: Optional[str]) -> None:
+    """Raise ConversionError naming the first weight holding NaN or inf (on any rank: every
+    rank calls it with its shards and all raise together), so damaged weights are refused at
+    conversion instead of becoming a checkpoint that reports ``perplexity nan``."""
+    import torch.distributed as dist
+
+    bad = next((name for name, t in named if not bool(torch.isfinite(t.detach()).all())), None)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        bad = next((b for b in found if b), None)
+    if bad:
+        raise ConversionError(f"{source or 'the default model'}: weight {bad} holds NaN or inf; "
+                              "the weights are damaged: re-download or re-export them")
+
+
 def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Path | None = None,
              tokenizer: Optional[str] = None, overwrite: bool = False,
              verify: bool = True) -> dict[str, Any]:
@@ -98,6 +121,7 @@ def to_mcore(source: Optional[str], out: str | Path, *, plan: SPDPlan | str | Pa
     t0 = time.perf_counter()
     lm = open_model(source, plan=plan, tokenizer=tokenizer, verify=verify)
     t_load = time.perf_counter() - t0
+    check_finite_weights(lm.model.named_parameters(), source)
     save_checkpoint(lm.model, out, config=lm.config, plan=lm.plan, tokenizer=lm.tokenizer,
                     dense_source=lm.dense_source, overwrite=overwrite)
     return summary(lm.config, lm.plan, to="mcore", tp=distributed.tp_size(), out=str(out),
@@ -112,13 +136,18 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
     check_output(out, HF_OUTPUT, overwrite=overwrite)
     t0 = time.perf_counter()
     cfg, full, tok, plan = load_weights(source, tokenizer=tokenizer, verify=verify)
+    check_finite_weights(full.items(), source)
     out = Path(out).absolute()
-    tmp = out.with_name(f".{out.name}.saving")
-    if tmp.exists():
-        log.info(f"removing {tmp}, left by an interrupted conversion")
-        shutil.rmtree(tmp)
-    save_hf(tmp, cfg, full, tok, dtype=getattr(torch, dtype), plan=plan)
-    replace_dir(tmp, out, ours=is_hf_output)
+    need = sum(t.numel() for t in full.values()) * getattr(torch, dtype).itemsize
+    check_space(out, need)
+    try:
+        with saving_dir(out) as tmp:
+            save_hf(tmp, cfg, full, tok, dtype=getattr(torch, dtype), plan=plan)
+            replace_dir(tmp, out, ours=is_hf_output)
+    except OSError as e:
+        if is_no_space(e):
+            raise no_space(out, need) from None
+        raise
     return summary(cfg, plan, to="hf", tp=1, out=str(out), serves=hf_runs_as(plan),
                    seconds=round(time.perf_counter() - t0, 2))
 

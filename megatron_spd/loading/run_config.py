@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core.plan import SPDPlan
-from ..files import atomic_write_json
+from ..files import write_report
 from ..parallel import distributed
 from .open_model import LoadedModel, open_model
 from .sources import load_weights
@@ -56,5 +56,5 @@ class RunConfig:
     def write_report(self, report: dict) -> dict:
         """``report`` to ``json_out`` (if set) on global rank 0; returns it."""
         if self.json_out and distributed.is_rank0():
-            atomic_write_json(self.json_out, report)
+            write_report(self.json_out, report)
         return report

@@ -11,7 +11,7 @@ The CPU shims for 0.19's new CUDA-only call sites live with the others in ``comp
 |---|---|---|
 | ``mlp_submodules``: the local layer spec's MLP | ``ModuleSpec(MLP, submodules=MLPSubmodules)`` (to 0.17.x) | 0.18.0+: ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (models/gpt/gpt_layer_specs.py:541, transformer/mlp.py:389 at 0.19.0) |
 | ``logits_flag_holder``: ``materialize_only_last_token_logits`` | on the inference context (to 0.16.x) | 0.17.0+: on ``context.config``, an ``InferenceConfig`` (inference/contexts/base_context.py:15-19; read at models/gpt/gpt_model.py:742) |
-| ``read_common_state``: the non-sharded state (``args``) | ``common.pt`` written by ``save_common`` (to 0.18.x) | 0.19.0+: a ``ShardedObject("common_state")`` inside the torch_dist files (dist_checkpointing/serialization.py:439-445), read by ``load_common_state_dict`` (:206-236), which still prefers a ``common.pt`` |
+| ``read_embedded_common_state``: the non-sharded state (``args``) | ``common.pt`` written by ``save_common`` (to 0.18.x) | 0.19.0+: a ``ShardedObject("common_state")`` inside the torch_dist files (dist_checkpointing/serialization.py:439-445), read by ``load_common_state_dict`` (:206-236), which still prefers a ``common.pt`` |
 """
 from __future__ import annotations
 
@@ -50,15 +50,13 @@ def has_common_state(weights: Path) -> bool:
     return (weights / COMMON_FILE).is_file() or (weights / DCP_METADATA_FILE).is_file()
 
 
-def read_common_state(weights: Path) -> Any:
-    """The non-sharded state (a dict with ``args``) of a torch_dist directory in either layout.
-    ``common.pt`` (every release; our saves always write it) is read directly; without it, the
-    state embedded by 0.19.0+ is read by megatron-core's ``load_common_state_dict``, which
-    0.16.1-0.18.x cannot do (their ``load_common_state_dict`` reads ``common.pt`` only)."""
-    import torch
-
-    if (weights / COMMON_FILE).is_file():
-        return torch.load(weights / COMMON_FILE, map_location="cpu", weights_only=False)
+def read_embedded_common_state(weights: Path) -> Any:
+    """The non-sharded state (a dict with ``args``) that megatron-core 0.19.0+ embeds in the
+    torch_dist files instead of writing ``common.pt``, read by megatron-core's
+    ``load_common_state_dict``; 0.16.1-0.18.x cannot (their ``load_common_state_dict`` reads
+    ``common.pt`` only). ``common.pt`` itself is read by checkpoint/read.py through
+    convert/safe_load.py's allow-list; the DCP reads here go through the same allow-list once
+    safe_load is imported (it replaces torch's metadata and object readers process-wide)."""
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
     return load_common_state_dict(str(weights))
@@ -71,4 +69,4 @@ def write_common_file(weights: Path) -> None:
     import torch
 
     if not (weights / COMMON_FILE).is_file():
-        torch.save(read_common_state(weights), weights / COMMON_FILE)
+        torch.save(read_embedded_common_state(weights), weights / COMMON_FILE)

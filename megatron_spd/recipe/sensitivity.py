@@ -28,7 +28,7 @@ from ..core.plan import SPDPlan
 from ..core.sharding import load_full_state_dict
 from ..core.spec import build_model
 from ..errors import InputError
-from ..files import atomic_write_json, read_json_object, save_figure
+from ..files import read_json_object, save_figure, unmark_report, write_report
 from ..parallel import distributed
 from . import activations
 
@@ -65,7 +65,7 @@ class Sensitivity:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, self.to_dict())
+        write_report(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Sensitivity":
@@ -74,7 +74,8 @@ class Sensitivity:
         if not Path(path).is_file():
             raise InputError(f"sensitivity file {path} does not exist; run "
                              "`tools/spd.py sensitivity --json PATH` first")
-        d = read_json_object(path, "a sensitivity sweep (tools/spd.py sensitivity --json)")
+        d = unmark_report(read_json_object(path, "a sensitivity sweep (tools/spd.py "
+                                                 "sensitivity --json)"))
         fields = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING}

@@ -37,7 +37,7 @@ from ..checkpoint.save import check_output_dir, save_checkpoint
 from ..core.plan import SPDPlan
 from ..data import texts as data
 from ..errors import InputError, MetricError, check_context, check_finite
-from ..files import atomic_write_json
+from ..files import write_report
 from ..loading.run_config import RunConfig
 from ..loading.sources import dense_origin
 from ..options import option
@@ -269,7 +269,7 @@ class FinetuneJob:
                  f"{report['held_out_ppl_after']:.2f}); saved {out}")
         if is_rank0():
             if self.run.json_out is not None:
-                atomic_write_json(self.run.json_out, report)
+                write_report(self.run.json_out, report)
             if plot is not None:
                 plot_curves(self.history, evals, plot)
         return report

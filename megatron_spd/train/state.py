@@ -25,6 +25,7 @@ import torch
 from megatron.core import parallel_state
 
 from ..checkpoint.save import save_checkpoint
+from ..convert.safe_load import load_torch
 from ..errors import SPDError
 from ..files import atomic_write_json, atomic_write_with, read_json_object
 from ..parallel.distributed import barrier, is_rank0
@@ -112,7 +113,7 @@ def load(ckpt: Path, trainer) -> dict[str, Any]:
         saved = sorted(p.name for p in (ckpt / TRAINER_DIR).glob("optim_tp*.pt"))
         raise ResumeError(f"{ckpt} was saved at TP={len(saved)}, this run has TP={tp}; the "
                           f"optimizer state is TP-sharded: resume with --tp {len(saved)}")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_torch(path)
     if blob["tp"] != tp:
         raise ResumeError(f"{ckpt} was saved at TP={blob['tp']}, this run has TP={tp}; resume "
                           f"with --tp {blob['tp']}")
