@@ -168,6 +168,8 @@ def run_ranks(fn: Callable, world: int, *args: Any, tp: int | None = None,
         if exited:
             raise RuntimeError(f"ranks {exited} exited with codes "
                                f"{[group.procs[r].exitcode for r in exited]}")
+        # the ranks' return values (any picklable object), written by our own rank processes
+        # into this call's private temporary directory: never a file passed in by a user
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
