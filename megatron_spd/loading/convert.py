@@ -96,14 +96,16 @@ def format_summary(s: dict[str, Any]) -> str:
                          if k in ("tp", "to", "out", "serves", "seconds")))
 
 
-def check_finite_weights(named: Iterable[tuple[str, Any]], source: Optional[str]) -> None:
-    """Raise ConversionError naming the first weight holding NaN or inf (on any rank: every
-    rank calls it with its shards and all raise together), so damaged weights are refused at
-    conversion instead of becoming a checkpoint that reports ``perplexity nan``."""
+def check_finite_weights(named: Iterable[tuple[str, Any]], source: Optional[str], *,
+                         across_ranks: bool = True) -> None:
+    """Raise ConversionError naming the first weight holding NaN or inf, so damaged weights are
+    refused at conversion instead of becoming a checkpoint that reports ``perplexity nan``.
+    ``across_ranks``: every rank calls it with its shards and all raise together; False for
+    full weights that one rank may check alone (the HF export)."""
     import torch.distributed as dist
 
     bad = next((name for name, t in named if not bool(torch.isfinite(t.detach()).all())), None)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if across_ranks and dist.is_initialized() and dist.get_world_size() > 1:
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, bad)
         bad = next((b for b in found if b), None)
@@ -136,7 +138,7 @@ def to_hf(source: Optional[str], out: str | Path, *, tokenizer: Optional[str] = 
     check_output(out, HF_OUTPUT, overwrite=overwrite)
     t0 = time.perf_counter()
     cfg, full, tok, plan = load_weights(source, tokenizer=tokenizer, verify=verify)
-    check_finite_weights(full.items(), source)
+    check_finite_weights(full.items(), source, across_ranks=False)
     out = Path(out).absolute()
     need = sum(t.numel() for t in full.values()) * getattr(torch, dtype).itemsize
     check_space(out, need)
