@@ -33,10 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..files import atomic_write_json, read_json_object
+from ..core.plan import SPDPlan
+from ..errors import InputError
+from ..evaluate.closeness import line
+from ..evaluate.run import EvalConfig, evaluate_source
+from ..files import atomic_write_json, read_json_object, save_figure
 from ..loading.run_config import RunConfig
 from ..options import option
 from ..parallel import distributed
+from ..train.loop import FinetuneConfig, finetune
+from . import run as recipe
 from .autoplan import CompensationConfig
 from .distill import B2BConfig
 from .run import Calibration
@@ -87,16 +93,12 @@ class RecoverConfig:
 
     def finetune_config(self):
         """The end-to-end stage as tools/finetune.py's config (docs/recovery.md's flags)."""
-        from ..train.loop import FinetuneConfig
-
         return FinetuneConfig(steps=self.e2e_steps, seq_len=self.e2e_seq_len,
                               micro_batch=self.e2e_micro_batch, lr=self.e2e_lr,
                               warmup_steps=self.e2e_warmup_steps, distill=1.0, eval_samples=8,
                               save_interval=self.e2e_save_interval)
 
     def eval_config(self, calib: Calibration):
-        from ..evaluate.run import EvalConfig
-
         return EvalConfig(tasks="none", ppl_source=self.eval_text or calib.source,
                           ppl_split="eval", text_field=calib.text_field,
                           ppl_tokens=self.eval_tokens, ppl_ctx=self.eval_ctx)
@@ -160,16 +162,12 @@ class _Stages:
 def _brief(result: dict[str, Any]) -> str:
     c = result.get("closeness")
     if c:
-        from ..evaluate.closeness import line
-
         return line(c)
     return ", ".join(f"{k} {v}" for k, v in result.items() if isinstance(v, (int, float, str)))
 
 
 def _closeness(work: Path, run: RunConfig, ev, name: str) -> dict[str, Any]:
     """Closeness of ``run``'s model (source and plan) to the dense reference."""
-    from ..evaluate.run import evaluate_source
-
     report = evaluate_source(run.replace(json_out=work / f"{name}.eval.json"), ev,
                              baseline=work / "dense.json")
     return {"closeness": report["closeness"], "ppl": report["ppl"]}
@@ -181,8 +179,6 @@ def plot(state: dict[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..files import save_figure
 
     rows = [(n, s["result"]["closeness"]) for n, s in state["stages"].items()
             if "closeness" in s["result"]]
@@ -212,8 +208,6 @@ def recover_all(work: str | Path, cfg: RecoverConfig = RecoverConfig(),
     (also written to ``run.json_out``; with ``command``, the command line that ran it, when
     given). ``run.source`` (None: SmolLM2-135M) must be the dense model; ``run.plan`` is not
     used (the stages make theirs)."""
-    from . import run as recipe
-
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     dense = run.replace(plan=None, json_out=None, overwrite=True)
@@ -265,7 +259,6 @@ def _summary(report: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 def _every_block(work: Path, strategy: str, compensation: CompensationConfig) -> dict[str, Any]:
     """The plan with every block SPD by ``strategy``: no sweep needed (the dense model's L and G
     from the reference stage's report)."""
-    from ..core.plan import SPDPlan
 
     dense = SPDPlan.from_dict(read_json_object(work / "dense.json", "the reference report")
                               ["plan"])
@@ -282,9 +275,6 @@ def _every_block(work: Path, strategy: str, compensation: CompensationConfig) ->
 
 
 def _reference(work: Path, dense: RunConfig, ev) -> dict[str, Any]:
-    from ..errors import InputError
-    from ..evaluate.run import evaluate_source
-
     report = evaluate_source(dense.replace(json_out=work / "dense.json"), ev)
     if report["spd_ratio"] != 0:
         raise InputError(f"the source's own plan is {report['spd_ratio']:.0%} SPD; recover "
@@ -294,8 +284,6 @@ def _reference(work: Path, dense: RunConfig, ev) -> dict[str, Any]:
 
 def _blockwise(work: Path, dense: RunConfig, calib: Calibration, b2b: B2BConfig, ev
                ) -> dict[str, Any]:
-    from . import run as recipe
-
     recipe.run_recover(work / "plan.json", work / "blockwise", dense, calib, b2b=b2b)
     return _closeness(work, dense.replace(source=work / "blockwise"), ev, "blockwise")
 
@@ -305,8 +293,6 @@ def _end_to_end(work: Path, dense: RunConfig, cfg: RecoverConfig, calib: Calibra
     """The fine-tune resumes from its training checkpoints in a directory named by the stage's
     digest, so a run from other settings or another block-wise model never resumes them. It
     trains on the calibration source's ``train`` split."""
-    from ..train.loop import finetune
-
     ft = cfg.finetune_config()
     start = dense.replace(source=work / "blockwise",
                           json_out=work / "end-to-end.finetune.json")
