@@ -66,17 +66,21 @@ def _assert_refused(code: int, err: str, marker: Path, where: str) -> None:
 
 # ----- 1. no code runs from a checkpoint ---------------------------------------------------------
 
-@pytest.mark.parametrize("tool", ["evaluate", "generate", "convert"])
-def test_common_pt_payload_never_runs(tiny, tmp_path, capsys, tool):
-    ck, marker = _copy(tiny, tmp_path), tmp_path / "MARKER"
-    _common_payload(ck, marker)
-    argv = {"evaluate": ("evaluate", "--ckpt", str(ck), "--tasks", "none", "--ppl-ctx", "32",
+def _route(tool: str, ck: Path, tiny, tmp_path: Path) -> tuple[str, ...]:
+    """The command line of each route that opens checkpoint ``ck``."""
+    return {"evaluate": ("evaluate", "--ckpt", str(ck), "--tasks", "none", "--ppl-ctx", "32",
                          "--ppl-text", str(tiny["text"])),
             "generate": ("generate", "--ckpt", str(ck), "--prompt", "w3 w4", "--max-new-tokens",
                          "2", "--no-stream"),
             "convert": ("convert_checkpoint", "--mcore", str(ck), "--to", "hf", "--out",
                         str(tmp_path / "hf"))}[tool]
-    code, err = run_tool(*argv, capsys=capsys)
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "generate", "convert"])
+def test_common_pt_payload_never_runs(tiny, tmp_path, capsys, tool):
+    ck, marker = _copy(tiny, tmp_path), tmp_path / "MARKER"
+    _common_payload(ck, marker)
+    code, err = run_tool(*_route(tool, ck, tiny, tmp_path), capsys=capsys)
     _assert_refused(code, err, marker, "common.pt")
     assert "eval" in _one_line(err)  # names the global it refused
 
@@ -105,11 +109,7 @@ def _metadata_payload(ck: Path, marker: Path) -> None:
 def test_dcp_metadata_payload_never_runs(tiny, tmp_path, capsys, tool):
     ck, marker = _copy(tiny, tmp_path), tmp_path / "MARKER"
     _metadata_payload(ck, marker)
-    argv = {"evaluate": ("evaluate", "--ckpt", str(ck), "--tasks", "none", "--ppl-ctx", "32",
-                         "--ppl-text", str(tiny["text"])),
-            "convert": ("convert_checkpoint", "--mcore", str(ck), "--to", "hf", "--out",
-                        str(tmp_path / "hf"))}[tool]
-    code, err = run_tool(*argv, capsys=capsys)
+    code, err = run_tool(*_route(tool, ck, tiny, tmp_path), capsys=capsys)
     _assert_refused(code, err, marker, ".metadata")
     assert "builtins.eval" in _one_line(err)
     assert not (tmp_path / "hf").exists()
