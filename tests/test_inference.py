@@ -174,6 +174,9 @@ def _tiny_checks() -> dict:
     k = next(i for i in range(1, len(ref)) if ref[i] not in ref[:i])
     res = generate_ids(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=6), eos_id=ref[k])[0]
     out["eos"] = (ref[:k], res.tokens, res.finish_reason)
+    # a caller's stop rule: prompt 1 stops after its third token, prompt 0 runs on
+    res = generate_ids(model, PROMPTS[:2], greedy, stop=lambda i, ids: i == 1 and len(ids) == 3)
+    out["stop_rule"] = [(x.tokens, x.finish_reason) for x in res]
     # context end: a 29-token prompt in a 32-token context gets 3 tokens
     res = generate_ids(model, [list(range(1, 30))], greedy)[0]
     out["context"] = (len(res.tokens), res.finish_reason)
@@ -232,6 +235,8 @@ def test_tiny_tp2_cache_batching_sampling_and_sync_points():
     before_eos, tokens, reason = r0["eos"]
     assert tokens == before_eos and reason == "eos", r0["eos"]
     assert r0["context"] == (3, "context")
+    alone = r0["spd"]["alone"]
+    assert r0["stop_rule"] == [(alone[0], "length"), (alone[1][:3], "stop")], r0["stop_rule"]
     assert r0["sampled"] == r1["sampled"] == r0["sampled_alone"]
     assert r0["sampled"] != r0["sampled_seed4"]
     for (text, _, _, n), streamed in zip(r0["text"], (r0["streamed"][0], r0["streamed"][1])):

@@ -41,11 +41,32 @@ ITEMS = 2
 ROLL_CTX, ROLL_TOKENS = 64, 256
 LL_ATOL = 1e-4
 PROMPTS = ["Question: what is the capital of France?\nAnswer:", "The"]
-GEN_KWARGS = {"until": ["e"], "max_gen_toks": 12, "do_sample": False}
+GEN_KWARGS = {"max_gen_toks": 12, "do_sample": False}  # "until": a token greedy decoding makes
+STOP_AT = 3  # the stop string is the text of prompt 0's fourth greedy token
 
 
 def _worker(sd, plans):
-    """Both routes for each plan at the current TP, and the rolling log-likelihood."""
+    """Both routes for each plan at the current TP, and the rolling log-likelihood; the
+    backend's generation calls are recorded to see where each row stopped decoding."""
+    import megatron_spd.integrations.lm_eval as backend
+    from megatron_spd.inference import generate_ids
+
+    finished = []  # what the backend's generate_ids calls returned: (tokens, finish_reason)
+
+    def recorded(*args, **kwargs):
+        results = generate_ids(*args, **kwargs)
+        finished.extend((len(r.tokens), r.finish_reason) for r in results)
+        return results
+
+    backend.generate_ids = recorded  # undone below: the rank processes are reused
+    try:
+        return _both_routes(sd, plans, finished)
+    finally:
+        backend.generate_ids = generate_ids
+
+
+def _both_routes(sd, plans, finished):
+    """``_worker``'s results (``finished`` fills with the backend's generation outcomes)."""
     import torch
     from lm_eval.api.instance import Instance
 
@@ -81,13 +102,20 @@ def _worker(sd, plans):
             "ours_prefixed": perplexity(model, None, prefixed, ctx=ROLL_CTX + 1,
                                         stride=ROLL_CTX, desc=None),
             "ours_default": perplexity(model, None, tokens, ctx=ROLL_CTX, desc=None),
-            "lm_generate": SPDLM(loaded=loaded, batch_size=2).generate_until(
-                [Instance("generate_until", {}, (p, dict(GEN_KWARGS)), i)
+        }
+        ours = generate_ids(model, [tok.encode(p) for p in PROMPTS],
+                            GenerationConfig(max_new_tokens=GEN_KWARGS["max_gen_toks"]),
+                            eos_id=tok.eos_id)
+        stop = tok.decode(ours[0].tokens[STOP_AT:STOP_AT + 1])
+        finished.clear()
+        out[name].update(
+            stop=stop, ours_tokens=[r.tokens for r in ours],
+            ours_generate=[tok.decode(r.tokens) for r in ours],
+            ours_finished=[(len(r.tokens), r.finish_reason) for r in ours],
+            lm_generate=SPDLM(loaded=loaded, batch_size=2).generate_until(
+                [Instance("generate_until", {}, (p, {**GEN_KWARGS, "until": [stop]}), i)
                  for i, p in enumerate(PROMPTS)]),
-            "ours_generate": [tok.decode(r.tokens) for r in generate_ids(
-                model, [tok.encode(p) for p in PROMPTS],
-                GenerationConfig(max_new_tokens=GEN_KWARGS["max_gen_toks"]),
-                eos_id=tok.eos_id)]}
+            lm_finished=list(finished))
     return out
 
 
@@ -144,7 +172,19 @@ def test_rolling_loglikelihood_equals_prefixed_windows(results, plan):
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_generate_until_is_greedy_generation_cut_at_the_stop_string(results, plan):
     r = results["tp2"][0][plan]
-    assert r["lm_generate"] == [text.split("e")[0] for text in r["ours_generate"]]
+    stop = r["stop"]
+    assert r["lm_generate"] == [text.split(stop)[0] for text in r["ours_generate"]]
+    # a row stops decoding at the first token whose text completes the stop string: the
+    # backend generated exactly that many tokens (not max_gen_toks), else ran as ours did
+    from toy_tokenizer import ByteTokenizer
+
+    decode = ByteTokenizer().decode
+    want = []
+    for ids, ours in zip(r["ours_tokens"], r["ours_finished"]):
+        n = next((n for n in range(1, len(ids) + 1) if stop in decode(ids[:n])), None)
+        want.append(ours if n is None else (n, "stop"))
+    assert r["lm_finished"] == want, (r["lm_finished"], r["ours_generate"], stop)
+    assert want[0][0] <= STOP_AT + 1 < GEN_KWARGS["max_gen_toks"] and want[0][1] == "stop"
     assert results["tp2"][1][plan]["lm_generate"] == r["lm_generate"], "ranks agree"
 
 

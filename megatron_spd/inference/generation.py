@@ -1,6 +1,6 @@
 """Text generation on the KV-cache steps (steps.py): ``generate(model, tokenizer, prompts,
 GenerationConfig, stream=...)`` and its token-level core ``generate_ids``: batching, sampling,
-stop on EOS / max tokens / context end, streaming on rank 0 (streaming.py), time to first token
+stop on EOS / a caller's stop rule / max tokens / context end, streaming on rank 0 (streaming.py), time to first token
 and time per output token. Call on every TP rank with the same arguments.
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ class GenerationConfig:
 @dataclass
 class GenerationResult:
     """One prompt's output. ``tokens`` excludes the prompt and a final EOS; ``finish_reason`` is
-    ``eos``, ``length`` (max_new_tokens) or ``context`` (the model's context is full).
+    ``eos``, ``stop`` (the caller's stop rule), ``length`` (max_new_tokens) or ``context`` (the
+    model's context is full).
     ``ttft_s``: from the start of its batch's prefill to its first token; ``tpot_s``: mean time
     per later token (None with fewer than two tokens)."""
 
@@ -72,6 +73,8 @@ class GenerationResult:
 
 
 TokenCallback = Callable[[int, int], None]   # (prompt index, token id), every rank
+# (prompt index, tokens generated so far) -> stop this prompt now; every rank, same answer
+StopRule = Callable[[int, Sequence[int]], bool]
 
 
 def _check_prompts(prompt_ids: Sequence[Sequence[int]], context_len: int, vocab: int) -> None:
@@ -141,13 +144,17 @@ def check_cache_fits(model, rows: int, seq_len: int) -> None:
 
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig, *,
                  eos_id: Optional[int] = None, on_token: Optional[TokenCallback] = None,
-                 indices: Optional[Sequence[int]] = None) -> list[GenerationResult]:
+                 indices: Optional[Sequence[int]] = None,
+                 stop: Optional[StopRule] = None) -> list[GenerationResult]:
     """Generate after each token-id prompt; returns one GenerationResult per prompt (in order).
 
     Call on every TP rank with the same arguments; all ranks return the same results.
     ``on_token(prompt_index, token_id)`` is called on every rank as tokens are produced.
     ``indices``: the prompts' indices in a larger job (default 0..n-1); they name the prompts in
     callbacks and seed their samplers, so a prompt's output does not depend on how a job is split.
+    ``stop(prompt_index, tokens)`` is asked after each new token (kept) whether the prompt is done
+    (finish_reason "stop"), e.g. once its text holds a stop string: a finished row stops decoding
+    instead of running to ``max_new_tokens``. It must answer the same on every rank.
     A rank that dies makes the others raise GenerationError (within the torch.distributed
     timeout at worst) instead of hanging.
     """
@@ -170,7 +177,7 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], config: GenerationC
             cache.reset()
             _generate_batch(model, cache, results[start:start + size],
                             indices[start:start + size], config,
-                            eos_id if config.stop_on_eos else None, context_len, on_token)
+                            eos_id if config.stop_on_eos else None, context_len, on_token, stop)
     except Exception as exc:
         if _peer_failure(exc):
             cause = (str(exc).strip().splitlines() or [""])[0][:300]  # the message is one line
@@ -185,7 +192,7 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], config: GenerationC
 
 def _generate_batch(model, cache: KVCache, batch: list[GenerationResult], indices: list[int],
                     config: GenerationConfig, eos_id: Optional[int], context_len: int,
-                    on_token: Optional[TokenCallback]) -> None:
+                    on_token: Optional[TokenCallback], stop: Optional[StopRule]) -> None:
     dev = compat.device()
     lengths = [len(r.prompt_tokens) for r in batch]
     width = max(lengths)
@@ -214,7 +221,9 @@ def _generate_batch(model, cache: KVCache, batch: list[GenerationResult], indice
                 r.tpot_s = (now - start - r.ttft_s) / (len(r.tokens) - 1)
             if on_token is not None:
                 on_token(indices[row], tok)
-            if len(r.tokens) < budgets[row]:
+            if stop is not None and stop(indices[row], r.tokens):
+                r.finish_reason = "stop"
+            elif len(r.tokens) < budgets[row]:
                 still.append(row)
             else:
                 r.finish_reason = "length" if budgets[row] == config.max_new_tokens else "context"

@@ -158,10 +158,17 @@ class SPDLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
+    def _holds_stop(self, ids, stops: list[str]) -> bool:
+        """Whether the text of the generated ``ids`` holds a stop string (decoded whole: a stop
+        string may span tokens, and a token's text can depend on its neighbours)."""
+        text = self.tokenizer.decode(list(ids))
+        return any(stop in text for stop in stops)
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Requests with the same generation arguments run as one ``generate_ids`` job (batches
-        of ``batch_size``); each output is cut at its first stop string (lm-eval's ``until``
-        plus the EOS text). Contexts are left-truncated to leave room for ``max_gen_toks``."""
+        of ``batch_size``); a row stops decoding once its text holds a stop string (lm-eval's
+        ``until`` plus the EOS text) and is cut there. Contexts are left-truncated to leave room
+        for ``max_gen_toks``."""
         eos_text = self.tokenizer.decode([self.eot_token_id])
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -184,12 +191,13 @@ class SPDLM(TemplateLM):
                 max_batch_size=self.batch_size)
             prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id]
                        for i in indices]
-            results = generate_ids(self.model, prompts, config, eos_id=self.eot_token_id)
+            stops = [s for s in until if s]
+            results = generate_ids(self.model, prompts, config, eos_id=self.eot_token_id,
+                                   stop=lambda _, ids: self._holds_stop(ids, stops))
             for i, res in zip(indices, results):
                 text = self.tokenizer.decode(res.tokens)
-                for stop in until:
-                    if stop:
-                        text = text.split(stop)[0]
+                for stop in stops:
+                    text = text.split(stop)[0]
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
             bar.update(len(indices))
