@@ -388,3 +388,80 @@ def args_from_config_for_mlm(**kw):
     args = args_from_config(CFG, PLAN, tp=2)
     vars(args).update(context_parallel_size=1, **kw)
     return args
+
+
+def megatron_lm_env_first() -> None:
+    from tests.megatron_lm_runs import megatron_lm_env
+
+    megatron_lm_env()
+
+
+def megatron_lm_loads_te_checkpoint(work: str) -> None:
+    """Run in a subprocess whose path starts with the patched Megatron-LM copy: a dense TE
+    checkpoint (TP=1) loaded by Megatron-LM with --use-checkpoint-args --transformer-impl local
+    --spd-plan, against the SPD model built from the same weights. Results: work/te.json."""
+    import json
+
+    megatron_lm_env_first()
+    import pretrain_gpt
+    from megatron.training import checkpointing
+
+    from megatron_spd.checkpoint.args import args_from_config
+    from megatron_spd.core.sharding import load_full_state_dict
+    from megatron_spd.core.spec import build_model
+    from megatron_spd.integrations.megatron_lm import add_arguments
+    from megatron_spd.parallel import distributed
+    from tests.megatron_lm_runs import build_with_gpt_builder, megatron_args
+
+    work = Path(work)
+    distributed.init(1)
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=False)  # Megatron-LM's usual --untie
+    full = random_full_state_dict(cfg, seed=13)
+    local = build_model(cfg)
+    load_full_state_dict(local, full)
+    te = build_te_model(cfg)
+    state = {_te_name(k): v for k, v in local.state_dict().items()}
+    state.update({k: v for k, v in te.state_dict().items() if k.endswith("_extra_state")})
+    te.load_state_dict(state, strict=True)
+    args = args_from_config(cfg, None, tp=1)
+    args.transformer_impl = "transformer_engine"
+    save_like_megatron_lm(te, work / "te", args, iteration=3)
+    PLAN.save(work / "plan.json")
+    direct = build_model(cfg, PLAN)
+    load_full_state_dict(direct, full)
+
+    mlm = megatron_args(["--load", str(work / "te"), "--use-checkpoint-args", "--finetune",
+                         "--spd-plan", str(work / "plan.json")],
+                         getattr(pretrain_gpt, "extra_args_provider", add_arguments))
+    model = build_with_gpt_builder(mlm)
+    checkpointing.load_checkpoint([model], None, None, strict=True)
+    out = {"layers": [type(m).__name__ for m in model.decoder.layers],
+           "impl": mlm.transformer_impl,
+           "vs_direct": (_logits(model) - _logits(direct)).abs().max().item(),
+           "spd_vs_dense": (_logits(direct) - _logits(te)).abs().max().item()}
+    (work / "te.json").write_text(json.dumps(out))
+
+
+def test_patched_megatron_lm_loads_te_checkpoint_with_spd_plan(tmp_path):
+    """MEGATRON_LM_DIR only (tests/test_patches.py): patched Megatron-LM opens the dense TE
+    checkpoint under --transformer-impl local with a plan; logits equal the SPD model built
+    from the same weights (fp32, |d| <= 1e-6)."""
+    import json
+
+    from tests.test_patches import (
+        _megatron_lm_copy,
+        _megatron_lm_dir,
+        _patch_for,
+        _run_in,
+    )
+
+    src = _megatron_lm_dir()
+    work = tmp_path / "work"
+    work.mkdir()
+    _run_in(_megatron_lm_copy(src, tmp_path / "patched", _patch_for(src)),
+            "tests.test_te_checkpoint", "megatron_lm_loads_te_checkpoint", work)
+    out = json.loads((work / "te.json").read_text())
+    print(f"\nMegatron-LM (TE checkpoint, --spd-plan) vs SPD built directly: {out['vs_direct']:.1e}")
+    assert out["impl"] == "local"
+    assert out["layers"] == ["TransformerLayer", "SPDTransformerLayer", "SPDTransformerLayer"]
+    assert out["vs_direct"] <= 1e-6 and out["spd_vs_dense"] > 1e-3
