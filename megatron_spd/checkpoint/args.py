@@ -9,6 +9,9 @@ own, and we read Megatron-LM's with the inverse mapping. The SPD plan travels in
 
 ``MODEL_FIELDS`` is the whole mapping: one line per ModelConfig field (a test fails when a field has
 none). Arguments the SPD model cannot express are refused by ``_UNSUPPORTED`` when reading.
+``transformer_impl`` is not one of them: a ``transformer_engine`` run stores its weights under
+the same sharded keys as the local spec (tests/test_te_checkpoint.py), so its checkpoint reads
+as any other; ours always say ``local``, which SPD blocks need in Megatron-LM.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ _DEFAULTS: dict[str, Any] = {
     "rotary_base": 10000, "rotary_percent": 1.0, "rotary_interleaved": False,
     "apply_layernorm_1p": False, "qk_layernorm": False, "num_experts": None,
     "multi_latent_attention": False, "use_rope_scaling": False, "rope_scaling_factor": 8.0,
-    "spd_sliding_window": None, "mtp_num_layers": None,
+    "spd_sliding_window": None, "window_size": None, "mtp_num_layers": None,
     "heterogeneous_layers_config_encoded_json": None, "is_hybrid_model": False,
     "experimental_attention_variant": None, "tensor_model_parallel_size": 1,
     "pipeline_model_parallel_size": 1, PLAN_ARG: None,
@@ -123,6 +126,10 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "heterogeneous layer configs are not supported"),
     ("experimental_attention_variant", lambda v: not v,
      "experimental attention variants are not supported"),
+    # --window-size: sliding-window attention of a (Transformer Engine) run; our sliding window
+    # is spd_sliding_window only, so reading it as full attention would change the model
+    ("window_size", lambda v: v is None,
+     "--window-size sliding-window attention is not supported"),
     ("position_embedding_type", lambda v: v in ("rope", "learned_absolute"),
      "only rope and learned_absolute position embeddings are supported"),
 )

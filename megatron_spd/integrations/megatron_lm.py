@@ -99,7 +99,10 @@ def _unsupported(args: Any) -> list[str]:
         (getattr(args, "use_legacy_models", False), "drop --use-legacy-models (SPD blocks are "
          "megatron-core layers)"),
         (getattr(args, "transformer_impl", "local") != "local",
-         "pass --transformer-impl local (SPD layers subclass the local linears)"),
+         ("pass --transformer-impl local: SPD layers subclass megatron-core's local linears "
+          "(SPD blocks on Transformer Engine linears are not built yet); a dense checkpoint "
+          "trained with --transformer-impl transformer_engine loads under it as it is (both "
+          "store the same sharded keys)")),
         (getattr(args, "spec", None) is not None, "drop --spec: the plan chooses the layer specs"),
         (getattr(args, "pipeline_model_parallel_size", 1) != 1,
          "pipeline parallelism is not supported: use --pipeline-model-parallel-size 1"),
