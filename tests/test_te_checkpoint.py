@@ -370,6 +370,25 @@ def test_te_args_read_and_what_is_refused():
         config_from_args(args, "ckpt")
 
 
+@pytest.mark.parametrize("name,value,flag", [
+    ("softmax_type", "learnable", "--softmax-type"), ("qk_l2_norm", True, "--qk-l2-norm"),
+    ("attention_output_gate", True, "--attention-output-gate"),
+    ("no_rope_freq", [0, 1, 0, 1], "--no-rope-freq"),
+    ("apply_residual_connection_post_layernorm", True,
+     "--apply-residual-connection-post-layernorm"), ("use_mup", True, "--use-mup")])
+def test_model_changing_megatron_lm_arguments_are_refused(name, value, flag):
+    """Architecture arguments of Megatron-LM 0.19 (built from TransformerConfig fields) that our
+    model cannot express: a checkpoint carrying one is refused naming the flag, never read as
+    the plain model; their defaults (what older checkpoints lack) read as before."""
+    from megatron_spd.checkpoint.args import args_from_config, config_from_args
+
+    args = args_from_config(CFG, PLAN, tp=2)
+    assert config_from_args(args, "ckpt") == CFG
+    setattr(args, name, value)
+    with pytest.raises(ValueError, match=f"ckpt: .*{flag}.*{name}="):
+        config_from_args(args, "ckpt")
+
+
 def test_spd_under_transformer_engine_says_what_to_pass():
     """Megatron-LM with --spd-plan and --transformer-impl transformer_engine is refused at
     start-up, naming the flag and that a TE-trained dense checkpoint loads under it."""

@@ -42,6 +42,9 @@ _DEFAULTS: dict[str, Any] = {
     "apply_layernorm_1p": False, "qk_layernorm": False, "num_experts": None,
     "multi_latent_attention": False, "use_rope_scaling": False, "rope_scaling_factor": 8.0,
     "spd_sliding_window": None, "window_size": None, "mtp_num_layers": None,
+    "softmax_type": "vanilla", "qk_l2_norm": False, "attention_output_gate": False,
+    "no_rope_freq": None, "apply_residual_connection_post_layernorm": False,
+    "use_mup": False,
     "heterogeneous_layers_config_encoded_json": None, "is_hybrid_model": False,
     "experimental_attention_variant": None, "tensor_model_parallel_size": 1,
     "pipeline_model_parallel_size": 1, PLAN_ARG: None,
@@ -130,6 +133,16 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     # is spd_sliding_window only, so reading it as full attention would change the model
     ("window_size", lambda v: v is None,
      "--window-size sliding-window attention is not supported"),
+    # TransformerConfig fields Megatron-LM 0.19 turns into arguments (its args groups are built
+    # from the dataclass; training.py reads args.attention_output_gate): each changes the model
+    ("softmax_type", lambda v: v == "vanilla",
+     "only the vanilla softmax is supported (--softmax-type)"),
+    ("qk_l2_norm", lambda v: not v, "--qk-l2-norm is not supported"),
+    ("attention_output_gate", lambda v: not v, "--attention-output-gate is not supported"),
+    ("no_rope_freq", lambda v: not v, "--no-rope-freq (NoPE layers) is not supported"),
+    ("apply_residual_connection_post_layernorm", lambda v: not v,
+     "--apply-residual-connection-post-layernorm is not supported"),
+    ("use_mup", lambda v: not v, "muP scaling (--use-mup) is not supported"),
     ("position_embedding_type", lambda v: v in ("rope", "learned_absolute"),
      "only rope and learned_absolute position embeddings are supported"),
 )
