@@ -26,10 +26,14 @@ engine needs; on a GPU nothing is changed. CUDA graphs stay off: SPD layers refu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
+import multiprocessing
+import time
+import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -175,18 +179,22 @@ class DynamicEngine:
             hostname=host)
         try:
             if rank0:
-                start_text_gen_server(coordinator_addr=address, tokenizer=self.tokenizer, rank=0,
-                                      server_port=port, parsers=[], num_replicas=replicas,
-                                      hostname=host)
+                with _forked_server_workers():
+                    start_text_gen_server(coordinator_addr=address, tokenizer=self.tokenizer,
+                                          rank=0, server_port=port, parsers=[],
+                                          num_replicas=replicas, hostname=host)
             if client is None:
                 await engine.engine_loop_task
                 return None
-            answer, control = None, None
-            if rank0:
-                answer = await asyncio.to_thread(client, f"http://{host}:{port}")
+            answer = control = None
+            if rank0:  # the stop protocol runs even if the client fails: the other ranks wait
                 control = InferenceClient(address)
                 control.start()
-                control.pause_engines()
+                try:
+                    url = f"http://{host}:{port}"
+                    answer = await asyncio.to_thread(_when_healthy, client, url)
+                finally:
+                    control.pause_engines()
             await engine.wait_until(state.PAUSED)
             if rank0:
                 control.stop_engines()
@@ -194,12 +202,54 @@ class DynamicEngine:
             if rank0:
                 control.shutdown_coordinator()
                 control.stop()
-                engine.inference_coordinator_process.join(timeout=30)
             return answer
         finally:
             if rank0:
                 stop_text_gen_server()
+                coordinator = getattr(engine, "inference_coordinator_process", None)
+                if coordinator is not None:
+                    coordinator.join(timeout=_STARTUP_S)
+                    if coordinator.is_alive():
+                        coordinator.terminate()
             self.close()
+
+
+@contextlib.contextmanager
+def _forked_server_workers() -> Iterator[None]:
+    """megatron's server binds its socket once and hands it to its worker processes as a file
+    descriptor (text_generation_server.py:168-198, ``mp.Process`` with ``fd://``), which only a
+    forked child inherits. In a process whose default start method is spawn (e.g. one started by
+    torch.multiprocessing's spawn, as torchrun does not) the workers would find no socket; so
+    that module's ``mp`` is the fork context for the call."""
+    from megatron.core.inference.text_generation_server.dynamic_text_gen_server import (
+        text_generation_server as server)
+
+    default = server.mp
+    server.mp = multiprocessing.get_context("fork")
+    try:
+        yield
+    finally:
+        server.mp = default
+
+
+_STARTUP_S = 120  # the server processes import quart and megatron-core: seconds on a busy CPU
+
+
+def _when_healthy(client: Callable[[str], Any], url: str) -> Any:
+    """``client(url)`` once megatron's server answers ``GET /v1/health`` with 200 (its
+    processes start in the background, start_text_gen_server returns at once)."""
+    deadline = time.monotonic() + _STARTUP_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return client(url)
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"megatron's text generation server at {url} did not answer "
+                               f"/v1/health within {_STARTUP_S} s")
+        time.sleep(0.2)
 
 
 def build_engine(loaded: LoadedModel, *, max_sequence_length: Optional[int] = None,
