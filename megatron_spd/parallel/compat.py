@@ -5,6 +5,9 @@ handful of explicit, documented shims and does nothing but the stock seeding whe
 available, so GPU code paths stay the stock ones. Every line below names the megatron-core call site (0.16.1
 unless it says otherwise, under ``megatron/core/``) that needs it; API differences between
 releases are in mcore_versions.py; docs/megatron-core-on-cpu.md has the measurements.
+``apply_dynamic_inference()`` (opt-in, megatron-core 0.19's DynamicInferenceEngine; called by
+integrations/megatron_dynamic.py) adds the shims that engine needs, scoped to its modules, and a
+pure-torch stand-in for flash-attn's paged kernels; docs/megatron-lm.md says what runs with it.
 """
 from __future__ import annotations
 
