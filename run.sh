@@ -13,6 +13,7 @@ PY=${PYTHON:-python3}
 MCORE_OLDEST=0.16.1   # both ends of setup.py's range (>=0.16.1,<0.20) that CI tests
 MCORE_NEWEST=0.19.2
 EXTRAS=test,lm-eval   # .venv (also the demo's): lm-eval for the backend's agreement tests
+NEWEST_EXTRAS=test,megatron-server  # .venv-mcore-newest: megatron-core 0.19's engine and server
 pipq() { "$1/bin/pip" install -q --disable-pip-version-check "${@:2}"; }
 
 # $1: virtualenv; $2: megatron-core version to put in after the package; $3: the package's extras
@@ -53,7 +54,7 @@ case "$cmd" in
       .venv/bin/python -m pytest -q tests "$@" || rc=$?
     fi
     if [ "${MCORE:-both}" != oldest ]; then
-      setup_venv .venv-mcore-newest "$MCORE_NEWEST"
+      setup_venv .venv-mcore-newest "$MCORE_NEWEST" "$NEWEST_EXTRAS"
       echo "== megatron-core $MCORE_NEWEST (the vLLM tests ran in the first pass: their venv has its own)"
       MEGATRON_SPD_NO_VLLM=1 .venv-mcore-newest/bin/python -m pytest -q tests "$@" || rc=$?
     fi

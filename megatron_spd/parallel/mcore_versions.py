@@ -11,12 +11,14 @@ The CPU shims for 0.19's new CUDA-only call sites live with the others in ``comp
 |---|---|---|
 | ``mlp_submodules``: the local layer spec's MLP | ``ModuleSpec(MLP, submodules=MLPSubmodules)`` (to 0.17.x) | 0.18.0+: ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (models/gpt/gpt_layer_specs.py:541, transformer/mlp.py:389 at 0.19.0) |
 | ``logits_flag_holder``: ``materialize_only_last_token_logits`` | on the inference context (to 0.16.x) | 0.17.0+: on ``context.config``, an ``InferenceConfig`` (inference/contexts/base_context.py:15-19; read at models/gpt/gpt_model.py:742) |
+| ``dynamic_inference``: megatron's ``DynamicInferenceEngine`` built from an ``InferenceConfig`` | not served by this package (0.16.x: ``DynamicInferenceContext`` takes its sizes as arguments, no ``InferenceConfig``) | 0.19.0+: inference/config.py ``InferenceConfig``, inference/engines/dynamic_engine.py ``EngineState``/``wait_until``, inference/utils.py ``InferenceMode`` (tested on 0.19.2) |
 | ``read_embedded_common_state``: the non-sharded state (``args``) | ``common.pt`` written by ``save_common`` (to 0.18.x) | 0.19.0+: a ``ShardedObject("common_state")`` inside the torch_dist files (dist_checkpointing/serialization.py:439-445), read by ``load_common_state_dict`` (:206-236), which still prefers a ``common.pt`` |
 """
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 #: The legacy common-state file; our saves write it on every version (checkpoint.py), so a
@@ -70,3 +72,36 @@ def write_common_file(weights: Path) -> None:
 
     if not (weights / COMMON_FILE).is_file():
         torch.save(read_embedded_common_state(weights), weights / COMMON_FILE)
+
+
+def dynamic_inference() -> SimpleNamespace:
+    """megatron-core's dynamic inference classes, as megatron_spd.integrations.megatron_dynamic
+    uses them (0.19.x): ``InferenceConfig`` (inference/config.py, 0.17.0+), the
+    ``DynamicInferenceContext(model_config, inference_config)`` it sizes, ``GPTInferenceWrapper``,
+    ``TextGenerationController``, ``DynamicInferenceEngine`` with ``EngineState``/``wait_until``
+    (the coordinator's pause/stop protocol), ``SamplingParams`` and ``InferenceMode``
+    (inference/utils.py: the engine marks the process as inferring). Only 0.19.2 is tested; an
+    older release that lacks one of them is refused in one line."""
+    import megatron.core
+
+    try:
+        from megatron.core.inference.config import InferenceConfig
+        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+        from megatron.core.inference.engines.dynamic_engine import (DynamicInferenceEngine,
+                                                                    EngineState)
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
+            GPTInferenceWrapper)
+        from megatron.core.inference.sampling_params import SamplingParams
+        from megatron.core.inference.text_generation_controllers.text_generation_controller \
+            import TextGenerationController
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError as e:
+        raise ImportError(f"serving through megatron-core's DynamicInferenceEngine needs "
+                          f"megatron-core >= 0.19 (tested: 0.19.2); this is "
+                          f"{megatron.core.__version__} ({e})") from None
+    return SimpleNamespace(InferenceConfig=InferenceConfig, EngineState=EngineState,
+                           DynamicInferenceContext=DynamicInferenceContext,
+                           DynamicInferenceEngine=DynamicInferenceEngine,
+                           GPTInferenceWrapper=GPTInferenceWrapper, SamplingParams=SamplingParams,
+                           TextGenerationController=TextGenerationController,
+                           InferenceMode=InferenceMode)
