@@ -150,11 +150,17 @@ def _lm_eval(d):
         r = m["rolling"]
         out.update({f"items_{name}": items,
                     f"dll_{name}": max(c["max_abs_loglik_diff"] for c in t),
+                    f"close_{name}": min(c["closest_call_nats"] for c in t
+                                         if c["closest_call_nats"] is not None),
                     f"ppl_{name}": r["lm_eval"]["ppl"],
                     f"def_{name}": r["ours_default_ctx512"]["ppl"]})
     out["tokens"] = d["models"]["dense"]["rolling"]["tokens"]
     out["ratio"] = d["speed"]["ratio_lm_eval_over_ours"]
-    out["ours_rate"], out["lm_rate"] = (d["speed"]["items_per_s"][k] for k in ("ours", "lm_eval"))
+    out["ours_rate"], out["lm_rate"], out["backend_rate"] = (
+        d["speed"]["items_per_s"][k] for k in ("ours", "lm_eval", "lm_eval_backend_calls"))
+    out["backend_ratio"] = d["speed"]["ratio_backend_calls_over_ours"]
+    out["speed_items"], out["repeats"] = d["speed"]["items"], d["speed"]["repeats"]
+    out["load"] = d["speed"]["loadavg_1min_after"]
     return out
 
 
@@ -389,9 +395,12 @@ CLAIMS = [
           "ms/token at batch 1, {d4:.1f} vs {s4:.1f} at batch 4"),
     Claim("evaluation.md", DENSE, _dense_table, "{rows}"),
     Claim("evaluation.md", LM_EVAL, _lm_eval,
-          "dense and SPD, {items_dense} of {items_spd} items give the same acc and acc_norm"),
+          "dense {items_dense} of {items_dense} items and SPD {items_spd} of {items_spd} give "
+          "the same acc and acc_norm"),
     Claim("evaluation.md", LM_EVAL, _lm_eval,
           "difference is {dll_dense:.1e} nats (dense) and {dll_spd:.1e} (SPD)"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "{close_dense:.1e} nats (dense) and {close_spd:.1e} (SPD)"),
     Claim("evaluation.md", LM_EVAL, _lm_eval,
           "`loglikelihood_rolling` {ppl_dense:.4f} (dense) and {ppl_spd:.4f} (SPD)"),
     Claim("evaluation.md", LM_EVAL, _lm_eval,
@@ -399,6 +408,11 @@ CLAIMS = [
     Claim("evaluation.md", LM_EVAL, _lm_eval,
           "evaluator {ours_rate:.3f} items/s, lm-eval with the backend {lm_rate:.3f} items/s, "
           "**ratio {ratio:.2f}**"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "the same {speed_items} items, 30 of each task; each route {repeats} times"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval,
+          "methods alone the rate is {backend_rate:.3f} items/s, {backend_ratio:.2f}x ours"),
+    Claim("evaluation.md", LM_EVAL, _lm_eval, "Load average {load:.1f} after the run"),
     Claim("evaluation.md", DENSE, _dense_table, "**6-task average: {avg:.4f}**"),
     Claim("evaluation.md", DENSE, _dense_table,
           "**Perplexity {ppl:.3f}, {bpb:.4f} bits per byte**"),
