@@ -245,7 +245,7 @@ def evaluate_stage(key: str, ckpt: Optional[Path], args, env) -> dict[str, Any]:
         ppl = {name: perplexity(lm.model, lm.tokenizer, t, ctx=512, n_tokens=args.ppl_tokens,
                                 desc=f"ppl {name}")["ppl"] for name, t in texts.items()}
         if key == "dense" and env["dense_tasks"] is not None:
-            report = {"tasks": env["dense_tasks"], "source": args.dense_baseline}
+            report = {"tasks": env["dense_tasks"], "source": str(repo_path(args.dense_baseline))}
         else:
             report = run_evaluation(lm.model, lm.tokenizer, EvalConfig(
                 tasks=",".join(tasks), limit=args.limit, ppl_tokens=0))
@@ -320,18 +320,25 @@ def closeness_fields(path: Path) -> dict[str, Any]:
             "top1_se": round(w["top1_se"], 4), "closeness": c}
 
 
+def repo_path(path: str) -> Path:
+    """``path`` relative to the repository when it is inside it (what results may record)."""
+    p = Path(path).resolve()
+    return p.relative_to(ROOT) if p.is_relative_to(ROOT) else p
+
+
 def row_command(args, name: Optional[str] = None, ratio: Optional[float] = None) -> str:
     """The command that makes a row, with every flag it used (an end-to-end method also runs its
     base method; the dense row comes with any run)."""
-    base = Path(args.dense_baseline).resolve()
-    baseline = base.relative_to(ROOT) if base.is_relative_to(ROOT) else base
+    baseline = repo_path(args.dense_baseline)
     select = ""
     if name is not None:
         methods = ",".join(filter(None, (METHODS[name].base, name)))
         select = f"--methods {methods} --ratios {ratio:g} "
+    docs = repo_path(args.docs)
+    where = "" if docs == Path("docs/recovery") else f" --docs {docs}"
     return (f"python research/recovery.py {select}--groups {args.groups} --calib-len "
             f"{args.calib_len} --limit {args.limit} --ppl-tokens {args.ppl_tokens} "
-            f"--dense-baseline {baseline}")
+            f"--dense-baseline {baseline}{where}")
 
 
 def report(args, work: Path, docs: Path) -> None:

@@ -426,12 +426,18 @@ def _run_in(path: str, module: str, call: str, work: Path) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def test_megatron_lm_loads_serves_and_saves_our_checkpoints_and_unpatched_refuses(tmp_path):
-    src = _megatron_lm_dir()
+def run_patched(tmp_path: Path, module: str, call: str) -> Path:
+    """``module.call(work)`` in a patched copy of MEGATRON_LM_DIR; returns ``work``."""
     work = tmp_path / "work"
     work.mkdir()
-    _run_in(_megatron_lm_copy(src, tmp_path / "patched", _patch_for(src)),
-            "tests.test_patches", "megatron_lm_round_trip", work)
+    src = _megatron_lm_dir()
+    _run_in(_megatron_lm_copy(src, tmp_path / "patched", _patch_for(src)), module, call, work)
+    return work
+
+
+def test_megatron_lm_loads_serves_and_saves_our_checkpoints_and_unpatched_refuses(tmp_path):
+    src = _megatron_lm_dir()
+    work = run_patched(tmp_path, "tests.test_patches", "megatron_lm_round_trip")
     out = json.loads((work / "result.json").read_text())
     plan = ROUND_TRIP_PLAN
     print(f"\nMegatron-LM vs ours max|dlogits| {out['mlm_vs_ours']:.1e}; "

@@ -467,18 +467,9 @@ def test_patched_megatron_lm_loads_te_checkpoint_with_spd_plan(tmp_path):
     from the same weights (fp32, |d| <= 1e-6)."""
     import json
 
-    from tests.test_patches import (
-        _megatron_lm_copy,
-        _megatron_lm_dir,
-        _patch_for,
-        _run_in,
-    )
+    from tests.test_patches import run_patched
 
-    src = _megatron_lm_dir()
-    work = tmp_path / "work"
-    work.mkdir()
-    _run_in(_megatron_lm_copy(src, tmp_path / "patched", _patch_for(src)),
-            "tests.test_te_checkpoint", "megatron_lm_loads_te_checkpoint", work)
+    work = run_patched(tmp_path, "tests.test_te_checkpoint", "megatron_lm_loads_te_checkpoint")
     out = json.loads((work / "te.json").read_text())
     print(f"\nMegatron-LM (TE checkpoint, --spd-plan) vs SPD built directly: {out['vs_direct']:.1e}")
     assert out["impl"] == "local"
