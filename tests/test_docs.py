@@ -288,10 +288,9 @@ def _recovery200(ds) -> dict:
     ev = details["recipe_e2e@1"]["evaluation"]
 
     def part(lo, hi):
-        cut = {t: {**v, "correct": v["correct"][lo:hi], "n": hi - lo} for t, v in ev["tasks"].items()}
-        dense = {t: {**v, "correct": v["correct"][lo:hi], "n": hi - lo}
-                 for t, v in details["dense"]["tasks"].items()}
-        d = paired_difference(dense, cut)
+        def items(tasks):
+            return {t: {**v, "correct": v["correct"][lo:hi], "n": hi - lo} for t, v in tasks.items()}
+        d = paired_difference(items(details["dense"]["tasks"]), items(ev["tasks"]))
         return f"{100 * d['delta']:+.2f} +/- {100 * d['se']:.2f}"
 
     out = {"chg": f"{row['avg_change_points']:+.2f} +/- {row['se_points']:.2f}",
