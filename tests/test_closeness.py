@@ -103,6 +103,7 @@ def _worker(sd, sd_q):
                                         on_window=lambda t, x: [c(t, x) for c in cmps.values()])
         out[name] = {k: c.result() for k, c in cmps.items()}
         out[f"{name}_windows"] = {k: (c.kl, c.agree, c.dnll) for k, c in cmps.items()}
+        out[f"{name}_per_token"] = {k: c.per_token() for k, c in cmps.items()}
     out["tokens"] = data.token_stream(tok, texts, N_TOKENS)
     out["ref"] = refs[K]
     return out
@@ -179,6 +180,25 @@ def test_perturbed_model_equals_direct_computation(results, sd, sd_q):
     assert abs(topk["kl"] - full["kl"]) < 4 * topk["kl_se"]  # unbiased: within its s.e.
     assert full["ppl_ratio"] == pytest.approx(
         results["ppl_spd"]["ppl"] / results["ppl_dense"]["ppl"], rel=1e-6)
+
+
+def test_paired_change_of_two_models(results):
+    """b minus a on the same tokens: the difference of the two summaries, with the s.e. of the
+    per-token differences (exact arithmetic on float64 values, so 1e-9)."""
+    a, b = results["dense_per_token"][K], results["spd_per_token"][K]
+    d = closeness.paired_change(a, b)
+    for name, key in (("kl", "kl"), ("top1", "top1"), ("dnll", "ln_ppl_ratio")):
+        assert d[name] == pytest.approx(results["spd"][K][key] - results["dense"][K][key],
+                                        abs=1e-9), name
+    diff = b["kl"] - a["kl"]
+    assert d["kl"] > 0.01
+    assert d["kl_se"] == pytest.approx(diff.std().item() / math.sqrt(diff.numel()), rel=1e-9)
+    assert d["tokens"] == N_TOKENS - 1 and d["windows"] == len(results["spd_windows"][K][0])
+    assert 0 < d["kl_se"] and 0 < d["kl_se_windows"]
+    same = closeness.paired_change(b, b)
+    assert same["kl"] == 0 and same["kl_se"] == 0 and same["dnll_se_windows"] == 0
+    with pytest.raises(ValueError, match="different tokens"):
+        closeness.paired_change(a, {**b, "window": b["window"].flip(0)})
 
 
 def test_reference_file_round_trip_and_refusals(results, tmp_path):

@@ -232,6 +232,31 @@ class Comparison:
                 "kl_is": "exact" if p_rest == 0 else "unbiased estimate (top-k + sampled tail)"}
 
 
+    def per_token(self) -> dict[str, torch.Tensor]:
+        """The per-token values behind ``result`` (``kl``, ``top1``, ``dnll``, float64) and each
+        token's ``window`` index, for pairing two models on the same tokens (``paired_change``;
+        research/recovery.py saves them with safetensors beside a comparison's JSON)."""
+        return {"kl": torch.cat(self.kl).double(), "top1": torch.cat(self.agree).double(),
+                "dnll": torch.cat(self.dnll).double(),
+                "window": torch.cat([torch.full((len(k),), w) for w, k in enumerate(self.kl)])}
+
+
+def paired_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Model b minus model a on the same tokens, from two ``Comparison.per_token`` results:
+    ``kl``, ``top1`` and ``dnll`` (b's NLL minus a's: the log of their perplexity ratio), each
+    with its s.e. over tokens and over window means. Each model's own s.e. includes the spread of
+    the text both share; pairing removes it, so differences of a few thousandths of a nat show."""
+    if a.keys() != b.keys() or not torch.equal(a["window"], b["window"]):
+        raise InputError("the two comparisons scored different tokens; compare models scored "
+                         "against the same dense reference")
+    counts = torch.bincount(a["window"]).tolist()
+    out: dict[str, Any] = {"tokens": a["window"].numel(), "windows": len(counts)}
+    for name in ("kl", "top1", "dnll"):
+        diff = list(torch.split(b[name] - a[name], counts))
+        out[name], out[f"{name}_se"], out[f"{name}_se_windows"] = _mean_se(diff)
+    return out
+
+
 def _mean_se(per_window: list[torch.Tensor]) -> tuple[float, float, float]:
     """(mean over tokens, s.e. over tokens, s.e. over window means) of per-token values."""
     x = torch.cat(per_window).double()
