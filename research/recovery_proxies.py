@@ -35,8 +35,7 @@ from megatron_spd.loading.sources import load_weights
 from megatron_spd.parallel import distributed
 from megatron_spd.recipe import autoplan, distill
 from megatron_spd.train.loop import FinetuneConfig, finetune
-
-ROOT = Path(__file__).resolve().parents[1]
+from paths import ROOT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
