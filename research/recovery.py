@@ -523,7 +523,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax1.errorbar(xs, [r["avg_change_points"] for _, r in pts],
                      yerr=[r["se_points"] for _, r in pts], marker="o", capsize=3, label=m)
         ax2.plot(xs, [r["ppl"]["wikipedia_eval"] for _, r in pts], marker="o", label=m)
-    for y, what in ((-3.0, "100 % target"), (-1.5, "75 % target")):
+    for y, what in ((-1.0, "100 % goal (issue 24)"), (-0.5, "75 % goal")):
         ax1.axhline(y, color="gray", ls="--", lw=0.8)
         ax1.text(72, y + 0.2, what, fontsize=7, color="gray")
     ax1.axhline(0, color="black", lw=0.8)
@@ -536,9 +536,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.set_xlim(70, 105)
-    ax1.legend(fontsize=7, loc="lower left")
+    fig.legend(*ax1.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=1,
+               frameon=False)
     fig.suptitle("SmolLM2-135M, SPD with G=3: recovery methods")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * len(methods), 1, 1))
     save_figure(fig, path)
     plt.close(fig)
 
