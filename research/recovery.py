@@ -279,7 +279,8 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
         with Stage() as st:
             run = RunConfig(str(env["work"] / "ckpt" / base_key),
                             json_out=env["work"] / "train" / f"{key}.json")
-            report = finetune(run, method.finetune, out=out, data=env.get(method.data),
+            data = calibration_mix(env["work"]) if method.data == "mix" else None
+            report = finetune(run, method.finetune, out=out, data=data,
                               save_dir=env["work"] / "train" / key,
                               plot=env["work"] / "train" / f"{key}.png")
         record = {"stage": st.record, "base": base_key, "data": method.data,
@@ -559,7 +560,6 @@ def main(argv=None) -> None:
     cfg, full, tok, _ = load_weights(None)
     if not args.report_only:
         env = {"work": work, "model": (cfg, full, tok), "coqa": coqa_stories(work),
-               "mix": calibration_mix(work),
                "dense_tasks": dense_tasks(args.dense_baseline, args.limit)}
         env["sens"] = sensitivity_file(work, cfg, full, tok, args.groups, args.calib_len)
         todo = [(n, r) for n in names for r in (
@@ -568,13 +568,14 @@ def main(argv=None) -> None:
             for name, ratio in todo:
                 recover_stage(f"{name}@{ratio:g}", METHODS[name], ratio, args, env)
         if args.stage in ("all", "eval", "closeness"):
-            if args.stage != "closeness":
+            zero_shot = args.stage != "closeness"
+            if zero_shot:
                 evaluate_stage("dense", None, args, env)
             closeness_stage("dense", None, args, env)
             for name, ratio in todo:
                 key = f"{name}@{ratio:g}"
                 if (work / "ckpt" / key / "stage.json").exists():
-                    if args.stage != "closeness":
+                    if zero_shot:
                         evaluate_stage(key, work / "ckpt" / key, args, env)
                     closeness_stage(key, work / "ckpt" / key, args, env)
                     report(args, work, docs)

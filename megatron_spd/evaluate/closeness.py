@@ -231,7 +231,6 @@ class Comparison:
                 "tail_samples": int(self.ref.meta["tail_samples"]), "p_rest": p_rest,
                 "kl_is": "exact" if p_rest == 0 else "unbiased estimate (top-k + sampled tail)"}
 
-
     def per_token(self) -> dict[str, torch.Tensor]:
         """The per-token values behind ``result`` (``kl``, ``top1``, ``dnll``, float64) and each
         token's ``window`` index, for pairing two models on the same tokens (``paired_change``;
