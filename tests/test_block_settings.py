@@ -84,6 +84,11 @@ def test_refuses_settings_it_cannot_honour():
     for what, (overrides, groups) in bad.items():
         with pytest.raises(ValueError, match=r"cannot honour.*" + what.replace("[", r"\[")):
             check_supported(LLAMA.transformer_config(1, **overrides), groups)
+    if hasattr(LLAMA.transformer_config(1), "gtp_weight_remat_size"):  # megatron-core >= 0.19
+        gtp = LLAMA.transformer_config(1, tensor_parallel_num_weight_shards=2)
+        assert gtp.gtp_weight_remat_size == 2  # megatron derives it from the user-facing knob
+        with pytest.raises(ValueError, match=r"cannot honour.*gtp_weight_remat_size=2"):
+            check_supported(gtp, 1)
     opt = OPT.transformer_config(1, bias_activation_fusion=True)
     check_supported(opt, 1)  # one group per rank: the bias comes back to the fused kernel
     with pytest.raises(ValueError, match="biased GeLU and 2 SPD groups"):

@@ -37,6 +37,9 @@ implements is either re-implemented here with megatron's own pieces or refused a
 - megatron's layer CUDA graphs (``cuda_graph_impl``) are refused: ``transformer_engine`` replays
   ``_forward_attention``/``_forward_mlp`` (the dense block), ``local`` decode needs flash-attn;
   the inference engine captures whole decode steps itself (inference/graph.py);
+- generalized tensor parallelism (megatron-core 0.19's ``tensor_parallel_num_weight_shards``
+  > TP, i.e. ``gtp_weight_remat_size`` > 1) is refused: SPD linears split by groups over the TP
+  ranks and do not rematerialise further weight shards;
 - ``bias_dropout_fusion`` applies to the output's bias + dropout + residual (megatron's own
   ``mlp_bda``).
 
@@ -85,6 +88,12 @@ def check_supported(config, local_groups: int, compensation_rank: int = 0) -> No
                         "with its norms; turn it off for SPD blocks")
     if config.mlp_chunks_for_prefill > 1:
         problems.append("mlp_chunks_for_prefill > 1; set it to 1 for SPD blocks")
+    if getattr(config, "gtp_weight_remat_size", 1) > 1:  # megatron-core >= 0.19
+        problems.append(f"gtp_weight_remat_size={config.gtp_weight_remat_size} (generalized "
+                        "tensor parallelism, tensor_parallel_num_weight_shards > TP): SPD blocks "
+                        "shard their linears by groups over the TP ranks only and do not "
+                        "rematerialise GTP weight shards; set tensor_parallel_num_weight_shards "
+                        "to the TP size (or leave it unset) for models with SPD blocks")
     if config.fp8 or config.fp4:
         problems.append("fp8/fp4: SPD blocks use megatron's local linears, which have no "
                         "low-precision path; use bf16")
