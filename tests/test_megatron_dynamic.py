@@ -11,7 +11,8 @@ saved as an SPD checkpoint with plan G=2 [zs, dense, zs], opened with open_model
 - megatron's server on 127.0.0.1: POST /v1/completions (text and token-list prompts) and
   /v1/chat/completions return the same tokens. The word tokenizer has no chat template; the
   minimal one here renders each message's content, so the chat prompt is the same tokens.
-Skipped, with the reason, where megatron-core lacks the dynamic engine (0.16.1) or the server
+Passes on megatron-core 0.18.2 and 0.19.2. Skipped, with the reason, where megatron-core lacks
+the classes the integration uses (0.16.x, 0.17.x) or the server
 packages (quart, hypercorn, pyzmq, msgpack; the ``megatron-server`` extra) are missing.
 """
 from __future__ import annotations

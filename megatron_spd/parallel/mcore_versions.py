@@ -11,7 +11,7 @@ The CPU shims for 0.19's new CUDA-only call sites live with the others in ``comp
 |---|---|---|
 | ``mlp_submodules``: the local layer spec's MLP | ``ModuleSpec(MLP, submodules=MLPSubmodules)`` (to 0.17.x) | 0.18.0+: ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (models/gpt/gpt_layer_specs.py:541, transformer/mlp.py:389 at 0.19.0) |
 | ``logits_flag_holder``: ``materialize_only_last_token_logits`` | on the inference context (to 0.16.x) | 0.17.0+: on ``context.config``, an ``InferenceConfig`` (inference/contexts/base_context.py:15-19; read at models/gpt/gpt_model.py:742) |
-| ``dynamic_inference``: megatron's ``DynamicInferenceEngine`` built from an ``InferenceConfig`` | not served by this package (0.16.x: ``DynamicInferenceContext`` takes its sizes as arguments, no ``InferenceConfig``) | 0.19.0+: inference/config.py ``InferenceConfig``, inference/engines/dynamic_engine.py ``EngineState``/``wait_until``, inference/utils.py ``InferenceMode`` (tested on 0.19.2) |
+| ``dynamic_inference``: megatron's ``DynamicInferenceEngine`` built from an ``InferenceConfig`` | not served by this package (0.16.x: ``DynamicInferenceContext`` takes its sizes as arguments, no ``InferenceConfig``; 0.17.x: no inference/utils.py ``InferenceMode``) | 0.18.0+: inference/config.py ``InferenceConfig``, inference/engines/dynamic_engine.py ``EngineState``/``wait_until``, inference/utils.py ``InferenceMode`` (tested on 0.18.2 and 0.19.2) |
 | ``read_embedded_common_state``: the non-sharded state (``args``) | ``common.pt`` written by ``save_common`` (to 0.18.x) | 0.19.0+: a ``ShardedObject("common_state")`` inside the torch_dist files (dist_checkpointing/serialization.py:439-445), read by ``load_common_state_dict`` (:206-236), which still prefers a ``common.pt`` |
 """
 from __future__ import annotations
@@ -76,12 +76,13 @@ def write_common_file(weights: Path) -> None:
 
 def dynamic_inference() -> SimpleNamespace:
     """megatron-core's dynamic inference classes, as megatron_spd.integrations.megatron_dynamic
-    uses them (0.19.x): ``InferenceConfig`` (inference/config.py, 0.17.0+), the
+    uses them (0.18.x-0.19.x): ``InferenceConfig`` (inference/config.py, 0.17.0+), the
     ``DynamicInferenceContext(model_config, inference_config)`` it sizes, ``GPTInferenceWrapper``,
     ``TextGenerationController``, ``DynamicInferenceEngine`` with ``EngineState``/``wait_until``
     (the coordinator's pause/stop protocol), ``SamplingParams`` and ``InferenceMode``
-    (inference/utils.py: the engine marks the process as inferring). Only 0.19.2 is tested; an
-    older release that lacks one of them is refused in one line."""
+    (inference/utils.py, 0.18.0+: the engine marks the process as inferring). Tested on 0.18.2
+    and 0.19.2 (tests/test_megatron_dynamic.py); an older release that lacks one of them (0.16.x,
+    0.17.x) is refused in one line."""
     import megatron.core
 
     try:
@@ -97,7 +98,7 @@ def dynamic_inference() -> SimpleNamespace:
         from megatron.core.inference.utils import InferenceMode
     except ImportError as e:
         raise ImportError(f"serving through megatron-core's DynamicInferenceEngine needs "
-                          f"megatron-core >= 0.19 (tested: 0.19.2); this is "
+                          f"megatron-core >= 0.18 (tested: 0.18.2, 0.19.2); this is "
                           f"{megatron.core.__version__} ({e})") from None
     return SimpleNamespace(InferenceConfig=InferenceConfig, EngineState=EngineState,
                            DynamicInferenceContext=DynamicInferenceContext,
