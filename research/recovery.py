@@ -8,7 +8,9 @@
 Stages, each writing its output under --work and skipped when that output exists (so the script
 resumes after an interruption, and rows can be computed by parallel invocations):
 1. ``sensitivity.json``: the cumulative sensitivity sweep (docs/recipe.md §1), the plan order for
-   ratios below 1 (4 x 512 calibration tokens, as the recipe sweep);
+   ratios below 1 (4 x 512 calibration tokens, as the recipe sweep); for a method with
+   ``plan_from``, ``sensitivity.<method>@1.json``: the same sweep over that method's recovered
+   100 % blocks, which then picks the blocks to keep dense;
 2. ``ckpt/<method>@<ratio>/``: the block-wise recovery (``recipe.autoplan.recover_with_plan``: head
    grouping, closed-form compensation and B2B as the method says) saved as a megatron-spd
    checkpoint, with ``stage.json`` (wall and CPU time, machine load);
@@ -77,6 +79,9 @@ class Method:
     data: Optional[str] = None                            # end to end: "mix" (calibration_mix)
     #                                                       or None (Wikipedia's train split)
     versus: Optional[str] = None                          # the method it changes one thing of
+    plan_from: Optional[str] = None                       # below 100 %: the blocks to keep dense
+    #                                                       from the sweep over this method's
+    #                                                       100 % blocks (None: the dense sweep)
     ratios: tuple[float, ...] = (1.0,)
 
 
@@ -105,11 +110,18 @@ METHODS: dict[str, Method] = {
     "recipe_e2e_long": Method(f"default recipe + end-to-end distillation 3x longer at half the lr "
                               f"({E2E_LONG.steps} steps x {E2E_LONG.micro_batch * E2E_LONG.seq_len}"
                               f" tokens, lr {E2E_LONG.lr:g})", base="recipe", finetune=E2E_LONG,
-                              versus="recipe_e2e"),
+                              versus="recipe_e2e", ratios=(0.75, 1.0)),
     "recipe_e2e_mix": Method("the row above (end-to-end 3x longer at half the lr), trained on "
                              "a mix: Wikipedia + papers + code",
                              base="recipe", finetune=E2E_LONG, data="mix",
                              versus="recipe_e2e_long"),
+    "recipe_recsens": Method(f"compensation + HG + sequential B2B ({N}x512 tokens), the 75 % plan "
+                             f"from the sensitivity of the recovered 100 % blocks",
+                             compensation=CompensationConfig(), b2b=RECIPE, plan_from="recipe",
+                             ratios=(0.75,)),
+    "recipe_e2e_recsens": Method(f"the row above + end-to-end distillation ({E2E.steps} steps)",
+                                 base="recipe_recsens", finetune=E2E, versus="recipe_e2e",
+                                 ratios=(0.75,)),
 }
 
 
@@ -256,8 +268,26 @@ def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) ->
     return path
 
 
+def recovered_sensitivity_file(key: str, args, env) -> Path:
+    """The cumulative sweep with the blocks of ``ckpt/<key>`` (a 100 % recovery) as the SPD
+    blocks: block i's cost once recovered, measured as the dense sweep measures the zero-shot
+    cost (blocks i..L-1 recovered SPD, the others dense, 4 x --calib-len tokens)."""
+    path = env["work"] / f"sensitivity.{key}.json"
+    if not path.exists():
+        cfg, full, tok = env["model"]
+        log(f"stage: cumulative sensitivity sweep over the recovered blocks of {key}")
+        with Stage() as st:
+            dense, _ = sensitivity.build_pair(cfg, full, args.groups)
+            recovered = open_model(env["work"] / "ckpt" / key).model.eval()
+            sens = sensitivity.sweep(dense, recovered, calibration_batches(tok, 4, args.calib_len))
+        sens.extra.update(stage=st.record, recovered=f"ckpt/{key}")
+        sens.save(path)
+    return path
+
+
 def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
-    """The plan tools/spd.py plan --ratio would write (all blocks at ratio 1, no sweep needed)."""
+    """The plan tools/spd.py plan --ratio would write (all blocks at ratio 1, no sweep needed)
+    from the sweep in ``sens_path``."""
     if ratio >= 1.0:
         comp = method.compensation.plan_entry(list(range(L)))
         return SPDPlan(groups, [method.strategy] * L, {"compensation": comp} if comp else {})
@@ -288,7 +318,11 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
                                                       "held_out_loss_after")}}
     else:
         cfg, full, tok = env["model"]
-        plan = plan_for(method, ratio, env["sens"], cfg.num_layers, args.groups)
+        sens = env["sens"]
+        if method.plan_from is not None and ratio < 1.0:
+            recover_stage(f"{method.plan_from}@1", METHODS[method.plan_from], 1.0, args, env)
+            sens = recovered_sensitivity_file(f"{method.plan_from}@1", args, env)
+        plan = plan_for(method, ratio, sens, cfg.num_layers, args.groups)
         log(f"stage: block-wise recovery {key} ({len(plan.spd_blocks)} SPD blocks)")
         with Stage() as st:
             calib = calibration_batches(tok, method.calib_samples, args.calib_len)
@@ -460,6 +494,7 @@ def report(args, work: Path, docs: Path) -> None:
             key = f"{name}@{ratio:g}"
             path = work / "eval" / f"{key}.json"
             if not path.exists():
+                closeness_only(args, work, name, ratio, details)
                 continue
             ev = json.loads(path.read_text())
             if not ev.get("complete") or ev["limit"] != dense["limit"]:
@@ -475,17 +510,43 @@ def report(args, work: Path, docs: Path) -> None:
                          "wall_minutes": round(total_wall_minutes(key, work), 1),
                          "extra_params": cost["params"],
                          "extra_flops_per_token": cost["flops_per_token"],
+                         "dense_blocks": [i for i in range(ckpt.config.num_layers)
+                                          if not ckpt.plan.is_spd(i)],
                          "command": row_command(args, name, ratio),
                          **closeness_fields(work / "eval" / f"{key}.closeness.json")})
             if method.versus:
                 rows[-1]["versus"] = versus_fields(work, f"{method.versus}@{ratio:g}", key, ev)
             details[key] = {"method": name, "recovery": stage, "evaluation": ev}
+    details["sensitivity"] = {p.name: json.loads(p.read_text())  # the sweeps the plans came from
+                              for p in sorted(work.glob("sensitivity*.json"))}
     docs.mkdir(parents=True, exist_ok=True)
     atomic_write_json(docs / "results.json", rows)
     atomic_write_json(docs / "details.json", details)
     atomic_write_text(docs / "results.md", results_table(rows) + "\n")
     plot(rows, docs / "accuracy.png")
     log(f"wrote {docs}/results.json ({len(rows)} rows), results.md, details.json, accuracy.png")
+
+
+def closeness_only(args, work: Path, name: str, ratio: float, details: dict) -> None:
+    """A model measured for closeness but not on the zero-shot tasks (``--stage closeness``: an
+    idea whose closeness already decides it) goes to ``details["closeness_only"]``, not to the
+    rows, with its paired closeness change against ``versus``."""
+    key = f"{name}@{ratio:g}"
+    path = work / "eval" / f"{key}.closeness.json"
+    if not (path.exists() and per_token_path(path).exists()):
+        return
+    method = METHODS[name]
+    plan = read_checkpoint(work / "ckpt" / key, verify=False).plan
+    entry = {"method": method.label, "spd_ratio": ratio,
+             "dense_blocks": [i for i in range(plan.num_layers) if not plan.is_spd(i)],
+             "wall_minutes": round(total_wall_minutes(key, work), 1),
+             "command": row_command(args, name, ratio) + " --stage recover, then --stage closeness",
+             "closeness": json.loads(path.read_text()),
+             "recovery": json.loads((work / "ckpt" / key / "stage.json").read_text())}
+    if method.versus:
+        entry["versus"] = {"method": f"{method.versus}@{ratio:g}",
+                           "closeness": paired_closeness(work, f"{method.versus}@{ratio:g}", key)}
+    details.setdefault("closeness_only", {})[key] = entry
 
 
 def results_table(rows: list[dict]) -> str:
