@@ -115,6 +115,9 @@ METHODS: dict[str, Method] = {
                              "a mix: Wikipedia + papers + code",
                              base="recipe", finetune=E2E_LONG, data="mix",
                              versus="recipe_e2e_long"),
+    "recipe_e2e_t2": Method(f"default recipe + end-to-end distillation ({E2E.steps} steps) at "
+                            f"temperature 2", base="recipe", finetune=replace(E2E, temperature=2.0),
+                            versus="recipe_e2e"),
     "recipe_recsens": Method(f"compensation + HG + sequential B2B ({N}x512 tokens), the 75 % plan "
                              f"from the sensitivity of the recovered 100 % blocks",
                              compensation=CompensationConfig(), b2b=RECIPE, plan_from="recipe",

@@ -280,7 +280,7 @@ def _recovery_rows(rows) -> dict:
 
 #: research/recovery.py's METHODS names of the 200-item rows, as claim prefixes.
 ROWS200 = {"recipe_e2e": "e2e", "recipe_e2e_long": "long", "recipe_e2e_mix": "mix",
-           "recipe_e2e_recsens": "recsens"}
+           "recipe_e2e_recsens": "recsens", "recipe_e2e_t2": "t2"}
 
 
 def _pm(delta: float, se: float, scale: float = 1.0, digits: int = 2) -> str:
@@ -599,6 +599,14 @@ CLAIMS = [
           "gives up some of the Wikipedia closeness and gains nothing resolved on the text none"
           " of the calibration came from, so the default stays Wikipedia."),
     Claim("recovery.md", RECOVERY200, _recovery200,
+          "**Distillation temperature 2** (`recipe_e2e_t2`: the 40-step stage with its KL at T ="
+          " 2, scaled by T^2, from the same block-wise checkpoint), paired with the 40-step row "
+          "on the same tokens: KL {t2100_vs_w_kl} nats on Wikipedia and {t2100_vs_c_kl} on the "
+          "CoQA stories, top-1 {t2100_vs_w_top1} and {t2100_vs_c_top1} points, log perplexity "
+          "ratio {t2100_vs_w_dnll} and {t2100_vs_c_dnll}. No resolved gain on either text and a "
+          "resolved loss in perplexity, so the default stays T = 1 and its zero-shot tasks were "
+          "not run (details.json, `closeness_only`)."),
+    Claim("recovery.md", RECOVERY200, _recovery200,
           "**The default at 75 %** (that longer stage from the 75 % block-wise checkpoint, what "
           "`tools/spd.py recover --ratio 0.75` now runs): {long75_chg} points from dense, KL "
           "{long75_w_kl} on Wikipedia and {long75_c_kl} on the CoQA stories, top-1 "
@@ -628,8 +636,9 @@ CLAIMS = [
           "calibration never saw (CoQA's non-Wikipedia stories: children's stories, exam "
           "passages, literature, news): missed (best ratio {mix100_c_ppl})."),
     Claim("recovery.md", RECOVERY200, _recovery200,
-          "**Not run here:** 500 items per task, and the other ideas of the list (distillation "
-          "loss and temperature, per-block token budgets, compensation rank > 0). At 200 items the paired s.e. is {e2e75_se} to "
+          "**Not run here:** 500 items per task, and the other ideas of the list (hidden-state "
+          "MSE instead of logit KL in the end-to-end stage, per-block token budgets, "
+          "compensation rank > 0). At 200 items the paired s.e. is {e2e75_se} to "
           "{e2e100_se} points; 500 items would bring it to about 0.6, at about an hour of "
           "evaluation per model on this 2-core machine (the 200-item evaluations took "
           "{e2e100_eval_min:.1f} minutes at load {e2e100_eval_load:.1f}, and the 100 % recovery"
