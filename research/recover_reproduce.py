@@ -4,13 +4,17 @@
     python tools/spd.py recover --work rec100/                       # the one command (defaults)
     .venv/bin/python research/recover_reproduce.py rec100/ runs/recovery200 \\
         --out docs/recovery/items200/recover_reproduce.json
+    python tools/spd.py recover --work rec75/ --ratio 0.75 --e2e-tokens 0   # sweep + block-wise
+    .venv/bin/python research/recover_reproduce.py rec75/ runs/recovery200 --ratio 0.75 \\
+        --out docs/recovery/items200/recover_reproduce75.json
 
-Both run the same package functions, so the models should be the same bit for bit. Per stage of
-the command (``blockwise``, ``end-to-end``) this compares its checkpoint with research/recovery.py's
-(``ckpt/recipe@1``, ``ckpt/recipe_e2e_long@1``): the plan, every tensor's largest absolute
-difference, and the closeness that ``recover.json`` recorded with the one research/recovery.py
-measured on the same held-out Wikipedia tokens (``eval/<key>.closeness.json``; the end-to-end row
-only). It writes them as JSON with the command's own record (settings, seconds per stage).
+Both run the same package functions, so the models should be the same bit for bit. Per stage the
+command ran (``blockwise``, ``end-to-end``) this compares its checkpoint with research/recovery.py's
+at the same ratio (``ckpt/recipe@<r>``, ``ckpt/recipe_e2e_long@<r>``): the plan, every tensor's
+largest absolute difference, and the closeness that ``recover.json`` recorded with the one
+research/recovery.py measured on the same held-out Wikipedia tokens (``eval/<key>.closeness.json``,
+where it exists); below 100 % also the sensitivity sweeps the plans came from. It writes them as
+JSON with the command's own record (settings, seconds per stage).
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from pathlib import Path
 from megatron_spd.checkpoint.read import read_checkpoint, read_full_state_dict
 from megatron_spd.files import atomic_write_json
 
-#: the command's stage -> the research/recovery.py row with the same settings
-STAGES = {"blockwise": "recipe@1", "end-to-end": "recipe_e2e_long@1"}
+#: the command's stage -> the research/recovery.py method with the same settings
+STAGES = {"blockwise": "recipe", "end-to-end": "recipe_e2e_long"}
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -43,6 +47,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recover_work", help="the --work directory of tools/spd.py recover")
     p.add_argument("research_work", help="research/recovery.py's --work directory")
+    p.add_argument("--ratio", type=float, default=1.0, help="the command's --ratio")
     p.add_argument("--out", required=True, help="JSON to write")
     args = p.parse_args(argv)
     rec, res = Path(args.recover_work), Path(args.research_work)
@@ -50,7 +55,14 @@ def main(argv=None) -> None:
     # the work directories as given here (recover.json holds its own as an absolute path)
     command = (state.get("command") or "").replace(str(rec.resolve()), args.recover_work)
     out = {"command": command, "stages": {}}
-    for stage, key in STAGES.items():
+    if args.ratio < 1:
+        sweeps = [json.loads(p.read_text()) for p in (rec / "sensitivity.json",
+                                                      res / "sensitivity.json")]
+        out["same_sensitivity"] = sweeps[0]["sensitivity"] == sweeps[1]["sensitivity"]
+    for stage, method in STAGES.items():
+        if stage not in state["stages"]:
+            continue
+        key = f"{method}@{args.ratio:g}"
         got = compare(rec / stage, res / "ckpt" / key)
         got["research_row"] = key
         got["recover_seconds"] = state["stages"][stage]["seconds"]

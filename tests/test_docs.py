@@ -374,6 +374,14 @@ def _recover_reproduce(j) -> dict:
             "bw_min": bw["recover_seconds"] / 60, "e2e_min": e2e["recover_seconds"] / 60}
 
 
+def _recover_reproduce75(j) -> dict:
+    """The same at 75 % for the stages up to the block-wise one (``--e2e-tokens 0``)."""
+    bw = j["stages"]["blockwise"]
+    assert j["same_sensitivity"] and "end-to-end" not in j["stages"]
+    return {"command": j["command"], "bw_identical": bw["identical_tensors"],
+            "bw_tensors": bw["tensors"], "bw_min": bw["recover_seconds"] / 60}
+
+
 def test_recover_defaults_are_the_best_measured_row():
     """tools/spd.py recover's end-to-end defaults (RecoverConfig) are the configuration recorded
     for the 200-item row docs/recovery.md calls the best ("3x longer at half the lr")."""
@@ -447,6 +455,7 @@ def _recipe_block11(d) -> dict:
 RECOVERY = "recovery/results.json"
 RECOVERY200 = ("recovery/items200/results.json", "recovery/items200/details.json")
 REPRODUCE = "recovery/items200/recover_reproduce.json"
+REPRODUCE75 = "recovery/items200/recover_reproduce75.json"
 PROXIES = "recovery/proxies.jsonl"
 
 
@@ -655,6 +664,12 @@ CLAIMS = [
           "continued from there on 2 threads, where the row trained on one; neither changed a "
           "bit. The block-wise stage took {bw_min:.0f} minutes, the resumed 110 steps "
           "{e2e_min:.0f} minutes beside one other job."),
+    Claim("recovery.md", REPRODUCE75, _recover_reproduce75,
+          "At 75 % (`{command}`: the sweep, the plan and the block-wise stage; the end-to-end "
+          "stage is the one checked above) the sensitivity sweep equals research/recovery.py's "
+          "value for value, and the block-wise checkpoint equals `recipe@0.75` in {bw_identical}"
+          " of {bw_tensors} tensors (recovery/items200/recover_reproduce75.json). Its block-wise "
+          "stage took {bw_min:.1f} minutes on the otherwise idle machine."),
     Claim("recovery.md", RECOVERY, _recovery_rows,
           "default recipe is {recipe_chg100} +/- {recipe_se100:.2f} points from dense on "
           "{recipe_items100} items per task, perplexity {recipe_ppl100:.2f} (dense {dense_ppl:.2f}) "
