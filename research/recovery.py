@@ -259,33 +259,31 @@ def calibration_mix(work: Path) -> Path:
     return out
 
 
-def sensitivity_file(work: Path, cfg, full, tok, groups: int, calib_len: int) -> Path:
-    path = work / "sensitivity.json"
-    if not path.exists():
-        log("stage: cumulative sensitivity sweep")
-        with Stage() as st:
-            dense, spd = sensitivity.build_pair(cfg, full, groups)
-            sens = sensitivity.sweep(dense, spd, calibration_batches(tok, 4, calib_len))
-        sens.extra["stage"] = st.record
-        sens.save(path)
-    return path
-
-
-def recovered_sensitivity_file(key: str, args, env) -> Path:
-    """The cumulative sweep with the blocks of ``ckpt/<key>`` (a 100 % recovery) as the SPD
-    blocks: block i's cost once recovered, measured as the dense sweep measures the zero-shot
-    cost (blocks i..L-1 recovered SPD, the others dense, 4 x --calib-len tokens)."""
-    path = env["work"] / f"sensitivity.{key}.json"
+def sensitivity_file(args, env, recovered: Optional[str] = None) -> Path:
+    """The cumulative sweep on 4 x --calib-len tokens: ``sensitivity.json`` over the dense
+    weights' SPD blocks (the zero-shot cost), or with ``recovered``, the key of a 100 % recovery,
+    ``sensitivity.<key>.json`` over its recovered blocks (block i's cost once recovered: blocks
+    i..L-1 recovered SPD, the others dense)."""
+    name = "sensitivity.json" if recovered is None else f"sensitivity.{recovered}.json"
+    path = env["work"] / name
     if not path.exists():
         cfg, full, tok = env["model"]
-        log(f"stage: cumulative sensitivity sweep over the recovered blocks of {key}")
+        log("stage: cumulative sensitivity sweep"
+            + ("" if recovered is None else f" over the recovered blocks of {recovered}"))
         with Stage() as st:
-            dense, _ = sensitivity.build_pair(cfg, full, args.groups)
-            recovered = open_model(env["work"] / "ckpt" / key).model.eval()
-            sens = sensitivity.sweep(dense, recovered, calibration_batches(tok, 4, args.calib_len))
-        sens.extra.update(stage=st.record, recovered=f"ckpt/{key}")
+            dense, spd = sensitivity.build_pair(cfg, full, args.groups)
+            if recovered is not None:
+                spd = open_model(env["work"] / "ckpt" / recovered).model.eval()
+            sens = sensitivity.sweep(dense, spd, calibration_batches(tok, 4, args.calib_len))
+        sens.extra["stage"] = st.record
+        if recovered is not None:
+            sens.extra["recovered"] = f"ckpt/{recovered}"
         sens.save(path)
     return path
+
+
+def dense_blocks(plan: SPDPlan) -> list[int]:
+    return [i for i in range(plan.num_layers) if not plan.is_spd(i)]
 
 
 def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
@@ -324,7 +322,7 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
         sens = env["sens"]
         if method.plan_from is not None and ratio < 1.0:
             recover_stage(f"{method.plan_from}@1", METHODS[method.plan_from], 1.0, args, env)
-            sens = recovered_sensitivity_file(f"{method.plan_from}@1", args, env)
+            sens = sensitivity_file(args, env, recovered=f"{method.plan_from}@1")
         plan = plan_for(method, ratio, sens, cfg.num_layers, args.groups)
         log(f"stage: block-wise recovery {key} ({len(plan.spd_blocks)} SPD blocks)")
         with Stage() as st:
@@ -513,8 +511,7 @@ def report(args, work: Path, docs: Path) -> None:
                          "wall_minutes": round(total_wall_minutes(key, work), 1),
                          "extra_params": cost["params"],
                          "extra_flops_per_token": cost["flops_per_token"],
-                         "dense_blocks": [i for i in range(ckpt.config.num_layers)
-                                          if not ckpt.plan.is_spd(i)],
+                         "dense_blocks": dense_blocks(ckpt.plan),
                          "command": row_command(args, name, ratio),
                          **closeness_fields(work / "eval" / f"{key}.closeness.json")})
             if method.versus:
@@ -541,7 +538,7 @@ def closeness_only(args, work: Path, name: str, ratio: float, details: dict) -> 
     method = METHODS[name]
     plan = read_checkpoint(work / "ckpt" / key, verify=False).plan
     entry = {"method": method.label, "spd_ratio": ratio,
-             "dense_blocks": [i for i in range(plan.num_layers) if not plan.is_spd(i)],
+             "dense_blocks": dense_blocks(plan),
              "wall_minutes": round(total_wall_minutes(key, work), 1),
              "command": row_command(args, name, ratio) + " --stage recover, then --stage closeness",
              "closeness": json.loads(path.read_text()),
@@ -625,7 +622,7 @@ def main(argv=None) -> None:
     if not args.report_only:
         env = {"work": work, "model": (cfg, full, tok), "coqa": coqa_stories(work),
                "dense_tasks": dense_tasks(args.dense_baseline, args.limit)}
-        env["sens"] = sensitivity_file(work, cfg, full, tok, args.groups, args.calib_len)
+        env["sens"] = sensitivity_file(args, env)
         todo = [(n, r) for n in names for r in (
             [float(x) for x in args.ratios.split(",")] if args.ratios else METHODS[n].ratios)]
         if args.stage in ("all", "recover"):

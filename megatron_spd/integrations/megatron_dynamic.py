@@ -20,8 +20,8 @@ from ``open_model`` runs there with its SPD blocks as they are (one all-reduce p
 On a CPU-only machine ``compat.apply_dynamic_inference`` (called here) installs the shims the
 engine needs; on a GPU nothing is changed. CUDA graphs stay off: SPD layers refuse
 ``cuda_graph_impl`` other than "none" (core/block.py). Needs megatron-core >= 0.18 (tested on
-0.18.2 and 0.19.2; ``mcore_versions.dynamic_inference``); the server also needs quart, hypercorn, pyzmq and msgpack
-(``pip install 'megatron-spd[megatron-server]'``).
+0.18.2 and 0.19.2; ``mcore_versions.dynamic_inference``); the server also needs quart,
+hypercorn, pyzmq and msgpack (``pip install 'megatron-spd[megatron-server]'``).
 """
 from __future__ import annotations
 
