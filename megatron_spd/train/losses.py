@@ -1,11 +1,14 @@
-"""Fine-tuning losses on vocab-parallel logits: LM cross-entropy and logit distillation.
+"""Fine-tuning losses: LM cross-entropy and logit distillation on vocab-parallel logits, and
+distillation of the final hidden states.
 
 The logits of a TP model are split over the vocabulary (each rank holds V/T columns). Gathering
 them costs T x the memory of the largest tensor in the step, so both losses work on the shards:
 cross-entropy through megatron-core's ``vocab_parallel_cross_entropy``, and the distillation KL
 written the same way (per-token log-sum-exp over TP with one all-reduce). Every term that follows
 a TP reduction is identical on all ranks, so megatron's identity-backward reduction hands each
-rank exactly the gradient of its own shard; the test compares TP=2 with TP=1.
+rank exactly the gradient of its own shard; the test compares TP=2 with TP=1. The hidden-state
+loss (``hidden_mse``) works on the decoder's output, whole on every rank or, with sequence
+parallel, split over the sequence.
 """
 from __future__ import annotations
 
@@ -52,3 +55,19 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     lse_s = s_max.squeeze(-1) + sum_exp.log()
     cross = reduce_from_tensor_model_parallel_region((p_t * s).sum(dim=-1).contiguous())
     return (neg_entropy - cross + lse_s).mean() * temperature ** 2
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Mean squared error between the student's and the teacher's final hidden states (the
+    decoder's output, after its last norm), over every token and hidden unit.
+
+    Without sequence parallel both are whole [s, b, h] on every TP rank and every rank computes
+    the same loss (megatron's convention for replicated activations). With sequence parallel
+    each rank holds [s/T, b, h]: the squared errors are summed over TP with megatron's
+    forward-all-reduce (identity backward), so each shard gets the gradient of its own tokens."""
+    diff = student.float() - teacher.detach().float()
+    if not sequence_parallel:
+        return diff.pow(2).mean()
+    total = reduce_from_tensor_model_parallel_region(diff.pow(2).sum().reshape(1))
+    count = diff.numel() * parallel_state.get_tensor_model_parallel_world_size()
+    return total[0] / count

@@ -8,6 +8,9 @@ The student is wrapped in megatron-core's ``DistributedDataParallel`` (gradients
 
 Loss per micro-batch: ``(1 - distill) * LM + distill * KD`` (losses.py), divided by the number of
 micro-batches; DDP averages over DP, so DP=d x micro-batch b gives the update of DP=1 x d*b.
+KD is the KL of the next-token distributions (``distill_on="logits"``) or the mean squared error
+of the final hidden states (``"hidden"``), read from the decoder's output by a forward hook on
+student and teacher (GPTModel returns only logits).
 """
 from __future__ import annotations
 
@@ -26,8 +29,11 @@ from ..options import option
 from ..parallel import compat
 from ..parallel.distributed import dp_rank_size
 from .batches import SampleOrder
-from .losses import kd_loss, lm_loss
+from .losses import hidden_mse, kd_loss, lm_loss
 from .optim import OptimConfig, Optimizer
+
+
+DISTILL_TARGETS = ("logits", "hidden")
 
 
 @dataclass
@@ -38,13 +44,19 @@ class StepConfig:
     grad_accum: int = option(1, "micro-steps per optimizer step")
     distill: float = option(0.0, "weight of logit distillation from the dense teacher (0..1; "
                                  "0 = language-model loss only)")
-    temperature: float = option(1.0, "distillation temperature")
+    temperature: float = option(1.0, "distillation temperature (of the logits' KL)")
+    distill_on: str = option("logits", "what distillation matches: 'logits' (KL of the "
+                                       "next-token distributions) or 'hidden' (mean squared "
+                                       "error of the final hidden states, after the last norm)",
+                             choices=DISTILL_TARGETS)
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ValueError("micro_batch and grad_accum must be >= 1")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill weight must be in [0, 1], got {self.distill}")
+        if self.distill_on not in DISTILL_TARGETS:
+            raise ValueError(f"distill_on must be one of {DISTILL_TARGETS}, got {self.distill_on!r}")
 
 
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -76,6 +88,24 @@ class Trainer:
             for p in teacher.parameters():
                 p.requires_grad_(False)
         self.optimizer = Optimizer(self.ddp, optim_cfg, total_steps)
+        self.hidden: dict[str, torch.Tensor] = {}
+        if step_cfg.distill > 0 and step_cfg.distill_on == "hidden":
+            for name, m in (("student", model), ("teacher", teacher)):
+                m.decoder.register_forward_hook(self._keep_hidden(name))
+
+    def _keep_hidden(self, name: str):
+        def hook(module, inputs, output):
+            if not torch.is_tensor(output):
+                raise TypeError(f"distill_on='hidden' needs the decoder to return the hidden "
+                                f"states as one tensor, got {type(output).__name__}")
+            self.hidden[name] = output
+        return hook
+
+    def _distill_loss(self, logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.distill_on == "logits":
+            return kd_loss(logits, t_logits, self.cfg.temperature)
+        return hidden_mse(self.hidden.pop("student"), self.hidden.pop("teacher"),
+                          self.model.config.sequence_parallel)
 
     def _forward(self, module, tokens: torch.Tensor) -> torch.Tensor:
         dev = compat.device()
@@ -99,7 +129,7 @@ class Trainer:
             if cfg.distill > 0:  # before lm_loss, which shifts fp32 logits in place
                 with torch.no_grad():
                     t_logits = self._forward(self.teacher, tokens)
-                kd = kd_loss(logits, t_logits, cfg.temperature)
+                kd = self._distill_loss(logits, t_logits)
             lm = lm_loss(logits, labels.to(logits.device))
             loss = (1.0 - cfg.distill) * lm + cfg.distill * kd
             (loss / cfg.grad_accum).backward()
