@@ -4,8 +4,9 @@ Tiny random models (fast): TP=2 x DP=2 on 4 ranks gives the same update as TP=2 
 micro-batch; a run killed after a mid-run checkpoint and resumed continues the same loss
 trajectory; the vocab-parallel distillation loss and its gradient equal the full-vocabulary
 torch computation; hidden-state distillation gives the same run at TP=1, TP=2 and TP=2 with
-sequence parallel, and its loss and gradient on shards equal torch's. SmolLM2 (real_model): a short fine-tune of a 100%-SPD plan (G=3) lowers the
-held-out loss, emulated (T=1) and at T=3, and the two runs agree.
+sequence parallel, and its loss and gradient on shards equal torch's. SmolLM2 (real_model): a
+short fine-tune of a 100%-SPD plan (G=3) lowers the held-out loss, emulated (T=1) and at T=3,
+and the two runs agree.
 """
 import math
 

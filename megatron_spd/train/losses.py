@@ -57,7 +57,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     return (neg_entropy - cross + lse_s).mean() * temperature ** 2
 
 
-def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor,
+               sequence_parallel: bool) -> torch.Tensor:
     """Mean squared error between the student's and the teacher's final hidden states (the
     decoder's output, after its last norm), over every token and hidden unit.
 

@@ -42,8 +42,8 @@ class StepConfig:
 
     micro_batch: int = option(4, "sequences per data-parallel rank per micro-step")
     grad_accum: int = option(1, "micro-steps per optimizer step")
-    distill: float = option(0.0, "weight of logit distillation from the dense teacher (0..1; "
-                                 "0 = language-model loss only)")
+    distill: float = option(0.0, "weight of distillation from the dense teacher (0..1; "
+                                 "0 = language-model loss only; see --distill-on)")
     temperature: float = option(1.0, "distillation temperature (of the logits' KL)")
     distill_on: str = option("logits", "what distillation matches: 'logits' (KL of the "
                                        "next-token distributions) or 'hidden' (mean squared "
@@ -56,7 +56,8 @@ class StepConfig:
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill weight must be in [0, 1], got {self.distill}")
         if self.distill_on not in DISTILL_TARGETS:
-            raise ValueError(f"distill_on must be one of {DISTILL_TARGETS}, got {self.distill_on!r}")
+            raise ValueError(f"distill_on must be one of {DISTILL_TARGETS}, "
+                             f"got {self.distill_on!r}")
 
 
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:
