@@ -2,9 +2,17 @@
 
 ``run_ranks(fn, world, *args, tp=...)`` runs ``fn(*args, **kwargs)`` on ``world`` processes with
 the torchrun environment, each with megatron's parallel state initialised (``distributed.init``)
-for the call and torn down after it, and returns the per-rank results (anything ``torch.save``
-can pickle) in rank order. A failing rank's traceback is re-raised in the caller; a hung group is
-killed after ``timeout``. ``fn`` must be importable (a module-level function).
+for the call and torn down after it, and returns the per-rank results in rank order. A failing
+rank's traceback is re-raised in the caller; a hung group is killed after ``timeout``. ``fn`` must
+be importable (a module-level function).
+
+Results must be plain data: tensors, numbers, strings, bytes, None, and dicts, lists and tuples
+of them (what ``torch.load(weights_only=True)`` reads without an allow-list). A rank writes its
+result with ``torch.save`` and the caller reads it back with ``weights_only=True``, so no path in
+the package runs a full unpickler, not even on files our own ranks wrote (the project's rule: never
+unpickle bytes that could run code). A rank function with a package object to return (a
+dataclass, a config) returns its fields instead (``dataclasses.asdict``, ``to_dict()``) and the
+test rebuilds it; anything else is refused with an error naming the rank and the object's class.
 
 Why a pool: a spawned rank spends seconds importing torch and megatron-core before it computes
 anything, and the test suite runs about thirty rank groups. The ranks of one world size are
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
+import re
 import sys
 import tempfile
 import time
@@ -168,9 +178,23 @@ def run_ranks(fn: Callable, world: int, *args: Any, tp: int | None = None,
         if exited:
             raise RuntimeError(f"ranks {exited} exited with codes "
                                f"{[group.procs[r].exitcode for r in exited]}")
-        # the ranks' return values (any picklable object), written by our own rank processes
-        # into this call's private temporary directory: never a file passed in by a user
-        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        return [_load_result(Path(out_dir), r, fn) for r in range(world)]
+
+
+def _load_result(out_dir: Path, rank: int, fn: Callable) -> Any:
+    """Rank ``rank``'s result, read with the restricted unpickler (module docstring); a result
+    that is not plain data is refused naming the rank, the function and the class it met."""
+    try:
+        return torch.load(out_dir / f"rank{rank}.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests allow-listing the class; the fix here is to return plain data
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use |$)", str(e), re.M)
+        what = found.group(1) if found else str(e).strip().splitlines()[0]
+        raise TypeError(
+            f"rank {rank}'s result of {getattr(fn, '__qualname__', fn)} is not plain data "
+            f"({what}): run_ranks results must be plain tensors, numbers, strings, None and "
+            "dicts/lists/tuples of them; return dataclasses.asdict(x) or the tensors needed "
+            "instead") from None
 
 
 def logits_and_grads(cfg, plan, full_state_dict: dict, tokens: torch.Tensor,

@@ -20,6 +20,7 @@ computations.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -105,7 +106,7 @@ def _worker(sd, sd_q):
         out[f"{name}_windows"] = {k: (c.kl, c.agree, c.dnll) for k, c in cmps.items()}
         out[f"{name}_per_token"] = {k: c.per_token() for k, c in cmps.items()}
     out["tokens"] = data.token_stream(tok, texts, N_TOKENS)
-    out["ref"] = refs[K]
+    out["ref"] = dataclasses.asdict(refs[K])  # plain data for run_ranks; rebuilt in results
     return out
 
 
@@ -125,7 +126,7 @@ def results(sd, sd_q):
     ranks = run_ranks(_worker, 2, sd, sd_q)
     for key in ("dense", "spd"):
         assert ranks[0][key] == ranks[1][key]  # ranks run identical batches
-    return ranks[0]
+    return {**ranks[0], "ref": closeness.Reference(**ranks[0]["ref"])}
 
 
 def test_dense_against_itself_is_zero(results):
