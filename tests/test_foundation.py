@@ -3,6 +3,9 @@
 One rank group per world size (1, 2, 4) computes every case. Tolerances: tests/tiny.py (fp32;
 TP=N against T=1 is the same code, megatron against the plain-torch reference and SPD with G=1
 against the dense layer are different formulas for the same function).
+
+The rank runner reads results with ``torch.load(weights_only=True)``: a rank that returns a
+package object (here an ``SPDPlan``) is refused with an error naming the rank and the class.
 """
 from __future__ import annotations
 
@@ -222,3 +225,16 @@ def test_group_divisibility_errors():
     with pytest.raises(PlanError, match="TP=2 does not divide G=3"):
         plan.validate_for(3, 9, 3, 96, tp=2)
     SPDPlan(3, ["dense"] * 3).validate_for(3, 8, 4, 128, tp=2)  # all-dense: no group constraint
+
+
+def _returns_a_plan():
+    return {"plan": SPDPlan(2, ["zs"])}
+
+
+def test_rank_results_must_be_plain_data():
+    with pytest.raises(TypeError) as e:
+        run_ranks(_returns_a_plan, 1)
+    msg = str(e.value)
+    assert "rank 0's result of _returns_a_plan is not plain data" in msg, msg
+    assert "megatron_spd.core.plan.SPDPlan" in msg and "plain tensors" in msg, msg
+    assert "add_safe_globals" not in msg, msg  # torch's advice is not the fix here
