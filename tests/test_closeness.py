@@ -100,8 +100,9 @@ def _worker(sd, sd_q):
         r.record(t, x) for r in refs.values()])}
     for name in ("dense", "spd"):
         cmps = {k: closeness.Comparison(r) for k, r in refs.items()}
-        out[f"ppl_{name}"] = perplexity(models[name], tok, texts, **kw,
-                                        on_window=lambda t, x: [c(t, x) for c in cmps.values()])
+        out[f"ppl_{name}"] = perplexity(
+            models[name], tok, texts, **kw,
+            on_window=lambda t, x, cmps=cmps: [c(t, x) for c in cmps.values()])
         out[name] = {k: c.result() for k, c in cmps.items()}
         out[f"{name}_windows"] = {k: (c.kl, c.agree, c.dnll) for k, c in cmps.items()}
         out[f"{name}_per_token"] = {k: c.per_token() for k, c in cmps.items()}
@@ -210,7 +211,8 @@ def test_reference_file_round_trip_and_refusals(results, tmp_path):
     back = closeness.Reference.load(path)
     assert back.meta == ref.meta
     for name in closeness.ROWS:
-        assert all(torch.equal(a, b) for a, b in zip(getattr(back, name), getattr(ref, name)))
+        assert all(torch.equal(a, b) for a, b in zip(getattr(back, name), getattr(ref, name),
+                                                         strict=True))
     with pytest.raises(ValueError, match="ctx 32 vs 64"):
         back.check_text({**back.meta, "ctx": 32}, "this run")
     cmp = closeness.Comparison(back)
