@@ -7,12 +7,13 @@ rank's traceback is re-raised in the caller; a hung group is killed after ``time
 be importable (a module-level function).
 
 Results must be plain data: tensors, numbers, strings, bytes, None, and dicts, lists and tuples
-of them (what ``torch.load(weights_only=True)`` reads without an allow-list). A rank writes its
-result with ``torch.save`` and the caller reads it back with ``weights_only=True``, so no path in
-the package runs a full unpickler, not even on files our own ranks wrote (the project's rule: never
-unpickle bytes that could run code). A rank function with a package object to return (a
-dataclass, a config) returns its fields instead (``dataclasses.asdict``, ``to_dict()``) and the
-test rebuilds it; anything else is refused with an error naming the rank and the object's class.
+of them. A rank writes its result with ``torch.save`` and the caller reads it back with
+``torch.load(weights_only=True)``, so no path in the package runs a full unpickler, not even on
+files our own ranks wrote (the project's rule: never unpickle bytes that could run code); nothing
+of ours is allow-listed (that reader also admits torch's own types, dtypes and sizes, and the
+enums and configs megatron-core registers at import). A rank function with a package object to
+return (a dataclass, a plan) returns its fields instead (``dataclasses.asdict``, ``to_dict()``)
+and the test rebuilds it; anything else is refused with an error naming the rank and the class.
 
 Why a pool: a spawned rank spends seconds importing torch and megatron-core before it computes
 anything, and the test suite runs about thirty rank groups. The ranks of one world size are
