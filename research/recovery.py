@@ -59,6 +59,7 @@ from megatron_spd.loading.sources import load_weights
 from megatron_spd.parallel import distributed
 from megatron_spd.recipe import autoplan, sensitivity
 from megatron_spd.recipe.distill import B2BConfig
+from megatron_spd.recipe.recover import B2BBudget
 from megatron_spd.recipe.run import Calibration, recover_and_save
 from megatron_spd.train.loop import FinetuneConfig, finetune
 from paths import ROOT, repo_path
@@ -82,6 +83,9 @@ class Method:
     plan_from: Optional[str] = None                       # below 100 %: the blocks to keep dense
     #                                                       from the sweep over this method's
     #                                                       100 % blocks (None: the dense sweep)
+    budget: Optional[str] = None                          # "sensitivity": sensitivity_budget
+    sensitive_rank: int = 0                               # compensation of this rank on the most
+    #                                                       sensitive quarter of the SPD blocks
     ratios: tuple[float, ...] = (1.0,)
 
 
@@ -129,7 +133,37 @@ METHODS: dict[str, Method] = {
     "recipe_e2e_recsens": Method(f"the row above + end-to-end distillation ({E2E.steps} steps)",
                                  base="recipe_recsens", finetune=E2E, versus="recipe_e2e",
                                  ratios=(0.75,)),
+    "recipe_budget": Method(f"compensation + HG + sequential B2B ({N}x512 tokens), B2B budget "
+                            f"per block weighted by sensitivity (same total)",
+                            compensation=CompensationConfig(), b2b=RECIPE, budget="sensitivity",
+                            versus="recipe"),
+    "recipe_e2e_budget": Method(f"the row above + end-to-end distillation ({E2E.steps} steps)",
+                                base="recipe_budget", finetune=E2E, versus="recipe_e2e"),
+    "recipe_rank": Method(f"compensation + HG + sequential B2B ({N}x512 tokens), compensation "
+                          f"rank 16 on the most sensitive quarter of the blocks",
+                          compensation=CompensationConfig(), b2b=RECIPE, sensitive_rank=16,
+                          versus="recipe"),
+    "recipe_e2e_rank": Method(f"the row above + end-to-end distillation ({E2E.steps} steps)",
+                              base="recipe_rank", finetune=E2E, versus="recipe_e2e"),
 }
+
+
+def most_sensitive(values: list[float], blocks: list[int]) -> list[int]:
+    """The quarter of ``blocks`` with the largest sensitivity ``values`` (the dense sweep's)."""
+    return sorted(blocks, key=lambda i: -values[i])[:round(len(blocks) / 4)]
+
+
+def sensitivity_budget(values: list[float], blocks: list[int], n: int,
+                       epochs: int) -> dict[int, B2BBudget]:
+    """Per-block B2B budgets weighted by the dense sweep's ``values``, with the same total as
+    ``epochs`` passes over ``n`` sequences for every block: the most sensitive quarter of
+    ``blocks`` gets twice the passes, the others the first k sequences, k as large as keeps
+    the total (the issue's idea "per-block token budgets weighted by sensitivity")."""
+    top = most_sensitive(values, blocks)
+    rest = [i for i in blocks if i not in top]
+    k = (len(blocks) - 2 * len(top)) * n // len(rest)
+    return {**{i: B2BBudget(epochs=2 * epochs) for i in top},
+            **{i: B2BBudget(epochs=epochs, sequences=k) for i in rest}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -292,13 +326,20 @@ def dense_blocks(plan: SPDPlan) -> list[int]:
 
 def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
     """The plan tools/spd.py plan --ratio would write (all blocks at ratio 1, no sweep needed)
-    from the sweep in ``sens_path``."""
+    from the sweep in ``sens_path``; with ``sensitive_rank``, the plan's per-block ``ranks``
+    give its most sensitive blocks that compensation rank."""
     if ratio >= 1.0:
         comp = method.compensation.plan_entry(list(range(L)))
-        return SPDPlan(groups, [method.strategy] * L, {"compensation": comp} if comp else {})
-    return autoplan.make_plan(sensitivity.Sensitivity.load(sens_path),
-                              n_spd=autoplan.n_for_ratio(L, ratio), strategy=method.strategy,
-                              compensation=method.compensation)
+        plan = SPDPlan(groups, [method.strategy] * L, {"compensation": comp} if comp else {})
+    else:
+        plan = autoplan.make_plan(sensitivity.Sensitivity.load(sens_path),
+                                  n_spd=autoplan.n_for_ratio(L, ratio), strategy=method.strategy,
+                                  compensation=method.compensation)
+    if method.sensitive_rank:
+        top = most_sensitive(sensitivity.Sensitivity.load(sens_path).sensitivity,
+                             plan.spd_blocks)
+        plan.extra["compensation"]["ranks"] = {str(i): method.sensitive_rank for i in top}
+    return plan
 
 
 def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
@@ -329,12 +370,17 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
             sens = sensitivity_file(args, env, recovered=f"{method.plan_from}@1")
         plan = plan_for(method, ratio, sens, cfg.num_layers, args.groups)
         log(f"stage: block-wise recovery {key} ({len(plan.spd_blocks)} SPD blocks)")
+        budget = None if method.budget is None else sensitivity_budget(
+            sensitivity.Sensitivity.load(env["sens"]).sensitivity, plan.spd_blocks,
+            method.calib_samples, method.b2b.epochs)
         with Stage() as st:
             calib = calibration_batches(tok, method.calib_samples, args.calib_len)
             recover_and_save(cfg, full, tok, plan, calib, out, b2b=method.b2b,
-                             dense_source="default")
+                             dense_source="default", b2b_budget=budget)
         record = {"stage": st.record, "calib_samples": method.calib_samples,
-                  "b2b": None if method.b2b is None else asdict(method.b2b)}
+                  "b2b": None if method.b2b is None else asdict(method.b2b),
+                  "b2b_budget": None if budget is None else {
+                      str(i): asdict(b) for i, b in sorted(budget.items())}}
     atomic_write_json(out / "stage.json", record)
     log(f"{key}: {record['stage']}")
 

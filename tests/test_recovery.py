@@ -358,6 +358,40 @@ def test_b2b_lr_search_picks_the_best_probe(single):
     assert r.mse_after < r.mse_before and r.steps == 3 * 2 + 4
 
 
+def test_b2b_budget_per_block(single):
+    """A block's B2BBudget (recover_with_plan's b2b_budget): its own epochs, and B2B on only the
+    first k calibration sequences. Bit for bit the block's weights from the same B2BConfig with
+    those epochs on those sequences alone; the default budget changes nothing; the plan records
+    the budget; a budget beyond the calibration sequences is refused, naming the block."""
+    from dataclasses import replace
+
+    from megatron_spd.recipe import autoplan, distill
+    from megatron_spd.recipe.recover import B2BBudget
+
+    full = _scaled_full()
+    toks = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(2))
+    plan = SPDPlan(2, ["dense", "b2b", "dense"])
+    cfg = distill.B2BConfig(epochs=2, lr=2e-3, micro_batch=2)
+
+    def recovered(tokens, b2b, budget=None):
+        return autoplan.recover_with_plan(CFG, full, plan, tokens, b2b=b2b, b2b_budget=budget,
+                                          progress=False)
+
+    _, plain, plain_plan = recovered(toks, cfg)
+    _, same, _ = recovered(toks, cfg, {1: B2BBudget(epochs=2, sequences=6)})
+    assert all(torch.equal(plain[k], same[k]) for k in full)
+    _, cut, cut_plan = recovered(toks, cfg, {1: B2BBudget(epochs=3, sequences=4)})
+    _, want, _ = recovered(toks[:4], replace(cfg, epochs=3))
+    assert all(torch.equal(cut[k], want[k]) for k in full)
+    w = "decoder.layers.1.mlp.linear_fc1.weight"
+    assert not torch.equal(cut[w], plain[w])
+    assert cut_plan.extra["b2b"]["budget"] == {"1": {"epochs": 3, "sequences": 4}}
+    assert cut_plan.extra["b2b"]["blocks"]["1"]["steps"] == 3 * 4 // 2
+    assert "budget" not in plain_plan.extra["b2b"]
+    with pytest.raises(ValueError, match="block 1: a B2B budget of 7 sequences needs 1 to 6"):
+        recovered(toks, cfg, {1: B2BBudget(sequences=7)})
+
+
 def test_headgrouping_with_compensation(single):
     """HG + compensation through recover_with_plan: the dense function of the permuted weights is
     unchanged, the fitted compensation is in the weights, and the SPD block's calibration

@@ -17,7 +17,7 @@ blocks, the closed-form compensation fit on the blocks the plan gives one, B2B o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -128,18 +128,22 @@ def make_plan(sens: Sensitivity, *, n_spd: int, strategy: str = "auto",
 
 def recover_with_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, tokens: torch.Tensor, *,
                b2b: Optional[distill.B2BConfig] = None, hg_mlp: str = "units",
-               micro_batch: int = 4, progress: bool = True):
+               micro_batch: int = 4, progress: bool = True,
+               b2b_budget: Optional[dict[int, recover.B2BBudget]] = None):
     """Run HG, compensation and B2B as the plan says (``recover.recover``, block by block);
     returns (model with the plan, its full state dict, plan with records). ``b2b=None`` does
-    HG and compensation only. HG and compensation need T=1; B2B runs at any T dividing G."""
+    HG and compensation only; ``b2b_budget`` gives some blocks their own B2B budget (recorded
+    in the plan). HG and compensation need T=1; B2B runs at any T dividing G."""
     dense_plan = SPDPlan.dense(cfg.num_layers, plan.groups)
     dense = build_model(cfg, dense_plan)
     load_full_state_dict(dense, entries_for_plan(full, cfg, dense_plan))
     dense.eval()
     model = build_model(cfg, plan)
     load_full_state_dict(model, {**zero_entries(cfg, plan), **full})
+    budget = b2b_budget or {}
     todo = {i: recover.BlockSteps(hg=s == "hg", compensation=plan.compensation_for(i),
-                                  b2b=b2b is not None and s in ("b2b", "hg"))
+                                  b2b=b2b is not None and s in ("b2b", "hg"),
+                                  b2b_budget=budget.get(i, recover.B2BBudget()))
             for i, s in enumerate(plan.strategies) if plan.is_spd(i)}
     done = recover.recover(model, dense, tokens, todo, cfg, b2b=b2b, hg_mlp=hg_mlp,
                            micro_batch=micro_batch, progress=progress)
@@ -151,6 +155,8 @@ def recover_with_plan(cfg: ModelConfig, full: FullStateDict, plan: SPDPlan, toke
             str(f.block): f.summary() for f in done.compensation}}
     if done.b2b:
         extra["b2b"] = distill.describe(done.b2b, b2b)
+        if budget:
+            extra["b2b"]["budget"] = {str(i): asdict(b) for i, b in sorted(budget.items())}
     model.eval()
     out_plan = SPDPlan(plan.groups, plan.strategies, extra)
     return model, gather_full_state_dict(model), out_plan

@@ -12,13 +12,15 @@ For each block i with something to do, in order 0..L-1 (``recover``):
    compensated partials;
 4. B2B (``b2b``): train the student block on those inputs towards the dense block's output on
    them (``targets="block"``) or towards the dense model's own hidden state after block i
-   (``"trajectory"``, sequential only).
+   (``"trajectory"``, sequential only); a block's ``B2BBudget`` can give it other epochs or
+   only the first k calibration sequences (a per-block budget, e.g. weighted by sensitivity:
+   research/recovery.py measures one), while HG and the compensation fit always see them all.
 The hidden-state caches live on the CPU ([n, s, h]); steps 2 and 3 need T=1 (they read the full
 weights), B2B alone also runs at T=G.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -28,13 +30,37 @@ from . import activations, distill, headgroup
 from . import compensation_fit as compensation
 
 
+@dataclass(frozen=True)
+class B2BBudget:
+    """One block's B2B budget where it differs from the ``B2BConfig``'s ``epochs`` over all
+    calibration sequences."""
+
+    epochs: Optional[int] = None     # None: the B2BConfig's
+    sequences: Optional[int] = None  # train on the first k calibration sequences; None: all
+
+    def config(self, b2b: distill.B2BConfig) -> distill.B2BConfig:
+        return b2b if self.epochs is None else replace(b2b, epochs=self.epochs)
+
+    def inputs(self, block: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [n, s, h] caches cut to the budget's sequences."""
+        if self.sequences is None:
+            return x, y
+        if not 1 <= self.sequences <= x.shape[0]:
+            raise ValueError(f"block {block}: a B2B budget of {self.sequences} sequences needs "
+                             f"1 to {x.shape[0]} (the calibration sequences given); pass more "
+                             f"calibration samples or a smaller budget")
+        return x[:self.sequences], y[:self.sequences]
+
+
 @dataclass
 class BlockSteps:
-    """What to do to one block: head grouping, compensation (``{"rank", "inputs"}``), B2B."""
+    """What to do to one block: head grouping, compensation (``{"rank", "inputs"}``), B2B
+    (with its budget)."""
 
     hg: bool = False
     compensation: Optional[dict[str, Any]] = None
     b2b: bool = False
+    b2b_budget: B2BBudget = field(default_factory=B2BBudget)
 
 
 @dataclass
@@ -107,7 +133,8 @@ def recover(model, teacher, tokens: torch.Tensor, todo: dict[int, BlockSteps], c
                     y_t = distill.apply_layer(t_layer, x_in, ctx, mb)
                     if inputs == "dense":
                         y_dense = y_t
-                r = distill.distill_block(model, i, x_in, y_t, b2b)
+                r = distill.distill_block(model, i, *steps.b2b_budget.inputs(i, x_in, y_t),
+                                          steps.b2b_budget.config(b2b))
                 done.b2b.append(r)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(block=i, mse=f"{r.mse_before:.3g}->{r.mse_after:.3g}")

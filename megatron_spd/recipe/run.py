@@ -38,6 +38,7 @@ from . import activations, autoplan
 from . import sensitivity as sens
 from .autoplan import CompensationConfig
 from .distill import B2BConfig
+from .recover import B2BBudget
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +144,16 @@ def recover_and_save(cfg: ModelConfig, full, tokenizer, plan: SPDPlan, tokens: t
                      out: str | Path, *, b2b: Optional[B2BConfig] = B2BConfig(),
                      hg_mlp: Optional[str] = None,
                      micro_batch: int = Calibration().micro_batch,
-                     dense_source: Optional[str] = None, overwrite: bool = False) -> SPDPlan:
+                     dense_source: Optional[str] = None, overwrite: bool = False,
+                     b2b_budget: Optional[dict[int, B2BBudget]] = None) -> SPDPlan:
     """``autoplan.recover_with_plan`` of ``plan`` to the full weights on calibration ``tokens``
-    (``hg_mlp``: headgroup.MLP_MODES, None = recover_with_plan's default), refused if any record is
-    not finite (before a diverged model is saved), then saved at ``out`` with ``dense_source``
-    as its origin; returns the plan with what was done. Every rank calls it, inside the
-    process groups."""
+    (``hg_mlp``: headgroup.MLP_MODES, None = recover_with_plan's default; ``b2b_budget``: the
+    blocks with their own B2B budget), refused if any record is not finite (before a diverged
+    model is saved), then saved at ``out`` with ``dense_source`` as its origin; returns the plan
+    with what was done. Every rank calls it, inside the process groups."""
     hg = {} if hg_mlp is None else {"hg_mlp": hg_mlp}
     model, _, done = autoplan.recover_with_plan(cfg, full, plan, tokens, b2b=b2b,
-                                         micro_batch=micro_batch, **hg)
+                                         micro_batch=micro_batch, b2b_budget=b2b_budget, **hg)
     check_finite(done.extra, "the recovery")
     save_checkpoint(model, out, config=cfg, plan=done, tokenizer=tokenizer,
                     dense_source=dense_source, overwrite=overwrite)
