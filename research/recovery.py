@@ -582,7 +582,9 @@ def report(args, work: Path, docs: Path) -> None:
 def closeness_only(args, work: Path, name: str, ratio: float, details: dict) -> None:
     """A model measured for closeness but not on the zero-shot tasks (``--stage closeness``: an
     idea whose closeness already decides it) goes to ``details["closeness_only"]``, not to the
-    rows, with its paired closeness change against ``versus``."""
+    rows, with its paired closeness change against ``versus`` and each block's B2B record (the
+    calibration MSE before and after, and the steps: what a per-block budget changed) and
+    per-block compensation ranks where the plan has them."""
     key = f"{name}@{ratio:g}"
     path = work / "eval" / f"{key}.closeness.json"
     if not (path.exists() and per_token_path(path).exists()):
@@ -594,7 +596,12 @@ def closeness_only(args, work: Path, name: str, ratio: float, details: dict) -> 
              "wall_minutes": round(total_wall_minutes(key, work), 1),
              "command": row_command(args, name, ratio) + " --stage recover, then --stage closeness",
              "closeness": json.loads(path.read_text()),
-             "recovery": json.loads((work / "ckpt" / key / "stage.json").read_text())}
+             "recovery": json.loads((work / "ckpt" / key / "stage.json").read_text()),
+             "b2b": {i: {k: r[k] for k in ("mse_before", "mse_after", "steps")}
+                     for i, r in plan.extra.get("b2b", {}).get("blocks", {}).items()}}
+    ranks = (plan.extra.get("compensation") or {}).get("ranks")
+    if ranks:
+        entry["compensation_ranks"] = ranks
     if method.versus:
         entry["versus"] = {"method": f"{method.versus}@{ratio:g}",
                            "closeness": paired_closeness(work, f"{method.versus}@{ratio:g}", key)}
