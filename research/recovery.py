@@ -326,20 +326,13 @@ def dense_blocks(plan: SPDPlan) -> list[int]:
 
 def plan_for(method: Method, ratio: float, sens_path: Path, L: int, groups: int):
     """The plan tools/spd.py plan --ratio would write (all blocks at ratio 1, no sweep needed)
-    from the sweep in ``sens_path``; with ``sensitive_rank``, the plan's per-block ``ranks``
-    give its most sensitive blocks that compensation rank."""
+    from the sweep in ``sens_path``."""
     if ratio >= 1.0:
         comp = method.compensation.plan_entry(list(range(L)))
-        plan = SPDPlan(groups, [method.strategy] * L, {"compensation": comp} if comp else {})
-    else:
-        plan = autoplan.make_plan(sensitivity.Sensitivity.load(sens_path),
-                                  n_spd=autoplan.n_for_ratio(L, ratio), strategy=method.strategy,
-                                  compensation=method.compensation)
-    if method.sensitive_rank:
-        top = most_sensitive(sensitivity.Sensitivity.load(sens_path).sensitivity,
-                             plan.spd_blocks)
-        plan.extra["compensation"]["ranks"] = {str(i): method.sensitive_rank for i in top}
-    return plan
+        return SPDPlan(groups, [method.strategy] * L, {"compensation": comp} if comp else {})
+    return autoplan.make_plan(sensitivity.Sensitivity.load(sens_path),
+                              n_spd=autoplan.n_for_ratio(L, ratio), strategy=method.strategy,
+                              compensation=method.compensation)
 
 
 def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
@@ -370,9 +363,12 @@ def recover_stage(key: str, method: Method, ratio: float, args, env) -> None:
             sens = sensitivity_file(args, env, recovered=f"{method.plan_from}@1")
         plan = plan_for(method, ratio, sens, cfg.num_layers, args.groups)
         log(f"stage: block-wise recovery {key} ({len(plan.spd_blocks)} SPD blocks)")
+        values = sensitivity.Sensitivity.load(env["sens"]).sensitivity  # the dense sweep
         budget = None if method.budget is None else sensitivity_budget(
-            sensitivity.Sensitivity.load(env["sens"]).sensitivity, plan.spd_blocks,
-            method.calib_samples, method.b2b.epochs)
+            values, plan.spd_blocks, method.calib_samples, method.b2b.epochs)
+        if method.sensitive_rank:  # the plan's per-block compensation ranks
+            plan.extra["compensation"]["ranks"] = {
+                str(i): method.sensitive_rank for i in most_sensitive(values, plan.spd_blocks)}
         with Stage() as st:
             calib = calibration_batches(tok, method.calib_samples, args.calib_len)
             recover_and_save(cfg, full, tok, plan, calib, out, b2b=method.b2b,
