@@ -17,13 +17,13 @@ and the test rebuilds it; anything else is refused with an error naming the rank
 
 Why a pool: a spawned rank spends seconds importing torch and megatron-core before it computes
 anything, and the test suite runs about thirty rank groups. The ranks of one world size are
-therefore kept alive between calls and reused (one import per rank per session). A call still
-sees what a fresh rank sees: a new process group on a new port, the parallel state built for its
-TP degree and destroyed after, ``distributed.init``'s seeding (``compat.apply``), the thread
-count asked for, the caller's ``sys.path``, and the environment restored. A rank that fails,
-hangs or exits ends its whole group, so a broken call never leaks into the next one;
-``fresh=True`` uses a group of new processes for that call only (a test that kills or patches a
-rank).
+therefore kept alive between calls and reused (one import per rank per session). A call still sees
+what a fresh rank sees: a new process group on a new port, the parallel state built for its TP
+degree and destroyed after (and ``sys.excepthook``, which init wraps, put back),
+``distributed.init``'s seeding (``compat.apply``), the thread count asked for, the caller's
+``sys.path``, and the environment restored. A rank that fails, hangs or exits ends its whole
+group, so a broken call never leaks into the next one; ``fresh=True`` uses a group of new
+processes for that call only (a test that kills or patches a rank).
 """
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def _call(rank: int, world: int, port: int, tp: int | None, threads: int, fn: Ca
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
+    # init_process_group wraps sys.excepthook to prefix "[rankN]: "; a pooled rank would stack
+    # one more prefix per call on every line of its final traceback
+    excepthook = sys.excepthook
     try:
         distributed.init(tp, timeout_s=kwargs.pop("_timeout_s", 120),
                          backend=kwargs.pop("_backend", None))
@@ -63,6 +66,7 @@ def _call(rank: int, world: int, port: int, tp: int | None, threads: int, fn: Ca
         raise
     finally:
         distributed.shutdown()
+        sys.excepthook = excepthook
 
 
 def _serve(rank: int, world: int, conn) -> None:

@@ -1,23 +1,23 @@
 """pytest configuration: markers, warning filters, the repo root on sys.path for tools/, and a
 temporary conversion cache.
 
-``MEGATRON_SPD_CACHE`` points at a directory made for this test session (removed at its end), so
-tests never write converted GGUF weights into the user's ``~/.cache``; subprocesses (torchrun,
-the tools) inherit it. The bundled SmolLM2 is converted once per session into it.
+``MEGATRON_SPD_CACHE`` points at a directory in this session's pytest ``basetemp``, so tests
+never write converted GGUF weights (517 MB for the bundled SmolLM2, converted once per session)
+into the user's ``~/.cache``; subprocesses (torchrun, the tools) inherit it. Living in
+``basetemp``, it follows pytest.ini's retention: removed when the session passes, and a killed
+session's is pruned by a later one, so no run leaves half a gigabyte in /tmp (CI once failed on
+a full disk).
 """
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message="Apex is not installed")
-
-_CACHE = tempfile.mkdtemp(prefix="megatron-spd-test-cache-")
-os.environ["MEGATRON_SPD_CACHE"] = _CACHE
 
 
 def pytest_configure(config):
@@ -28,5 +28,6 @@ def pytest_configure(config):
                             "-m 'not slow'")
 
 
-def pytest_unconfigure(config):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+@pytest.fixture(scope="session", autouse=True)
+def _conversion_cache(tmp_path_factory):
+    os.environ["MEGATRON_SPD_CACHE"] = str(tmp_path_factory.mktemp("conversion-cache"))

@@ -350,6 +350,42 @@ def test_gguf_tokenizer_equals_tokenizer_json_and_transformers(models, ggufs, fa
         assert ours.decode(ids) == text
 
 
+def test_gguf_cache_keeps_one_entry_per_live_file(ggufs, tmp_path, monkeypatch):
+    """A conversion prunes the cached conversions no lookup can reach again (their GGUF changed
+    or is gone: 517 MB each for SmolLM2); a live file's entry and anything not ours stay."""
+    import os
+    import shutil
+
+    from megatron_spd.loading.sources import load_weights
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEGATRON_SPD_CACHE", str(cache))
+    a, b, c = (tmp_path / f"{n}.gguf" for n in "abc")
+    for p in (a, b, c):
+        shutil.copy(ggufs["qwen2"], p)
+    foreign = cache / "notes-0123456789abcdef"
+    foreign.mkdir(parents=True)
+    (foreign / "done").write_text("not ours: no config.json naming a source\n")
+
+    def entries():
+        return sorted(e.name.rsplit("-", 1)[0] for e in cache.iterdir() if e != foreign)
+
+    _, first, _, _ = load_weights(a, progress=False)
+    (entry,) = (e for e in cache.iterdir() if e != foreign)
+    assert json.loads((entry / "config.json").read_text())["source"] == str(a.resolve())
+    load_weights(a, progress=False)  # a hit: nothing written, nothing pruned
+    assert entries() == ["a"] and entry.is_dir()
+    os.utime(a, ns=(0, 0))  # the file changed: a new entry replaces the unreachable one
+    _, again, _, _ = load_weights(a, progress=False)
+    assert entries() == ["a"] and not entry.exists()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    load_weights(b, progress=False)
+    assert entries() == ["a", "b"]
+    a.unlink()  # gone: pruned at the next conversion; b's and the foreign entry stay
+    load_weights(c, progress=False)
+    assert entries() == ["b", "c"] and (foreign / "done").is_file()
+
+
 def test_gguf_rope_freqs_not_llama3_refused(models, tmp_path):
     from megatron_spd.convert.gguf import load_gguf
     from megatron_spd.convert.hf import ConversionError

@@ -9,6 +9,8 @@ package object (here an ``SPDPlan``) is refused with an error naming the rank an
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -238,3 +240,21 @@ def test_rank_results_must_be_plain_data():
     assert "rank 0's result of _returns_a_plan is not plain data" in msg, msg
     assert "megatron_spd.core.plan.SPDPlan" in msg and "plain tensors" in msg, msg
     assert "add_safe_globals" not in msg, msg  # torch's advice is not the fix here
+
+
+def _excepthook_wraps():
+    """How many of torch's "[rankN]: " excepthook wrappers are stacked on this rank."""
+    hook, depth = sys.excepthook, 0
+    while getattr(hook, "__name__", "") == "_distributed_excepthook":
+        depth += 1
+        cells = dict(zip(hook.__code__.co_freevars, hook.__closure__))
+        hook = cells["old_hook"].cell_contents
+    return depth
+
+
+def test_pooled_rank_does_not_stack_excepthooks():
+    """init_process_group wraps sys.excepthook on every call; a pooled rank that kept the wrapper
+    prefixed each line of its last traceback once per earlier call (a CI log showed 90)."""
+    first = run_ranks(_excepthook_wraps, 2)
+    again = run_ranks(_excepthook_wraps, 2)
+    assert first == again and max(first) <= 1, (first, again)  # torch 2.13 wraps once: [1, 1]
