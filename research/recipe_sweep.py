@@ -164,7 +164,7 @@ def sweep(args) -> None:
                     recover_blocks(strategy, chunk, chunk_path(strategy, chunk))
         rec_full, recs, seconds, covered = dict(full), {}, 0.0, set()
         for path in sorted(work.glob(f"{strategy}_blocks*.pt")):
-            saved = torch.load(path, weights_only=False)
+            saved = torch.load(path, weights_only=True)
             rec_full.update(saved["full"])
             covered |= {int(k.split(".")[2]) for k in saved["full"]}
             seconds += saved["seconds"]
@@ -208,7 +208,7 @@ def sweep(args) -> None:
             torch.save({"full": rec_full, "plan": rec_plan.to_dict(),
                         "seconds": time.time() - t0}, path)
             log(f"{key}: B2B with partially-SPD inputs in {time.time() - t0:.0f}s")
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         records[key] = {"b2b": saved["plan"].get("b2b"), "seconds": saved["seconds"]}
         return saved["full"]
 

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     if args.e2e_from:
         src = work / f"{args.e2e_from}_ckpt"
         if not src.exists():
-            saved = torch.load(work / f"{args.e2e_from}.pt", weights_only=False)
+            saved = torch.load(work / f"{args.e2e_from}.pt", weights_only=True)
             plan = SPDPlan.from_dict(saved["plan"])
             m = build_model(cfg, plan)
             load_full_state_dict(m, {**full, **saved["full"]})
