@@ -22,7 +22,9 @@ resumes after an interruption, and rows can be computed by parallel invocations)
    their first --limit items;
 5. docs/recovery/results.json (one row per method and ratio, plus the dense row),
    docs/recovery/details.json (timing, load, configurations, per-task results),
-   docs/recovery/results.md (the table) and docs/recovery/accuracy.png.
+   docs/recovery/results.md (the table), docs/recovery/accuracy.png and, once two lengths of
+   the end-to-end stage at 100 % have their closeness (``E2E_LENGTHS``),
+   docs/recovery/e2e_steps.png.
 
 The dense model's per-item task results come from --dense-baseline when it covers --limit (the
 same items scored by the same code; docs/evaluation.md), so every change versus dense is paired.
@@ -95,6 +97,7 @@ INDEPENDENT = replace(RECIPE, inputs="dense", targets="block")
 E2E = FinetuneConfig(steps=40, seq_len=256, micro_batch=4, lr=1e-4, warmup_steps=2,
                      distill=1.0, eval_samples=8, log_interval=5)
 E2E_LONG = replace(E2E, steps=120, lr=5e-5, warmup_steps=6, log_interval=10)
+E2E_LONGER = replace(E2E_LONG, steps=240, warmup_steps=12)  # about one epoch of the train split
 N = Calibration().samples
 METHODS: dict[str, Method] = {
     # the recipe before this study (docs/recipe.md section 6), then one change at a time
@@ -119,6 +122,11 @@ METHODS: dict[str, Method] = {
                              "a mix: Wikipedia + papers + code",
                              base="recipe", finetune=E2E_LONG, data="mix",
                              versus="recipe_e2e_long"),
+    "recipe_e2e_longer": Method(f"default recipe + end-to-end distillation 6x longer at half "
+                                f"the lr ({E2E_LONGER.steps} steps x "
+                                f"{E2E_LONGER.micro_batch * E2E_LONGER.seq_len} tokens, lr "
+                                f"{E2E_LONGER.lr:g})", base="recipe", finetune=E2E_LONGER,
+                                versus="recipe_e2e_long"),
     "recipe_e2e_t2": Method(f"default recipe + end-to-end distillation ({E2E.steps} steps) at "
                             f"temperature 2", base="recipe", finetune=replace(E2E, temperature=2.0),
                             versus="recipe_e2e"),
@@ -146,6 +154,11 @@ METHODS: dict[str, Method] = {
     "recipe_e2e_rank": Method(f"the row above + end-to-end distillation ({E2E.steps} steps)",
                               base="recipe_rank", finetune=E2E, versus="recipe_e2e"),
 }
+
+
+#: The end-to-end stage at growing length from the same block-wise 100 % checkpoint (the first:
+#: none); e2e_steps.png plots their closeness.
+E2E_LENGTHS = ("recipe", "recipe_e2e", "recipe_e2e_long", "recipe_e2e_longer")
 
 
 def most_sensitive(values: list[float], blocks: list[int]) -> list[int]:
@@ -572,7 +585,9 @@ def report(args, work: Path, docs: Path) -> None:
     atomic_write_json(docs / "details.json", details)
     atomic_write_text(docs / "results.md", results_table(rows) + "\n")
     plot(rows, docs / "accuracy.png")
-    log(f"wrote {docs}/results.json ({len(rows)} rows), results.md, details.json, accuracy.png")
+    plot_e2e_steps(work, docs / "e2e_steps.png")
+    log(f"wrote {docs}/results.json ({len(rows)} rows), results.md, details.json, accuracy.png, "
+        f"e2e_steps.png")
 
 
 def closeness_only(args, work: Path, name: str, ratio: float, details: dict) -> None:
@@ -657,6 +672,54 @@ def plot(rows: list[dict], path: Path) -> None:
                frameon=False)
     fig.suptitle("SmolLM2-135M, SPD with G=3: recovery methods")
     fig.tight_layout(rect=(0, 0.06 * len(methods), 1, 1))
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_e2e_steps(work: Path, path: Path) -> None:
+    """Closeness to dense at 100 % SPD against the length of the end-to-end stage
+    (``E2E_LENGTHS`` measured so far): KL and the perplexity ratio on both texts, with the issue's
+    10 % perplexity goal."""
+    import matplotlib  # lazy: a heavy import only the plot needs
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for name in E2E_LENGTHS:
+        c = work / "eval" / f"{name}@1.closeness.json"
+        if c.exists():
+            ft = METHODS[name].finetune
+            points.append((ft.steps if ft else 0, ft.lr if ft else None, json.loads(c.read_text())))
+    if len(points) < 2:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [steps for steps, _, _ in points]
+    for text, label in (("wikipedia_eval", "held-out Wikipedia"),
+                        ("coqa_non_wikipedia", "CoQA stories (not in calibration)")):
+        ax1.errorbar(xs, [c[text]["kl"] for _, _, c in points],
+                     yerr=[c[text]["kl_se"] for _, _, c in points], marker="o", capsize=3,
+                     label=label)
+        ax2.errorbar(xs, [c[text]["ppl_ratio"] for _, _, c in points],
+                     yerr=[c[text]["ppl_ratio_se"] for _, _, c in points], marker="o",
+                     capsize=3, label=label)
+    for steps, lr, c in points:
+        ax1.annotate("block-wise only" if lr is None else f"lr {lr:g}",
+                     (steps, c["wikipedia_eval"]["kl"]), textcoords="offset points",
+                     xytext=(4, -12), fontsize=7)
+    ax2.axhline(1.10, color="gray", ls="--", lw=0.8)
+    ax2.text(0.02, 1.10, "goal: within 10 % of dense (issue 24)", fontsize=7, color="gray",
+             ha="left", va="bottom", transform=ax2.get_yaxis_transform())
+    ax1.set(xlabel="end-to-end steps (x 1024 tokens)",
+            ylabel="KL from dense (nats/token, s.e. over tokens)", title="KL vs dense")
+    ax2.set(xlabel="end-to-end steps (x 1024 tokens)", ylabel="perplexity / dense perplexity",
+            title="perplexity ratio")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M at 100 % SPD (G=3): the default recipe, then end-to-end "
+                 "distillation of growing length")
+    fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
