@@ -4,9 +4,10 @@ temporary conversion cache.
 ``MEGATRON_SPD_CACHE`` points at a directory in this session's pytest ``basetemp``, so tests
 never write converted GGUF weights (517 MB for the bundled SmolLM2, converted once per session)
 into the user's ``~/.cache``; subprocesses (torchrun, the tools) inherit it. Living in
-``basetemp``, it follows pytest.ini's retention: removed when the session passes, and a killed
-session's is pruned by a later one, so no run leaves half a gigabyte in /tmp (CI once failed on
-a full disk).
+``basetemp``, it follows pytest.ini's retention: removed when the session passes, kept with a
+failed session's files until the next session starts, so a finished run leaves no half gigabyte
+in /tmp (CI once failed on a full disk). A session killed by a signal keeps its ``basetemp``
+until pytest's lock on it is three days old, as pytest does for any directory in use.
 """
 import os
 import sys
