@@ -385,21 +385,22 @@ def _e2e_doubling(ds) -> dict:
     perplexity goal on the CoQA stories would take (an extrapolation the doc labels)."""
     rows, details = ds
     out = _recovery_items(ds)
+    method = _research("recovery").METHODS["recipe_e2e_longer"]
     stage = details["recipe_e2e_longer@1"]["recovery"]["stage"]
     out.update(longer_stage_min=stage["wall_s"] / 60, longer_stage_load=stage["load_mean"])
     at100 = [r["closeness"] for r in rows if r["spd_ratio"] == 1.0 and "closeness" in r]
     at100 += [e["closeness"] for e in details["closeness_only"].values() if e["spd_ratio"] == 1.0]
-    row = next(r for r in rows if r["method"].startswith("default recipe + end-to-end "
-                                                         "distillation 6x longer"))
+    row = next(r for r in rows if r["method"] == method.label and r["spd_ratio"] == 1.0)
     best = all(row["closeness"][t][k] <= c[t][k] for c in at100 for k in ("kl", "ppl_ratio")
                for t in ("wikipedia_eval", "coqa_non_wikipedia"))
     out["longer_best"] = "are the best" if best else "are not the best"
     coqa = row["closeness"]["coqa_non_wikipedia"]
     gain = -row["versus"]["closeness"]["coqa_non_wikipedia"]["dnll"]  # per doubling
     doublings = (math.log(coqa["ppl_ratio"]) - math.log(1.10)) / gain
-    steps = 240 * 2 ** doublings
+    ft = method.finetune
+    steps = ft.steps * 2 ** doublings
     out.update(doublings=doublings, steps_needed=round(steps, -2),
-               tokens_needed=steps * 1024 / 1e6)
+               tokens_needed=steps * ft.micro_batch * ft.seq_len / 1e6)
     return out
 
 

@@ -74,11 +74,10 @@ def _gguf_cache_path(path: Path) -> Path:
     return cache_dir() / f"{path.stem}-{key[:16]}"
 
 
-def _prune_stale_entries() -> list[Path]:
+def _prune_stale_entries() -> None:
     """Remove finished cache entries (a ``done`` marker and a ``config.json`` naming the GGUF file
     they came from, as ``_load_gguf_cached`` writes them) whose file has changed or is gone: no
     lookup can reach them again. Anything else in the directory is left alone."""
-    pruned = []
     for entry in cache_dir().iterdir():
         if not (re.fullmatch(r".+-[0-9a-f]{16}", entry.name) and (entry / "done").is_file()):
             continue
@@ -89,8 +88,6 @@ def _prune_stale_entries() -> list[Path]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         shutil.rmtree(entry, ignore_errors=True)
-        pruned.append(entry)
-    return pruned
 
 
 def _load_gguf_cached(path: Path, progress: bool) -> tuple[ModelConfig, FullStateDict, Tokenizer]:
